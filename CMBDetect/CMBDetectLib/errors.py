@@ -1,0 +1,12 @@
+"""Errors that name the case and the problem, so batch runs can report and go on."""
+
+from __future__ import annotations
+
+
+class CaseError(Exception):
+    """A case cannot be processed; the message says which case and why."""
+
+    def __init__(self, case: str, problem: str) -> None:
+        super().__init__(f"{case}: {problem}")
+        self.case = case
+        self.problem = problem

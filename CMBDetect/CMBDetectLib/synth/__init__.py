@@ -1,0 +1,1 @@
+"""Synthetic SWI with microbleeds and their mimics."""

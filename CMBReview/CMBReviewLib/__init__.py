@@ -1,0 +1,1 @@
+"""CMBReview core: expert labelling, triage of detections and reader agreement."""
