@@ -194,7 +194,25 @@ def read_volume(path: str | os.PathLike, case: str | None = None) -> Volume:
     except RuntimeError as exc:
         raise CaseError(case, f"cannot read {path}: {_first_line(exc)}") from None
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_nan(path, case)
     return Volume(array, geometry_of(image))
+
+
+def _check_nifti_nan(path: Path, case: str) -> None:
+    """ITK's NIfTI reader silently turns NaN voxels into 0; look at the raw data instead.
+
+    Only floating-point files can hold NaN, so the usual integer SWI costs nothing here.
+    """
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return
+    raw = np.asanyarray(image.dataobj)
+    bad = int(np.count_nonzero(~np.isfinite(raw)))
+    if bad:
+        raise CaseError(case, f"volume has {bad} NaN or infinite voxels")
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> None:

@@ -1,0 +1,74 @@
+"""`cmbdetect detect IN... -o OUT`: detect microbleeds in files, folders or a CSV list of cases."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "detect microbleeds in SWI volumes (NIfTI, NRRD, MHA, DICOM folders, or a CSV list)"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
+
+    p.add_argument("inputs", nargs="+", metavar="IN", help="volume files, folders of volumes or DICOM series, or a CSV with an 'image' column")
+    p.add_argument("-o", "--output", required=True, type=Path, help="folder for the results (created if missing)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"probability threshold (default {DEFAULT_THRESHOLD}, the paper's)")
+    p.add_argument("--min-size", type=float, default=MIN_DIAMETER_MM, help=f"smallest lesion kept, equivalent diameter in mm (default {MIN_DIAMETER_MM:g})")
+    p.add_argument("--max-size", type=float, default=MAX_DIAMETER_MM, help=f"largest lesion kept, mm (default {MAX_DIAMETER_MM:g})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the network runs (default: CUDA if present, else CPU)")
+    p.add_argument("--model", default=None, help="registry id or a .safetensors file with its .json card (default: the registry's default)")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 1 on CPU, 8 on CUDA)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .batch import detect_batch, exit_code, write_batch_table
+    from .pipeline import DetectionParams
+
+    if not 0 < args.threshold < 1:
+        print(f"error: --threshold must lie strictly between 0 and 1, not {args.threshold}", file=sys.stderr)
+        return 2
+    if not 0 <= args.min_size <= args.max_size:
+        print(f"error: --min-size {args.min_size} and --max-size {args.max_size} do not make a range", file=sys.stderr)
+        return 2
+    params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
+    try:
+        from .models import load_model
+
+        model = load_model(args.model)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not model.trained:
+        print(
+            f"warning: model {model.id} is UNTRAINED (random weights): its detections mean nothing. "
+            "It is there to exercise the pipeline until a trained model ships.",
+            file=sys.stderr,
+        )
+
+    def print_case(o) -> None:
+        if o.ok:
+            print(f"{o.case}: {o.n_lesions} microbleeds ({o.n_small} small, {o.n_large} large) in {o.seconds:.1f} s")
+
+    outcomes = detect_batch(args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case)
+    if not outcomes:
+        print("error: the inputs name no cases", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_batch_table(args.output / "cmbdetect_batch.csv", outcomes)
+    failed = [o for o in outcomes if not o.ok]
+    done = len(outcomes) - len(failed)
+    total = sum(o.n_lesions for o in outcomes if o.ok)
+    print(f"{done} of {len(outcomes)} cases done, {total} microbleeds in all; results in {args.output}")
+    for o in failed:
+        print(f"  failed: {o.error}", file=sys.stderr)
+    return exit_code(outcomes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The same command as `cmbdetect detect`, for the Slicer batch script."""
+    parser = argparse.ArgumentParser(prog="cmbdetect detect", description=HELP)
+    configure(parser)
+    return run(parser.parse_args(argv))

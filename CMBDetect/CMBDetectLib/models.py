@@ -1,0 +1,136 @@
+"""The models registry: weights in safetensors, a JSON model card beside them, checksums.
+
+`Resources/Models/models.json` lists each shipped model (id, version, file, size, sha256,
+source) and names the default. A model outside the registry is a `.safetensors` file with
+its card `<same name>.json` beside it; nothing is ever downloaded and no pickle is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .network import NetworkConfig, ResUNet
+
+MODELS_DIR_ENV = "CMBDETECT_MODELS_DIR"
+
+
+def models_dir() -> Path:
+    override = os.environ.get(MODELS_DIR_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_registry(directory: Path | None = None) -> dict:
+    path = (directory or models_dir()) / "models.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"models registry not found: {path}")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class LoadedModel:
+    network: ResUNet
+    card: dict
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return str(self.card.get("id", self.path.stem))
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "unknown"))
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.card.get("trained", False))
+
+
+def card_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def resolve(spec: str | None, directory: Path | None = None) -> tuple[Path, str | None]:
+    """A registry id, a weights path, or None (the default) -> (weights path, expected sha256 or None)."""
+    directory = directory or models_dir()
+    if spec and (spec.endswith(".safetensors") or os.sep in spec or "/" in spec):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        return path, None
+    registry = read_registry(directory)
+    wanted = spec or registry["default"]
+    for entry in registry["models"]:
+        if entry["id"] == wanted:
+            return directory / entry["file"], entry.get("sha256")
+    known = ", ".join(e["id"] for e in registry["models"])
+    raise KeyError(f"unknown model {wanted!r}; the registry knows: {known}")
+
+
+def load_model(spec: str | None = None, directory: Path | None = None) -> LoadedModel:
+    """Load weights and card; registry models must match their recorded sha256."""
+    path, expected = resolve(spec, directory)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights missing: {path}")
+    if expected is not None:
+        actual = sha256_of(path)
+        if actual != expected:
+            raise ValueError(f"model file {path.name} is corrupt or changed: sha256 {actual[:12]}..., registry says {expected[:12]}...")
+    card_file = card_path(path)
+    if not card_file.is_file():
+        raise FileNotFoundError(f"model card missing: {card_file} (it holds the network's configuration)")
+    card = json.loads(card_file.read_text())
+    network = ResUNet(NetworkConfig.from_dict(card["network"]))
+    network.load_state_dict(load_file(str(path)))
+    network.eval()
+    return LoadedModel(network, card, path)
+
+
+def save_model(network: ResUNet, path: Path, card: dict) -> dict:
+    """Write weights and card (the card gains the network config, size and sha256)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(path))
+    path.chmod(0o644)  # safetensors writes owner-only; a shipped model must be readable by all
+    card = dict(card)
+    card["network"] = network.config.as_dict()
+    card["file"] = path.name
+    card["size_bytes"] = path.stat().st_size
+    card["sha256"] = sha256_of(path)
+    card_path(path).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def registry_entry(card: dict, source: str) -> dict:
+    return {
+        "id": card["id"],
+        "version": card["version"],
+        "title": card.get("title", card["id"]),
+        "file": card["file"],
+        "size_bytes": card["size_bytes"],
+        "sha256": card["sha256"],
+        "trained": card.get("trained", False),
+        "source": source,
+    }
+
+
+def untrained_network(config: NetworkConfig, seed: int = 0) -> ResUNet:
+    torch.manual_seed(seed)
+    return ResUNet(config)

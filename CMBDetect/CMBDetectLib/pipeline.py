@@ -1,0 +1,122 @@
+"""Detect microbleeds in one volume: preprocess, 2.5D U-Net, back to the native grid, lesions.
+
+This is the function the command line, the Slicer batch script and the Slicer module's
+Logic all call. It reads and writes no files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import CaseError
+from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
+from .io import Geometry, Volume
+from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions
+from .models import LoadedModel, load_model
+from .preprocess import preprocess, restore
+
+__all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_model"]
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class DetectionParams:
+    threshold: float = DEFAULT_THRESHOLD
+    min_diameter_mm: float = MIN_DIAMETER_MM
+    max_diameter_mm: float = MAX_DIAMETER_MM
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    batch_size: int | None = None  # None: 1 on CPU (fastest there), 8 on CUDA
+    model: str | None = None  # registry id or .safetensors path; None = the registry's default
+
+
+@dataclass
+class DetectionResult:
+    probability: np.ndarray  # (k, j, i) float32 on the input's grid
+    labels: np.ndarray  # (k, j, i) uint16, lesion ids 1..N
+    lesions: list[Lesion]
+    geometry: Geometry
+    model_id: str
+    model_version: str
+    model_trained: bool
+    seconds: float
+    params: DetectionParams = field(default_factory=DetectionParams)
+
+    def summary(self) -> dict[str, object]:
+        small = sum(l.size_class == "small" for l in self.lesions)
+        return {
+            "n_lesions": len(self.lesions),
+            "n_small": small,
+            "n_large": len(self.lesions) - small,
+            "total_volume_mm3": round(float(sum(l.volume_mm3 for l in self.lesions)), 3),
+            "seconds": round(self.seconds, 2),
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "model_trained": self.model_trained,
+            "threshold": self.params.threshold,
+            "size_range_mm": [self.params.min_diameter_mm, self.params.max_diameter_mm],
+            "cmbdetect_version": __version__,
+        }
+
+
+_MODEL_CACHE: dict[tuple[str | None, str], LoadedModel] = {}
+
+
+def get_model(spec: str | None, device: torch.device) -> LoadedModel:
+    """Load once per (model, device): a batch over a cohort must not re-read the weights."""
+    key = (spec, str(device))
+    if key not in _MODEL_CACHE:
+        loaded = load_model(spec)
+        loaded.network = prepare_for_inference(loaded.network, device)
+        _MODEL_CACHE[key] = loaded
+    return _MODEL_CACHE[key]
+
+
+def detect_volume(
+    volume: Volume,
+    params: DetectionParams | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    case: str = "volume",
+) -> DetectionResult:
+    """Probability map, lesion label map and lesion list for one SWI volume, on its own grid."""
+    params = params or DetectionParams()
+    report = progress or (lambda fraction, message: None)
+    start = time.perf_counter()
+
+    report(0.0, "preprocessing")
+    stack, info = preprocess(volume.array, case)
+    device = select_device(params.device)
+    model = get_model(params.model, device)
+
+    def on_slices(done: int, total: int) -> None:
+        report(0.05 + 0.9 * done / total, f"slice {done}/{total}")
+
+    plane_probability = predict_stack(model.network, stack, device, params.batch_size, on_slices, cancel)
+    del stack
+    report(0.95, "finding lesions")
+    probability = restore(plane_probability, info)
+    try:
+        labels, lesions = extract_lesions(
+            probability, volume.geometry, params.threshold, params.min_diameter_mm, params.max_diameter_mm
+        )
+    except ValueError as exc:
+        raise CaseError(case, str(exc)) from None
+    report(1.0, f"{len(lesions)} microbleeds")
+    return DetectionResult(
+        probability=probability,
+        labels=labels,
+        lesions=lesions,
+        geometry=volume.geometry,
+        model_id=model.id,
+        model_version=model.version,
+        model_trained=model.trained,
+        seconds=time.perf_counter() - start,
+        params=params,
+    )
