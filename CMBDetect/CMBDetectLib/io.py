@@ -194,6 +194,9 @@ def read_volume(path: str | os.PathLike, case: str | None = None) -> Volume:
     except RuntimeError as exc:
         raise CaseError(case, f"cannot read {path}: {_first_line(exc)}") from None
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise CaseError(case, f"volume has {bad} NaN or infinite voxels")
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_nan(path, case)
     return Volume(array, geometry_of(image))
