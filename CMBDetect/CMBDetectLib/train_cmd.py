@@ -11,7 +11,7 @@ HELP = "train (or fine-tune) the residual U-Net on labelled SWI cases"
 
 def configure(p: argparse.ArgumentParser) -> None:
     d = _defaults()
-    p.add_argument("--data", required=True, type=Path, help="folder with images/ and labels/ (as `cmbdetect synth` writes), or a CSV with image,label columns")
+    p.add_argument("--data", required=True, type=Path, nargs="+", help="folders with images/ and labels/ (as `cmbdetect synth` writes), or CSVs with image,label columns")
     p.add_argument("--out", required=True, type=Path, help="folder for checkpoints, the best model, the log and curves")
     p.add_argument("--init", default=None, help="fine-tune from this model (registry id or .safetensors); default: train from scratch")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -27,6 +27,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-slices", type=int, default=d.val_slices, help=f"whole slices scored per validation (default {d.val_slices})")
     p.add_argument("--pos-weight", type=float, default=d.pos_weight, help="BCE weight of lesion pixels (default 1: the paper's plain BCE)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--model-id", default="cmbdetect-custom", help="id written into the model card (default cmbdetect-custom)")
+    p.add_argument("--model-version", default=None, help="version written into the model card (default: today's date)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -47,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
         pos_weight=args.pos_weight, seed=args.seed, init=args.init,
     )  # fmt: skip
     try:
-        card = train(args.data, args.out, config, resume=args.resume, show_progress=not args.quiet)
+        card = train(
+            args.data, args.out, config, resume=args.resume, show_progress=not args.quiet,
+            data_description={"folders": [str(d) for d in args.data]}, model_id=args.model_id, model_version=args.model_version,
+        )  # fmt: skip
     except (ValueError, CaseError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

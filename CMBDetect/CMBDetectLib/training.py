@@ -233,13 +233,15 @@ def find_pairs(data: Path) -> list[tuple[str, Path, Path]]:
 
 
 def train(
-    data: Path,
+    data: Path | list[Path],
     out: Path,
     config: TrainConfig,
     resume: bool = False,
     log: Callable[[str], None] = print,
     show_progress: bool = True,
     data_description: dict | None = None,
+    model_id: str = "cmbdetect-custom",
+    model_version: str | None = None,
 ) -> dict:
     """Train, keeping the best-validation-Dice model as OUT/best.safetensors (+ card). Returns the card."""
     from tqdm import tqdm
@@ -249,8 +251,11 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
-    pairs = find_pairs(Path(data))
-    train_names, val_names = split_by_patient([p[0] for p in pairs], config.val_fraction, config.seed)
+    pairs = [p for d in (data if isinstance(data, (list, tuple)) else [data]) for p in find_pairs(Path(d))]
+    names = [p[0] for p in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("two training cases share a name; case names must be unique across --data folders")
+    train_names, val_names = split_by_patient(names, config.val_fraction, config.seed)
     by_name = {p[0]: p for p in pairs}
     log(f"{len(pairs)} cases: {len(train_names)} for training, {len(val_names)} for validation (split by case)")
     cases = {n: load_case(*by_name[n]) for n in tqdm(sorted(by_name), desc="preprocessing", disable=not show_progress)}
@@ -313,6 +318,7 @@ def train(
         if improved:
             state["best_dice"], state["best_epoch"] = dice, epoch
             card = _card(config, state, data_description, init_card, elapsed)
+            card["id"], card["version"] = model_id, model_version or card["version"]
             save_model(model, out / BEST, card)
         log(f"epoch {epoch}: loss {row['train_loss']:.4f}  validation Dice {dice:.3f}{'  (best)' if improved else ''}  lr {row['lr']:.0e}  {row['minutes']:.1f} min")
         state["epoch"], state["seconds"] = epoch, elapsed
