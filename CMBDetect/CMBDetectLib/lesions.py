@@ -7,7 +7,7 @@ lesion's volume, computed from the voxel spacing so that anisotropic grids are s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -46,15 +46,6 @@ class Lesion:
     @property
     def name(self) -> str:
         return f"CMB {self.id}"
-
-    def as_row(self) -> dict[str, object]:
-        row = asdict(self)
-        for key in ("centroid_ijk", "centroid_lps", "centroid_ras"):
-            for axis, value in zip(key[-3:], row.pop(key)):
-                row[f"{key[:-4]}_{axis}"] = round(float(value), 3)
-        for key in ("volume_mm3", "diameter_mm", "mean_probability", "max_probability"):
-            row[key] = round(float(row[key]), 4)
-        return row
 
 
 def structure(connectivity: int = CONNECTIVITY) -> np.ndarray:

@@ -96,7 +96,7 @@ def detect_volume(
     model = get_model(params.model, device)
 
     def on_slices(done: int, total: int) -> None:
-        report(0.05 + 0.9 * done / total, f"slice {done}/{total}")
+        report(round(0.05 + 0.9 * done / total, 6), f"slice {done}/{total}")
 
     plane_probability = predict_stack(model.network, stack, device, params.batch_size, on_slices, cancel)
     del stack

@@ -1,0 +1,401 @@
+"""The MRML adapter against slicer-core's real scene, nodes and storage (no fake `slicer`).
+
+Every check of position is made in physical space on an oblique, anisotropic grid: lesion
+voxels are mapped to RAS with the input node's own IJKToRAS, independently of the Lib's
+geometry code, and compared with what the segmentation, the markups and the files say.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer_core", reason="slicer-core (the Qt-free MRML engine) is not installed")
+
+import slicer  # noqa: E402
+import slicer.util  # noqa: E402
+import vtk  # noqa: E402
+
+import slicer_headless as sh  # noqa: E402
+from CMBDetectLib import mrml as adapter  # noqa: E402  (the fixture is named `mrml`)
+from CMBDetectLib import outputs  # noqa: E402
+from CMBDetectLib.io import Geometry, read_volume  # noqa: E402
+from CMBDetectLib.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
+from CMBDetectLib.pipeline import DetectionParams, DetectionResult  # noqa: E402
+
+SHAPE = (14, 48, 56)  # (k, j, i)
+# (k, j, i) centre and radius in mm: three small (2-5 mm) and one large (5-10 mm) lesion, and
+# one too small to keep (under 1 mm) that the size filter must drop.
+SPHERES = [((4, 12, 14), 1.4), ((7, 30, 20), 1.8), ((9, 20, 40), 2.2), ((6, 34, 42), 3.2), ((10, 8, 44), 0.4)]
+
+
+def sphere_probability(shape=SHAPE, spacing=sh.OBLIQUE_SPACING, spheres=SPHERES) -> np.ndarray:
+    kk, jj, ii = np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]]
+    p = np.zeros(shape, np.float32)
+    for n, ((ck, cj, ci), r) in enumerate(spheres):
+        d2 = ((kk - ck) * spacing[2]) ** 2 + ((jj - cj) * spacing[1]) ** 2 + ((ii - ci) * spacing[0]) ** 2
+        p[d2 <= r * r] = 0.6 + 0.05 * n
+    return p
+
+
+def make_result(volume_node, probability: np.ndarray | None = None, min_mm: float = 2.0, max_mm: float = 10.0) -> DetectionResult:
+    """A DetectionResult on the node's grid, from a hand-made probability map."""
+    geometry = adapter.volume_from_node(volume_node).geometry
+    probability = sphere_probability() if probability is None else probability
+    labels, lesions = extract_lesions(probability, geometry, 0.4, min_mm, max_mm)
+    return DetectionResult(probability, labels, lesions, geometry, "test", "0", False, 0.0, DetectionParams())
+
+
+def swi_node(mrml_app, ijk_to_ras: np.ndarray | None = None):
+    """A noisy SWI-like volume node on the oblique, anisotropic test grid (needs the app)."""
+    rng = np.random.default_rng(0)
+    return sh.add_oblique_volume(rng.normal(400, 20, SHAPE).astype(np.float32), "swi", ijk_to_ras)
+
+
+def voxel_centroid_ras(volume_node, labels: np.ndarray, lesion_id: int) -> np.ndarray:
+    """Mean RAS of a lesion's voxels, through the node's own matrix (independent of the Lib)."""
+    kji = np.argwhere(labels == lesion_id)
+    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    return (adapter.ijk_to_ras_of(volume_node) @ ijk1.T).T[:, :3].mean(axis=0)
+
+
+def segment_array(seg_node, segment_id: str, volume_node) -> np.ndarray:
+    return slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume_node)
+
+
+def reference_geometry_matrix_and_extent(seg_node) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The segmentation's reference image geometry, deserialised from its conversion parameter."""
+    converter = slicer.vtkSegmentationConverter
+    text = seg_node.GetSegmentation().GetConversionParameter(converter.GetReferenceImageGeometryParameterName())
+    image = slicer.vtkOrientedImageData()
+    assert converter.DeserializeImageGeometry(text, image)
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]), tuple(image.GetExtent())
+
+
+# --- Volumes ----------------------------------------------------------------------------
+
+
+def test_volume_from_node_keeps_oblique_anisotropic_geometry(mrml, tmp_path):
+    m = sh.oblique_ijk_to_ras()
+    assert not np.allclose(np.abs(m[:3, :3] / np.array(sh.OBLIQUE_SPACING)), np.eye(3), atol=0.1)  # really oblique
+    data = np.random.default_rng(3).random(SHAPE).astype(np.float32) * 1000
+    node = sh.add_oblique_volume(data, "oblique", m)
+    volume = adapter.volume_from_node(node)
+
+    np.testing.assert_array_equal(volume.array, data)
+    assert volume.array.dtype == np.float32 and volume.array.shape == SHAPE
+    np.testing.assert_allclose(volume.geometry.spacing, sh.OBLIQUE_SPACING, atol=1e-12)
+    np.testing.assert_allclose(volume.geometry.ijk_to_ras(), m, atol=1e-12)
+    # Same voxel, same point: the LPS geometry maps voxels where the node does.
+    for ijk in [(0, 0, 0), (55, 47, 13), (17, 5, 9)]:
+        np.testing.assert_allclose(volume.geometry.index_to_ras(np.array(ijk)), (m @ [*ijk, 1])[:3], atol=1e-9)
+
+    # And where Slicer's own NRRD writer + SimpleITK's reader put it (LPS on disk).
+    storage = mrml.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "oblique.nrrd"))
+    assert storage.WriteData(node)
+    from_file = read_volume(tmp_path / "oblique.nrrd")
+    assert from_file.geometry.matches(volume.geometry, tol=1e-6)
+    np.testing.assert_array_equal(from_file.array, data)
+
+
+def test_volume_from_node_is_a_copy(mrml):
+    node = swi_node(mrml)
+    volume = adapter.volume_from_node(node)
+    before = volume.array.copy()
+    slicer.util.arrayFromVolume(node)[:] = 0
+    slicer.util.arrayFromVolumeModified(node)
+    np.testing.assert_array_equal(volume.array, before)
+
+
+def test_volume_from_node_refuses_non_scalar_and_empty(mrml):
+    vector = slicer.util.addVolumeFromArray(np.zeros((*SHAPE, 3), np.float32), nodeClassName="vtkMRMLVectorVolumeNode")
+    with pytest.raises(ValueError, match="components"):
+        adapter.volume_from_node(vector)
+    empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(ValueError, match="no image data"):
+        adapter.volume_from_node(empty)
+    with pytest.raises(ValueError, match="no input volume"):
+        adapter.volume_from_node(None)
+
+
+# --- write_result -----------------------------------------------------------------------
+
+
+def test_write_result_segments_table_markups(mrml):
+    node = swi_node(mrml)
+    result = make_result(node)
+    assert [l.size_class for l in result.lesions].count("large") >= 1 and len(result.lesions) == 4
+    seg, table, markups = adapter.write_result(result, node)
+
+    # Segments: one per lesion, ids, names, class colours, tags, terminology, voxels.
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(result.lesions)
+    assert segmentation.GetNumberOfLayers() == 1  # one shared labelmap, not one per lesion
+    for lesion in result.lesions:
+        segment = segmentation.GetSegment(f"CMB_{lesion.id}")
+        assert segment is not None and segment.GetName() == f"CMB {lesion.id}"
+        np.testing.assert_allclose(segment.GetColor(), CLASS_COLORS[lesion.size_class], atol=1e-6)
+        assert segment.GetTerminology() == outputs.TERMINOLOGY_ENTRY
+        assert _tag(segment, "CMBDetect.SizeClass") == lesion.size_class
+        assert float(_tag(segment, "CMBDetect.DiameterMm")) == pytest.approx(lesion.diameter_mm, abs=0.006)
+        assert float(_tag(segment, "CMBDetect.MaxProbability")) == pytest.approx(lesion.max_probability, abs=6e-4)
+        np.testing.assert_array_equal(segment_array(seg, f"CMB_{lesion.id}", node), result.labels == lesion.id)
+        # Slicer's own centre of the segment agrees with the voxel centroid in RAS.
+        np.testing.assert_allclose(seg.GetSegmentCenterRAS(f"CMB_{lesion.id}"), voxel_centroid_ras(node, result.labels, lesion.id), atol=0.6)
+
+    # Reference geometry = the input: node reference and the serialised grid.
+    role = seg.GetReferenceImageGeometryReferenceRole()
+    assert seg.GetNodeReference(role) is node
+    matrix, extent = reference_geometry_matrix_and_extent(seg)
+    np.testing.assert_allclose(matrix, adapter.ijk_to_ras_of(node), atol=1e-6)
+    assert extent == (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
+
+    # Table: one row per lesion, the CSV's columns, values as the lesions say.
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == len(result.lesions)
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == outputs.LESION_COLUMNS
+    for r, lesion in enumerate(result.lesions):
+        assert table.GetCellText(r, outputs.LESION_COLUMNS.index("id")) == str(lesion.id)
+        assert table.GetCellText(r, outputs.LESION_COLUMNS.index("size_class")) == lesion.size_class
+        assert float(table.GetCellText(r, outputs.LESION_COLUMNS.index("diameter_mm"))) == pytest.approx(lesion.diameter_mm, abs=1e-4)
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "n_voxels"), [l.n_voxels for l in result.lesions])
+    assert table.GetColumnUnitLabel("diameter_mm") == "mm"
+    assert table.GetColumnTitle("diameter_mm") == "Diameter (mm)"
+    assert table.GetLocked()
+
+    # Markups: locked points at the lesions' voxel centroids in RAS, labelled CMB <id>.
+    points = slicer.util.arrayFromMarkupsControlPoints(markups)
+    assert points.shape == (len(result.lesions), 3)
+    for n, lesion in enumerate(result.lesions):
+        assert markups.GetNthControlPointLabel(n) == f"CMB {lesion.id}"
+        assert markups.GetNthControlPointLocked(n)
+        np.testing.assert_allclose(points[n], voxel_centroid_ras(node, result.labels, lesion.id), atol=1e-6)
+        np.testing.assert_allclose(points[n], lesion.centroid_ras, atol=1e-6)
+    assert markups.GetLocked() and markups.GetFixedNumberOfControlPoints()
+    last = result.lesions[-1]
+    assert adapter.lesion_index(markups, last.id) == len(result.lesions) - 1
+    assert adapter.lesion_index(markups, 999) is None
+
+    # The outputs find each other and the input; the summary travels with them.
+    assert adapter.outputs_of(seg) == (node, table, markups)
+    assert adapter.summary_of(seg)["n_lesions"] == len(result.lesions)
+
+
+def _tag(segment, name: str) -> str:
+    # vtkSegment.GetTag(name, std::string&) fills its output argument through a reference.
+    value = vtk.reference("")
+    assert segment.GetTag(name, value), f"segment {segment.GetName()} has no tag {name}"
+    return str(value)
+
+
+def test_write_result_zero_lesions(mrml):
+    node = swi_node(mrml)
+    result = make_result(node, np.zeros(SHAPE, np.float32))
+    assert result.lesions == []
+    seg, table, markups = adapter.write_result(result, node)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+    assert table.GetTable().GetNumberOfRows() == 0
+    assert table.GetTable().GetNumberOfColumns() == len(outputs.LESION_COLUMNS)
+    assert markups.GetNumberOfControlPoints() == 0
+    matrix, _ = reference_geometry_matrix_and_extent(seg)
+    np.testing.assert_allclose(matrix, adapter.ijk_to_ras_of(node), atol=1e-6)
+    assert adapter.summary_of(table)["n_lesions"] == 0
+
+
+def test_running_twice_replaces_instead_of_appending(mrml):
+    node = swi_node(mrml)
+    seg, table, markups = adapter.write_result(make_result(node), node)
+    nodes_before = mrml.scene.GetNumberOfNodes()
+    # Second run: only the segmentation is passed (as the widget does); the rest is found.
+    fewer = make_result(node, min_mm=4.0)
+    assert 0 < len(fewer.lesions) < 4
+    again = adapter.write_result(fewer, node, segmentation_node=seg)
+    assert again == (seg, table, markups)
+    assert mrml.scene.GetNumberOfNodes() == nodes_before  # no stray temporary or duplicate nodes
+    assert seg.GetSegmentation().GetNumberOfSegments() == len(fewer.lesions)
+    assert seg.GetSegmentation().GetNumberOfLayers() == 1
+    assert table.GetTable().GetNumberOfRows() == len(fewer.lesions)
+    assert markups.GetNumberOfControlPoints() == len(fewer.lesions)
+    for lesion in fewer.lesions:
+        np.testing.assert_array_equal(segment_array(seg, f"CMB_{lesion.id}", node), fewer.labels == lesion.id)
+
+
+def test_more_than_255_lesions_use_a_16_bit_layer(mrml):
+    node = swi_node(mrml)
+    probability = np.zeros(SHAPE, np.float32)
+    probability[1:-1:2, 1:-1:3, 1:-1:3] = 0.9  # isolated voxels: hundreds of 1-voxel lesions
+    result = make_result(node, probability, min_mm=0.0)
+    assert len(result.lesions) > 255
+    seg, _, markups = adapter.write_result(result, node)
+    assert seg.GetSegmentation().GetNumberOfSegments() == len(result.lesions)
+    last = result.lesions[-1]
+    np.testing.assert_array_equal(segment_array(seg, f"CMB_{last.id}", node), result.labels == last.id)
+    assert markups.GetNumberOfControlPoints() == len(result.lesions)
+
+
+def test_result_on_another_grid_is_refused(mrml):
+    node = swi_node(mrml)
+    result = make_result(node)
+    other = sh.add_oblique_volume(np.zeros(SHAPE, np.float32), "shifted", sh.oblique_ijk_to_ras(origin_ras=(0.0, 0.0, 0.0)))
+    with pytest.raises(ValueError, match="geometry"):
+        adapter.write_result(result, other)
+    small = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32), sh.oblique_ijk_to_ras(), "small")
+    with pytest.raises(ValueError, match="does not match"):
+        adapter.write_result(result, small)
+    result.lesions = result.lesions[:-1]  # a label without its lesion would make an empty segment
+    with pytest.raises(ValueError, match="disagree"):
+        adapter.write_result(result, node)
+
+
+def test_transformed_input_outputs_follow_and_jump_lands_on_lesion(mrml):
+    node = swi_node(mrml)
+    transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "head motion")
+    moved = np.eye(4)
+    moved[:3, :3] = sh.rotation_matrix((0.0, 1.0, 1.0), 15.0)
+    moved[:3, 3] = (5.0, -3.0, 8.0)
+    transform.SetMatrixTransformToParent(adapter.vtk_matrix(moved))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+
+    result = make_result(node)
+    seg, _, markups = adapter.write_result(result, node)
+    assert seg.GetTransformNodeID() == transform.GetID() == markups.GetTransformNodeID()
+
+    lesion = result.lesions[2]
+    expected_world = (moved @ [*voxel_centroid_ras(node, result.labels, lesion.id), 1.0])[:3]
+    np.testing.assert_allclose(adapter.lesion_position_world(markups, 2), expected_world, atol=1e-6)
+
+    point = adapter.jump_to_lesion(lesion, volume_node=node)
+    np.testing.assert_allclose(point, expected_world, atol=1e-6)
+    slice_nodes = mrml.slice_nodes()
+    assert {n.GetName() for n in slice_nodes} == {"Red", "Yellow", "Green"}
+    for slice_node in slice_nodes:
+        m = slice_node.GetSliceToRAS()
+        np.testing.assert_allclose([m.GetElement(r, 3) for r in range(3)], expected_world, atol=1e-6)
+
+    # A plain world point works too (what the widget passes from the markups).
+    adapter.jump_to_lesion((1.0, 2.0, 3.0), scene=mrml.scene)
+    m = slice_nodes[0].GetSliceToRAS()
+    np.testing.assert_allclose([m.GetElement(r, 3) for r in range(3)], (1.0, 2.0, 3.0), atol=1e-9)
+
+
+def test_outputs_go_beside_the_input_in_the_subject_hierarchy(mrml):
+    node = swi_node(mrml)
+    sh_node = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+    study = sh_node.CreateFolderItem(sh_node.GetSceneItemID(), "SWI study")
+    # In Slicer a Qt plugin gives each new data node its item; under slicer-core we do it.
+    sh_node.CreateItem(study, node)
+    for output in adapter.write_result(make_result(node), node):
+        assert sh_node.GetItemParent(sh_node.GetItemByDataNode(output)) == study
+
+
+def test_terminology_entry_is_slicer_dicom_haemorrhage_in_brain():
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(outputs.TERMINOLOGY_ENTRY, entry)
+    assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
+    assert (entry.GetCategoryObject().GetCodeValue(), entry.GetCategoryObject().GetCodingSchemeDesignator()) == ("49755003", "SCT")
+    assert (entry.GetTypeObject().GetCodeValue(), entry.GetTypeObject().GetCodeMeaning()) == ("50960005", "Hemorrhage")
+    assert (entry.GetRegionObject().GetCodeValue(), entry.GetRegionObject().GetCodeMeaning()) == ("12738006", "Brain")
+
+
+# --- Files ------------------------------------------------------------------------------
+
+
+def _check_loaded_segmentation(loaded, result, volume_node) -> None:
+    """A segmentation read from disk matches the result: segments, names, colours, tags, voxels, grid."""
+    segmentation = loaded.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(result.lesions)
+    for n, lesion in enumerate(result.lesions):
+        segment = segmentation.GetNthSegment(n)
+        assert segmentation.GetNthSegmentID(n) == f"CMB_{lesion.id}"
+        assert segment.GetName() == f"CMB {lesion.id}"
+        np.testing.assert_allclose(segment.GetColor(), CLASS_COLORS[lesion.size_class], atol=1e-5)
+        assert segment.GetTerminology() == outputs.TERMINOLOGY_ENTRY
+        assert _tag(segment, "CMBDetect.SizeClass") == lesion.size_class
+        assert _tag(segment, "CMBDetect.DiameterMm") == f"{lesion.diameter_mm:.2f}"
+        # The segment's own labelmap lies on the input's grid (oblique, anisotropic) ...
+        labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        m = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(m)
+        np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], adapter.ijk_to_ras_of(volume_node), atol=1e-5)
+        # ... and holds exactly the lesion's voxels.
+        np.testing.assert_array_equal(segment_array(loaded, f"CMB_{lesion.id}", volume_node), result.labels == lesion.id)
+
+
+def test_seg_nrrd_round_trip_through_slicer_storage(mrml, tmp_path):
+    node = swi_node(mrml)
+    result = make_result(node)
+    seg, _, _ = adapter.write_result(result, node)
+    path = tmp_path / "case.seg.nrrd"
+    adapter.save_segmentation_file(seg, str(path))
+    loaded = adapter.load_segmentation_file(str(path), mrml.scene)
+    assert loaded is not seg and loaded.GetName() == "case"
+    _check_loaded_segmentation(loaded, result, node)
+    matrix, extent = reference_geometry_matrix_and_extent(loaded)
+    np.testing.assert_allclose(matrix, adapter.ijk_to_ras_of(node), atol=1e-5)
+    assert extent == (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
+
+
+def test_seg_nrrd_from_the_command_line_writer_loads_in_slicer(mrml, tmp_path):
+    """outputs.write_segmentation_nrrd (pynrrd, no Slicer) gives what Slicer itself would."""
+    node = swi_node(mrml)
+    result = make_result(node)
+    path = tmp_path / "cli.seg.nrrd"
+    outputs.write_segmentation_nrrd(path, result.labels, result.lesions, result.geometry)
+    loaded = adapter.load_segmentation_file(str(path), mrml.scene)
+    _check_loaded_segmentation(loaded, result, node)
+
+
+def test_loading_a_missing_file_fails_cleanly(mrml, tmp_path):
+    nodes = mrml.scene.GetNumberOfNodes()
+    with pytest.raises(OSError, match="could not read"):
+        adapter.load_segmentation_file(str(tmp_path / "missing.seg.nrrd"), mrml.scene)
+    assert mrml.scene.GetNumberOfNodes() == nodes
+
+
+def test_geometry_helper_matches_lib_geometry():
+    """The oblique test grid is a proper rotation times the anisotropic spacing."""
+    m = sh.oblique_ijk_to_ras()
+    rotation = m[:3, :3] / np.array(sh.OBLIQUE_SPACING)
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rotation) == pytest.approx(1.0)
+    g = Geometry(sh.OBLIQUE_SPACING, (0.0, 0.0, 0.0), tuple((np.diag([-1, -1, 1]) @ rotation).ravel()))
+    np.testing.assert_allclose(g.ijk_to_ras()[:3, :3], m[:3, :3], atol=1e-12)
+
+
+# --- The whole Slicer-side run (what CMBDetectLogic.process delegates to) ------------------
+
+
+def test_run_detection_from_volume_node_to_output_nodes(mrml, tmp_path):
+    """Volume node -> pipeline -> nodes, with the hand-wired dark-spot model of handmade.py.
+
+    The model answers "dark = bleed", so the phantom's 4 mm and 7 mm dark spheres must come
+    back as one small and one large lesion, at their places in RAS on an oblique grid.
+    """
+    from handmade import phantom, save_dark_spot_model
+
+    from CMBDetectLib.pipeline import Cancelled
+
+    array, geometry, spheres = phantom()
+    node = slicer.util.addVolumeFromArray(array, geometry.ijk_to_ras(), "phantom")
+    params = DetectionParams(device="cpu", model=str(save_dark_spot_model(tmp_path / "dark-spot.safetensors")))
+    steps: list[float] = []
+    result, seg, table, markups = adapter.run_detection(node, params, progress=lambda f, m: steps.append(f))
+
+    assert steps[0] == 0.0 and steps[-1] == 1.0 and np.all(np.diff(steps) >= -1e-9)  # never goes back
+    assert sorted(l.size_class for l in result.lesions) == ["large", "small"]
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    assert table.GetTable().GetNumberOfRows() == 2 and markups.GetNumberOfControlPoints() == 2
+    expected = {"small": spheres[0][0], "large": spheres[1][0]}  # (k, j, i) centres
+    for n, lesion in enumerate(result.lesions):
+        ck, cj, ci = expected[lesion.size_class]
+        sphere_ras = (adapter.ijk_to_ras_of(node) @ [ci, cj, ck, 1.0])[:3]
+        np.testing.assert_allclose(adapter.lesion_position_world(markups, n), sphere_ras, atol=1.5)  # within a voxel or so
+    assert adapter.summary_of(seg)["model_id"] == "test-dark-spot"
+
+    # Cancel: nothing is written, the previous outputs stay as they were.
+    with pytest.raises(Cancelled):
+        adapter.run_detection(node, params, segmentation_node=seg, cancel=lambda: True)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2 and markups.GetNumberOfControlPoints() == 2
