@@ -1,0 +1,96 @@
+"""A tiny seeded training run on small synthetic cases learns, checkpoints, resumes, and loads in detect."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from CMBDetectLib.detect_cmd import main as detect_main
+from CMBDetectLib.io import write_volume
+from CMBDetectLib.models import load_model
+from CMBDetectLib.training import TrainConfig, find_pairs, split_by_patient, train
+
+TINY = dict(base_channels=8, crop=64, batch_size=8, steps_per_epoch=25, max_epochs=6, val_slices=24, val_fraction=0.25, seed=3, dice_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from CMBDetectLib.synth import generate_case
+
+    root = tmp_path_factory.mktemp("tiny")
+    for index in range(4):
+        case = generate_case(seed=11, index=index, matrix=(192, 192), n_slices=12, n_microbleeds=16, field_strength_t=3.0)
+        write_volume(case.image.array, case.image.geometry, root / "images" / f"{case.name}.nii.gz")
+        write_volume(case.labels, case.image.geometry, root / "labels" / f"{case.name}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    card = train(tiny_data, out, TrainConfig(**TINY), show_progress=False, log=lambda m: None)
+    return out, card
+
+
+def test_training_raises_validation_dice_well_above_untrained(trained):
+    out, card = trained
+    t = card["training"]
+    assert t["initial_val_dice"] < 0.05
+    assert t["best_val_dice"] > 0.15 and t["best_val_dice"] > 5 * t["initial_val_dice"]
+    rows = list(csv.DictReader(open(out / "training_log.csv")))
+    assert len(rows) == TINY["max_epochs"]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert (out / "training_curves.png").stat().st_size > 1000
+
+
+def test_best_model_loads_in_detect(trained, tiny_data, tmp_path):
+    out, card = trained
+    model = load_model(str(out / "best.safetensors"))
+    assert model.trained and model.network.config.base_channels == 8
+    assert json.loads((out / "best.json").read_text())["preprocessing"]["plane_size"] == 384
+    image = sorted((tiny_data / "images").iterdir())[0]
+    assert detect_main([str(image), "-o", str(tmp_path), "--model", str(out / "best.safetensors"), "-q"]) == 0
+    summary = json.loads(next(tmp_path.glob("*_summary.json")).read_text())
+    assert summary["model_trained"] is True
+
+
+def test_resume_continues_from_the_checkpoint(trained, tiny_data, tmp_path):
+    out, _ = trained
+    import shutil
+
+    shutil.copytree(out, tmp_path / "run", dirs_exist_ok=True)
+    config = TrainConfig(**{**TINY, "max_epochs": TINY["max_epochs"] + 1})
+    messages: list[str] = []
+    train(tiny_data, tmp_path / "run", config, resume=True, show_progress=False, log=messages.append)
+    assert any(m.startswith(f"resumed at epoch {TINY['max_epochs']}") for m in messages)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "training_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, TINY["max_epochs"] + 2))
+
+
+def test_fine_tune_starts_from_the_given_model(trained, tiny_data, tmp_path):
+    out, card = trained
+    messages: list[str] = []
+    config = TrainConfig(**{**TINY, "max_epochs": 1, "init": str(out / "best.safetensors")})
+    tuned = train(tiny_data, tmp_path, config, show_progress=False, log=messages.append)
+    assert any("fine-tuning from" in m for m in messages)
+    # starting from the trained weights, validation Dice before any step is already the trained one
+    assert tuned["training"]["initial_val_dice"] == pytest.approx(card["training"]["best_val_dice"], abs=1e-6)
+
+
+def test_split_is_by_patient_and_seeded():
+    names = [f"p{i:02d}" for i in range(10)]
+    a = split_by_patient(names, 0.2, seed=1)
+    assert a == split_by_patient(names, 0.2, seed=1)
+    assert len(a[1]) == 2 and not set(a[0]) & set(a[1]) and sorted(a[0] + a[1]) == names
+
+
+def test_data_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="must hold images/ and labels/"):
+        find_pairs(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images" / "a.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="a: image has no label map"):
+        find_pairs(tmp_path)
