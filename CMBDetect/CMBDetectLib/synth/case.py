@@ -1,0 +1,360 @@
+"""One synthetic SWI case, from seed to image, labels and metadata.
+
+The order of work follows the physics:
+1. protocol (acquisition.py) and head pose (warp.py);
+2. tissue magnitude and susceptibility from the template (anatomy.py, tissue.py), pulled back
+   onto the acquisition grid (at about 1.2 mm in-plane, then interpolated to the matrix);
+3. veins drawn with their partial volume (veins.py);
+4. the field of all that susceptibility on the acquisition grid (a few slices of padding
+   above and below), the phase at TE, the signal loss from the field's ramp across voxels;
+   vein voxels as two compartments (tissue and blood);
+5. calcifications and microbleeds as sub-voxel dipole simulations multiplied into the complex
+   signal (mimics.py, microbleeds.py), and the bleeds' outlines as labels;
+6. coil bias, complex noise, SWI reconstruction (high-pass phase mask to a power) and the
+   vendor's intensity curve (acquisition.py).
+
+Every random draw comes from a numpy Generator seeded by (seed, index, control, component),
+one stream per component, so a case is a pure function of its arguments, and overriding one
+protocol parameter leaves the anatomy, veins and bleed sites as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from scipy.interpolate import interp1d
+
+from ..io import Geometry, Volume
+from ..lesions import equivalent_diameter_mm, size_class
+from .acquisition import (
+    OVERRIDABLE,
+    Acquisition,
+    acquisition_geometry,
+    add_noise,
+    bias_field,
+    reconstruct_swi,
+    sample_acquisition,
+    validate_overrides,
+    vendor_curve,
+)
+from .anatomy import HEAD_CENTRE_MNI, NUCLEI, load_template
+from .microbleeds import LABEL_LEVEL, Microbleed, place_microbleeds, sample_count
+from .mimics import Calcification, air_cavities_in_view, place_calcifications
+from .susceptibility import (
+    apply_patch,
+    field_ppm,
+    gradient_dephasing,
+    phase_per_ppm,
+    shim,
+    visibility,
+)
+from .timing import stage
+from .tissue import TissueProperties, sample_tissue, tissue_maps
+from .veins import rasterise, sample_veins, summarise
+from .warp import sample_warp
+
+GENERATOR_VERSION = "cmbdetect-synth 1.0"
+INTERMEDIATE_SPACING_MM = 1.2  # the template has 1 mm detail; finer grids only interpolate
+CHI_SPACING_MM = 2.0
+EXTRA_OVERRIDES = ("n_microbleeds", "vein_density", "deformation_mm", "keep_maps")
+STREAMS = {"acquisition": 1, "pose": 2, "tissue": 3, "veins": 4, "calcifications": 5, "microbleeds": 6,
+           "bias": 7, "noise": 8}
+LABEL_RULE = (
+    "A voxel is labelled when the microbleed leaves its noise-free SWI signal at most 60 % of "
+    "what it would be without the bleed (magnitude loss from intravoxel dephasing times the SWI "
+    "phase mask of the bleed's own phase), 26-connected to the darkest voxel; the level is "
+    "raised (up to 0.85) or lowered (down to 0.2) in 0.025 steps only when needed to keep the "
+    "outline within 2-10 mm equivalent diameter. size_class comes from the outline's diameter."
+)
+
+
+@dataclass
+class SynthCase:
+    """A generated case: SWI magnitude (float32, scanner units), label map (uint16, one id per
+    microbleed), metadata. `maps` holds extra volumes when asked for (keep_maps=True):
+    the high-pass phase (rad) and the venous blood fraction."""
+
+    name: str
+    image: Volume
+    labels: np.ndarray
+    meta: dict[str, object]
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def case_name(seed: int, index: int, control: bool = False) -> str:
+    return f"synth-s{seed}-ctl-{index:03d}" if control else f"synth-s{seed}-{index:03d}"
+
+
+def _rng(seed: int, index: int, control: bool, stream: str) -> np.random.Generator:
+    return np.random.default_rng([seed, index, int(control), STREAMS[stream]])
+
+
+def _check_arguments(seed: int, index: int, overrides: dict[str, object]) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+    if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"index must be a non-negative integer, not {index!r}")
+    unknown = sorted(set(overrides) - set(OVERRIDABLE) - set(EXTRA_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}; known: {sorted(OVERRIDABLE + EXTRA_OVERRIDES)}")
+    validate_overrides(overrides)
+    if "n_microbleeds" in overrides:
+        n = overrides["n_microbleeds"]
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= 200:
+            raise ValueError(f"n_microbleeds must be an integer 0-200, not {n!r}")
+    if "vein_density" in overrides and not 0.0 <= float(overrides["vein_density"]) <= 5.0:  # type: ignore[arg-type]
+        raise ValueError(f"vein_density must lie in 0-5 (1 = normal), not {overrides['vein_density']}")
+    if "deformation_mm" in overrides and not 0.0 <= float(overrides["deformation_mm"]) <= 10.0:  # type: ignore[arg-type]
+        raise ValueError(f"deformation_mm must lie in 0-10 mm, not {overrides['deformation_mm']}")
+
+
+def _upsample_axis(a: np.ndarray, coarse: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Linear interpolation along one axis from samples at integer positions `coarse`
+    (increasing, first 0, last n - 1) to all positions 0..n-1."""
+    if len(coarse) == n:
+        return a
+    up = interp1d(coarse, a, axis=axis, assume_sorted=True, copy=False)(np.arange(n))
+    return up.astype(np.float32, copy=False)
+
+
+def _coarse_axis(n: int, spacing: float, target_mm: float = INTERMEDIATE_SPACING_MM) -> np.ndarray:
+    step = max(1, int(round(target_mm / spacing)))
+    axis = np.arange(0, n, step)
+    return axis if axis[-1] == n - 1 else np.append(axis, n - 1)
+
+
+def _sample_template(
+    volume: np.ndarray, warp, geometry: Geometry, k_axis: np.ndarray, j_axis: np.ndarray, i_axis: np.ndarray
+) -> np.ndarray:
+    """Trilinear samples of a template-space volume at acquisition grid points (0 outside)."""
+    coords = warp.template_coordinates(np.array(geometry.origin), np.array(geometry.spacing), k_axis, j_axis, i_axis)
+    return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, output=np.float32)
+
+
+def _tissue_on_grid(
+    acq: Acquisition, geometry: Geometry, warp, props: TissueProperties, pad: int, bias_rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude (K, J, I, coil bias included) and susceptibility (K + 2 pad, J, I) on the
+    acquisition grid. The magnitude is sampled from the template at about 1.2 mm in-plane, the
+    susceptibility (whose field is smooth at that scale) at about 2 mm; both are then
+    interpolated to the matrix."""
+    template = load_template()
+    rows, cols = acq.matrix
+    k_axis = np.arange(acq.n_slices)
+    j_axis = _coarse_axis(rows, acq.pixel_spacing_mm[0])
+    i_axis = _coarse_axis(cols, acq.pixel_spacing_mm[1])
+    j_chi = _coarse_axis(rows, acq.pixel_spacing_mm[0], CHI_SPACING_MM)
+    i_chi = _coarse_axis(cols, acq.pixel_spacing_mm[1], CHI_SPACING_MM)
+    magnitude_t, chi_t = tissue_maps(template.channels, props, acq.te_ms)
+    magnitude_c = _sample_template(magnitude_t, warp, geometry, k_axis, j_axis, i_axis)
+    chi_c = _sample_template(chi_t, warp, geometry, np.arange(-pad, acq.n_slices + pad), j_chi, i_chi)
+    del magnitude_t, chi_t
+    # The coil bias multiplies every later factor of the signal, so it can enter here, on the
+    # coarse grid, before noise is added.
+    magnitude_c *= bias_field(bias_rng, acq.shape, acq.bias_amplitude, at=(k_axis, j_axis, i_axis))
+    magnitude = _upsample_axis(_upsample_axis(magnitude_c, i_axis, cols, axis=2), j_axis, rows, axis=1)
+    chi = _upsample_axis(_upsample_axis(chi_c, i_chi, cols, axis=2), j_chi, rows, axis=1)
+    return magnitude, chi
+
+
+def generate_case(seed: int, index: int, control: bool = False, **overrides: object) -> SynthCase:
+    """Generate one synthetic SWI case; a pure function of (seed, index, control, overrides).
+
+    Overrides: field_strength_t (1.5 | 3.0), te_ms, matrix (rows, cols), slice_thickness_mm,
+    n_slices, snr, vendor (Siemens | Philips | GE), fov_mm, slab_centre_mni_z, n_microbleeds,
+    vein_density (1 = normal), deformation_mm (RMS), keep_maps (bool)."""
+    _check_arguments(seed, index, overrides)
+    control = bool(control)
+    keep_maps = bool(overrides.get("keep_maps", False))
+    with stage("template"):
+        template = load_template()
+
+    with stage("protocol_and_pose"):
+        acq = sample_acquisition(_rng(seed, index, control, "acquisition"), overrides)
+        pose_rng = _rng(seed, index, control, "pose")
+        head_offset = np.array([pose_rng.uniform(-5, 5), pose_rng.uniform(-5, 5), 0.0])
+        deformation = overrides.get("deformation_mm")
+        warp = sample_warp(pose_rng, head_offset, None if deformation is None else float(deformation))  # type: ignore[arg-type]
+        slab_point = np.array([[HEAD_CENTRE_MNI[0], HEAD_CENTRE_MNI[1], acq.slab_centre_mni_z]])
+        slab_z = float(warp.mni_to_scanner(slab_point)[0, 2])
+        centre = np.array([head_offset[0] + acq.fov_offset_mm[1], head_offset[1] + acq.fov_offset_mm[0], slab_z])
+        geometry = acquisition_geometry(acq, centre)
+    origin = np.array(geometry.origin)
+    spacing_ijk = np.array(geometry.spacing)
+    shape = acq.shape
+    spacing_kji = acq.spacing_kji
+    b0, te = acq.field_strength_t, acq.te_ms
+    rad = phase_per_ppm(b0, te)
+
+    with stage("tissue"):
+        props = sample_tissue(_rng(seed, index, control, "tissue"), b0, acq.t1_weighting)
+        pad = int(np.clip(np.ceil(15.0 / acq.slice_thickness_mm), 3, 16))
+        magnitude, chi = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias"))
+
+    with stage("veins"):
+        vein_rng = _rng(seed, index, control, "veins")
+        veins = sample_veins(template, vein_rng, float(overrides.get("vein_density", 1.0)))  # type: ignore[arg-type]
+        raster = rasterise(veins, warp, origin, spacing_ijk, shape)
+        chi[pad : pad + shape[0]] += raster.fraction * np.float32(props.vein_chi)
+
+    with stage("field"):
+        field = np.ascontiguousarray(field_ppm(chi, spacing_kji)[pad : pad + shape[0]])
+        del chi
+        # The scanner shims B0 over the brain (second order), which takes out the smooth part
+        # of the air cavities' field but not its steep edges.
+        field, _ = shim(field, (magnitude > 0.4 * props.signal("wm", te)).astype(np.float32))
+        dephasing = gradient_dephasing(field, rad)
+        # Where the field's ramp (air-tissue edges) has wiped out half the signal nobody could
+        # see, or outline, a bleed: they are not placed there.
+        clear = dephasing >= 0.8
+        signal_mag = dephasing * magnitude
+        del dephasing
+        field *= np.float32(-rad)  # now the phase
+        signal = np.empty(shape, np.complex64)
+        np.cos(field, out=signal.real)
+        np.sin(field, out=signal.imag)
+        signal *= signal_mag
+        del signal_mag, field
+
+    with stage("vein_compartments"):
+        # Vein voxels: tissue and blood compartments. Around a vein the tissue dephases in the
+        # vein's own field (static-dephasing regime: loss ~ fraction * dw * TE, dw the field
+        # amplitude at the vessel wall, with sin^2 of the angle to B0); inside, blood has its own
+        # T2* and a phase offset (chi / 2)(cos^2 - 1/3).
+        flat = np.flatnonzero(raster.fraction.ravel() > 0)
+        if flat.size:
+            f = raster.fraction.ravel()[flat]
+            c2 = raster.cos2.ravel()[flat]
+            m = magnitude.ravel()[flat]
+            dw_te = rad * props.vein_chi * (1.0 - c2) / 2.0
+            inside_phase = -rad * props.vein_chi * (c2 - 1.0 / 3.0) / 2.0
+            blood = props.blood_pd * np.exp(-te * 1e-3 * props.blood_r2s)
+            two = (1.0 - f) * m * np.exp(-f * dw_te) + f * (blood * m) * np.exp(1j * inside_phase)
+            scale = np.where(m > 1e-6, two / np.maximum(m, 1e-6), 1.0)  # no tissue, no vein signal
+            signal.ravel()[flat] *= scale.astype(np.complex64)
+        del magnitude
+
+    with stage("calcifications"):
+        occupied = np.zeros(shape, bool)
+        calcs = place_calcifications(warp, origin, spacing_ijk, shape, b0, te,
+                                     _rng(seed, index, control, "calcifications"))
+        for calc in calcs:
+            vol_sl, patch_sl = apply_patch(signal, calc.patch)
+            dark = visibility(calc.patch.factor[patch_sl], acq.phase_mask_power) < 0.85
+            occupied[vol_sl] |= ndimage.binary_dilation(dark, iterations=2)
+
+    with stage("microbleeds"):
+        bleed_rng = _rng(seed, index, control, "microbleeds")
+        n_drawn = sample_count(bleed_rng)
+        n_wanted = 0 if control else int(overrides.get("n_microbleeds", n_drawn))  # type: ignore[arg-type]
+        bleeds = place_microbleeds(n_wanted, template, warp, origin, spacing_ijk, shape, b0, te,
+                                   acq.phase_mask_power, occupied, bleed_rng, clear)
+        del clear
+        labels = np.zeros(shape, np.uint16)
+        for bleed in bleeds:
+            apply_patch(signal, bleed.patch)
+            labels[bleed.label_slices][bleed.label_mask] = bleed.id
+
+    with stage("noise_and_swi"):
+        wm_signal = props.signal("wm", te)
+        sigma = wm_signal / acq.snr
+        add_noise(_rng(seed, index, control, "noise"), signal, sigma)
+        swi, hp_phase = reconstruct_swi(signal, acq)
+        del signal
+        image = vendor_curve(swi, acq, wm_signal)
+
+    name = case_name(seed, index, control)
+    meta = _meta(name, seed, index, control, overrides, acq, geometry, props, warp, veins, raster, calcs, bleeds,
+                 n_wanted, sigma, wm_signal)
+    maps = {"phase": hp_phase, "vein_fraction": raster.fraction} if keep_maps else {}
+    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps)
+
+
+def _r(v: float, n: int = 4) -> float:
+    return round(float(v), n)
+
+
+def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
+    ijk = bleed.centre_kji[::-1]
+    lps = geometry.index_to_lps(ijk)
+    d_app = float(equivalent_diameter_mm(bleed.n_voxels, geometry.spacing))
+    return {
+        "id": bleed.id,
+        "centre_ijk": [_r(v, 3) for v in ijk],
+        "centre_lps": [_r(v, 3) for v in lps],
+        "centre_mni_approx": [_r(v, 1) for v in bleed.centre_mni],
+        "true_diameter_mm": _r(bleed.source.equivalent_diameter_mm),
+        "apparent_diameter_mm": _r(d_app),
+        "size_class": size_class(d_app),
+        "target_class": bleed.target_class,
+        "region": bleed.region,
+        "shape": bleed.shape,
+        "semi_axes_mm": [_r(v) for v in bleed.source.semi_axes_mm],
+        "susceptibility_ppm": _r(bleed.source.chi_ppm),
+        "n_voxels": bleed.n_voxels,
+        "label_level": _r(bleed.label_level, 3),
+    }
+
+
+def _meta(
+    name: str, seed: int, index: int, control: bool, overrides: dict[str, object], acq: Acquisition,
+    geometry: Geometry, props: TissueProperties, warp, veins, raster, calcs: list[Calcification],
+    bleeds: list[Microbleed], n_wanted: int, sigma: float, wm_signal: float,
+) -> dict[str, object]:
+    acquisition = acq.as_dict()
+    acquisition["noise_sigma_relative"] = _r(sigma, 6)
+    acquisition["wm_signal_relative"] = _r(wm_signal, 6)
+    calc_entries = []
+    for c in calcs:
+        ijk = c.centre_kji[::-1]
+        calc_entries.append({
+            "site": c.site,
+            "centre_ijk": [_r(v, 3) for v in ijk],
+            "centre_lps": [_r(v, 3) for v in geometry.index_to_lps(ijk)],
+            "diameter_mm": _r(c.source.equivalent_diameter_mm),
+            "susceptibility_ppm": _r(c.source.chi_ppm),
+        })
+    shape = acq.shape
+    origin = np.array(geometry.origin)
+    spacing = np.array(geometry.spacing)
+    return {
+        "case": name,
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "index": int(index),
+        "control": control,
+        "overrides": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(overrides.items())
+                      if k != "keep_maps"},  # keep_maps changes what is returned, not the case
+        "field_strength_t": acq.field_strength_t,
+        "te_ms": _r(acq.te_ms, 3),
+        "matrix": list(acq.matrix),
+        "shape_kji": list(shape),
+        "spacing_mm": [_r(s, 5) for s in geometry.spacing],
+        "slice_thickness_mm": acq.slice_thickness_mm,
+        "snr": _r(acq.snr, 3),
+        "vendor": acq.vendor,
+        "vendor_curve": {"gamma": _r(acq.contrast_gamma), "wm_level": _r(acq.wm_level, 2),
+                         "phase_mask_power": acq.phase_mask_power, "highpass_fraction": _r(acq.highpass_fraction)},
+        "acquisition": acquisition,
+        "geometry": {"origin_lps": [_r(v, 4) for v in geometry.origin], "spacing_mm": [_r(s, 5) for s in geometry.spacing],
+                     "direction": list(geometry.direction), "slice_axis": "k (array axis 0), inferior to superior",
+                     "b0_direction": "k"},
+        "pose": {"rotation_deg": [_r(a, 3) for a in warp.angles_deg], "scale": [_r(s) for s in warp.scale],
+                 "deformation_rms_mm": _r(float(np.sqrt((warp.displacement**2).sum(0).mean())), 3)},
+        "tissue": props.as_dict(),
+        "label_rule": LABEL_RULE,
+        "label_level_default": LABEL_LEVEL,
+        "n_lesions": len(bleeds),
+        "n_lesions_requested": n_wanted,
+        "lesions": [_lesion_entry(b, geometry) for b in bleeds],
+        "mimics": {
+            "veins": summarise(veins),
+            "vein_voxels_over_half_blood": int((raster.fraction > 0.5).sum()),
+            "calcifications": calc_entries,
+            "air_cavities_near_slab": air_cavities_in_view(warp, origin, spacing, shape),
+            "iron_nuclei": [{"name": n.name, "iron_relative": n.iron, "centre_mni": list(n.centre),
+                             "semi_axes_mm": list(n.semi_axes)} for n in NUCLEI],
+        },
+    }
