@@ -35,10 +35,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
     try:
-        from .models import load_model
+        from .inference import select_device
+        from .pipeline import get_model
 
-        model = load_model(args.model)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+        # Loaded once here, through the pipeline's cache, so a bad model fails before any case runs.
+        model = get_model(args.model, select_device(args.device))
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not model.trained:
