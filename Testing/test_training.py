@@ -94,3 +94,51 @@ def test_data_folder_errors(tmp_path):
     (tmp_path / "images" / "a.nii.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="a: image has no label map"):
         find_pairs(tmp_path)
+
+
+def _head_with_vein_and_bleed():
+    """A bright head disc with a dark vein line, a dark labelled bleed and a large dark air block."""
+    import numpy as np
+
+    k, size = 5, 384
+    rows, cols = np.mgrid[:size, :size]
+    head = (rows - 192) ** 2 + (cols - 192) ** 2 < 170**2
+    stack = np.where(head, 0.7, 0.0).astype(np.float32)[None].repeat(k, axis=0)
+    stack[:, 100:104, 120:300] = 0.05  # vein, 4 pixels wide
+    bleed = (rows - 260) ** 2 + (cols - 150) ** 2 < 5**2
+    stack[2][bleed] = 0.05
+    stack[:, 220:300, 230:310] = 0.0  # air, 80 pixels across
+    target = np.zeros(stack.shape, bool)
+    target[2][bleed] = True
+    return stack, target
+
+
+def test_dark_spots_find_veins_not_bleeds_or_air():
+    import numpy as np
+
+    from CMBDetectLib.training import dark_spots
+
+    stack, target = _head_with_vein_and_bleed()
+    spots = dark_spots(stack, target, np.random.default_rng(0))
+    assert len(spots) > 50
+    k, r, c = spots.T
+    on_vein = (r >= 96) & (r <= 108) & (c >= 116) & (c <= 304)
+    assert on_vein.mean() > 0.5, "most hard negatives should sit on the small dark structure"
+    assert np.hypot(r - 260, c - 150).min() > 8, "no hard negative may sit on a labelled bleed"
+    assert not ((r > 236) & (r < 284) & (c > 246) & (c < 294)).any(), "the inside of large air is not a hard negative"
+
+
+def test_hard_negative_crops_show_the_dark_structure_and_no_lesion():
+    import numpy as np
+
+    from CMBDetectLib.training import CaseData, SampleDrawer, dark_spots
+
+    stack, target = _head_with_vein_and_bleed()
+    case = CaseData("c", stack.astype(np.float16), target, np.array([2]), np.array([0, 1, 3, 4]), np.array([[192, 192]]))
+    case.dark = dark_spots(stack, target, np.random.default_rng(0))
+    hard = SampleDrawer([case], 64, np.random.default_rng(1), hard_negatives=1.0)
+    crops = [hard.draw(positive=False) for _ in range(40)]
+    assert all(x.min() < 0.1 for x, _ in crops), "every hard-negative crop contains a dark structure"
+    assert all(y.sum() == 0 for _, y in crops)
+    plain = SampleDrawer([case], 64, np.random.default_rng(1), hard_negatives=0.0)
+    assert all(x.min() > 0.5 for x, _ in (plain.draw(positive=False) for _ in range(10))), "plain negatives: at the head point given"

@@ -27,6 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-slices", type=int, default=d.val_slices, help=f"whole slices scored per validation (default {d.val_slices})")
     p.add_argument("--pos-weight", type=float, default=d.pos_weight, help="BCE weight of lesion pixels (default 1: the paper's plain BCE)")
     p.add_argument("--dice-weight", type=float, default=d.dice_weight, help=f"weight of a soft-Dice term added to the BCE (default {d.dice_weight:g}; 0 gives the paper's plain BCE, which learned far slower here: docs/training.md)")
+    p.add_argument("--hard-negatives", type=float, default=d.hard_negatives, help=f"share of negative crops centred on dark non-lesion spots such as veins (default {d.hard_negatives:g}; 0: random, as in the paper)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-id", default="cmbdetect-custom", help="id written into the model card (default cmbdetect-custom)")
     p.add_argument("--model-version", default=None, help="version written into the model card (default: today's date)")
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         base_channels=args.width, crop=args.crop, batch_size=args.batch_size, learning_rate=args.lr,
         steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs, plateau_patience=args.plateau_patience,
         stop_patience=args.stop_patience, max_minutes=args.max_minutes, val_slices=args.val_slices,
-        pos_weight=args.pos_weight, dice_weight=args.dice_weight, seed=args.seed, init=args.init,
+        pos_weight=args.pos_weight, dice_weight=args.dice_weight, hard_negatives=args.hard_negatives, seed=args.seed,
+        init=args.init,
     )  # fmt: skip
     try:
         card = train(
