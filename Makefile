@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/cmbdetect synth --n 1 --controls 0 --seed 2022 --out demo/data
-	$(BIN)/cmbdetect detect demo/data/images -o demo/results
+	$(BIN)/cmbdetect detect demo/data/images -o demo/results --preview
 
 test: setup
 	$(BIN)/python -m pytest -q

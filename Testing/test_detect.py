@@ -156,3 +156,31 @@ def test_bad_options_are_refused(tmp_path):
     assert detect_main(["x.nii.gz", "-o", str(tmp_path), "--threshold", "1.5"]) == 2
     assert detect_main(["x.nii.gz", "-o", str(tmp_path), "--min-size", "5", "--max-size", "2"]) == 2
     assert detect_main(["x.nii.gz", "-o", str(tmp_path), "--model", "no-such-model"]) == 2
+
+
+def _colour_pixels(png: Path, rgb: tuple[float, float, float]) -> int:
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(png))[..., :3]
+    return int((np.abs(pixels - np.asarray(rgb)).max(axis=-1) < 0.08).sum())
+
+
+def test_preview_outlines_each_detection_in_its_class_colour(tmp_path, dark_spot_model):
+    from CMBDetectLib.lesions import CLASS_COLORS
+
+    array, geometry, _ = phantom()
+    write_volume(array, geometry, tmp_path / "in" / "obl.nii.gz")
+    write_volume(phantom(spheres_mm=[])[0], geometry, tmp_path / "in" / "clean.nii.gz")
+    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", dark_spot_model, "--preview", "-q"]) == 0
+    paths = output_paths(tmp_path / "out", "obl", preview=True)
+    assert json.loads(paths["summary"].read_text())["files"]["preview"] == "obl_preview.png"
+    for colour in CLASS_COLORS.values():  # one small and one large bleed, each outlined
+        assert _colour_pixels(paths["preview"], colour) > 20
+    clean = output_paths(tmp_path / "out", "clean", preview=True)["preview"]
+    assert clean.is_file(), "a case without detections still gets its picture"
+    assert all(_colour_pixels(clean, c) == 0 for c in CLASS_COLORS.values())
+
+
+def test_no_preview_unless_asked(oblique_case):
+    root, _, _, _ = oblique_case
+    assert not (root / "out" / "obl_preview.png").exists()

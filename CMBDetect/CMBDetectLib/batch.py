@@ -79,6 +79,7 @@ def detect_batch(
     show_progress: bool = True,
     log: TextIO = sys.stderr,
     on_case: Callable[[CaseOutcome], None] | None = None,
+    preview: bool = False,
 ) -> list[CaseOutcome]:
     params = params or DetectionParams()
     cases = expand_inputs(inputs)
@@ -99,7 +100,7 @@ def detect_batch(
                     inner.set_postfix_str(message, refresh=True)
 
                 result = detect_volume(volume, params, progress=progress, case=case)
-            write_case_outputs(result, Path(output_dir), case)
+            write_case_outputs(result, Path(output_dir), case, image=volume.array if preview else None)
             s = result.summary()
             outcome = CaseOutcome(
                 case, str(path), True, s["n_lesions"], s["n_small"], s["n_large"],

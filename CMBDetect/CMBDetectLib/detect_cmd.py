@@ -20,6 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the network runs (default: CUDA if present, else CPU)")
     p.add_argument("--model", default=None, help="registry id or a .safetensors file with its .json card (default: the registry's default)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 1 on CPU, 8 on CUDA)")
+    p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         if o.ok:
             print(f"{o.case}: {o.n_lesions} microbleeds ({o.n_small} small, {o.n_large} large) in {o.seconds:.1f} s")
 
-    outcomes = detect_batch(args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case)
+    outcomes = detect_batch(args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview)
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
 """A case's result files, all on the input's grid, written all-or-nothing.
 
 Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<case>_lesions.nii.gz`
-(label map), `<case>_prob.nii.gz` (probability map), `<case>_lesions.csv` and
-`<case>_summary.json`. Everything is written into a hidden folder first and moved into place
-only when every file exists, the summary last, so a failed case leaves nothing behind.
+(label map), `<case>_prob.nii.gz` (probability map), `<case>_lesions.csv`, on request
+`<case>_preview.png` (preview.py), and `<case>_summary.json`. Everything is written into a
+hidden folder first and moved into place only when every file exists, the summary last, so a
+failed case leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from .io import Geometry, write_volume
 from .lesions import CLASS_COLORS, Lesion
+from .preview import write_preview
 
 # Slicer's DICOM-based terminology has no microbleed code; haemorrhage in the brain is the nearest.
 TERMINOLOGY_ENTRY = (
@@ -41,15 +43,18 @@ LESION_COLUMNS = [
 ]  # fmt: skip
 
 
-def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
+def output_paths(out_dir: Path, case: str, preview: bool = False) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    return {
+    paths = {
         "segmentation": out_dir / f"{case}.seg.nrrd",
         "labels": out_dir / f"{case}_lesions.nii.gz",
         "probability": out_dir / f"{case}_prob.nii.gz",
         "lesions_csv": out_dir / f"{case}_lesions.csv",
-        "summary": out_dir / f"{case}_summary.json",
     }
+    if preview:
+        paths["preview"] = out_dir / f"{case}_preview.png"
+    paths["summary"] = out_dir / f"{case}_summary.json"  # last: its presence means the case is complete
+    return paths
 
 
 def lesion_row(lesion: Lesion) -> dict[str, object]:
@@ -129,19 +134,24 @@ def write_segmentation_nrrd(path: Path, labels: np.ndarray, lesions: list[Lesion
     nrrd.write(str(path), data, header, index_order="C")
 
 
-def write_case_outputs(result, out_dir: Path, case: str) -> dict[str, Path]:
-    """Write every file of one case, then move them into `out_dir` together (summary last)."""
+def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | None = None) -> dict[str, Path]:
+    """Write every file of one case, then move them into `out_dir` together (summary last).
+
+    With the input `image` (k, j, i), a preview PNG of the detections is written too.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = output_paths(out_dir, case)
+    final = output_paths(out_dir, case, preview=image is not None)
     staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=out_dir))
     moved: list[Path] = []
     try:
-        staged = output_paths(staging, case)
+        staged = output_paths(staging, case, preview=image is not None)
         write_segmentation_nrrd(staged["segmentation"], result.labels, result.lesions, result.geometry)
         write_volume(result.labels, result.geometry, staged["labels"])
         write_volume(result.probability, result.geometry, staged["probability"])
         write_lesion_csv(staged["lesions_csv"], result.lesions)
+        if image is not None:
+            write_preview(image, result.labels, result.lesions, result.geometry, staged["preview"], case)
         summary = {"case": case, **result.summary(), "files": {k: v.name for k, v in final.items()}}
         staged["summary"].write_text(json.dumps(summary, indent=2) + "\n")
         for key, path in staged.items():
