@@ -213,3 +213,11 @@ def test_parameter_defaults_match_the_paper_and_the_lib():
     assert defaults["threshold"] == DEFAULT_THRESHOLD
     assert (defaults["minDiameterMm"], defaults["maxDiameterMm"]) == (MIN_DIAMETER_MM, MAX_DIAMETER_MM)
     assert defaults["useGpu"] is False
+
+
+def test_icon_and_screenshot_urls_name_files_of_this_repository():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    urls = re.findall(r"https://raw\.githubusercontent\.com/[^/\s\"]+/[^/\s\"]+/main/([^\s\"]+)", text)
+    assert len(urls) >= 2, "EXTENSION_ICONURL and EXTENSION_SCREENSHOTURLS point into the repository"
+    for path in urls:
+        assert (ROOT / path).is_file(), f"CMakeLists.txt links {path}, which is not in the repository"

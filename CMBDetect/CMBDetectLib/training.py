@@ -243,10 +243,14 @@ def _plot_curves(log_rows: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in log_rows]
     fig, ax1 = plt.subplots(figsize=(7, 4), dpi=100)
-    ax1.plot(epochs, [r["train_loss"] for r in log_rows], color="tab:blue", label="training loss (BCE)")
+    ax1.plot(epochs, [r["train_loss"] for r in log_rows], color="tab:blue", label="training loss")
     ax1.set_xlabel(f"epoch ({log_rows[0]['steps']} steps each)" if log_rows else "epoch")
-    ax1.set_ylabel("BCE", color="tab:blue")
+    ax1.set_ylabel("training loss (BCE + soft Dice unless --dice-weight 0)", color="tab:blue", fontsize=8)
     ax1.set_yscale("log")
+    for before, after in zip(log_rows, log_rows[1:]):
+        if float(after["lr"]) < float(before["lr"]):
+            ax1.axvline(after["epoch"], color="grey", linestyle=":", linewidth=1)
+            ax1.annotate(f"lr {float(after['lr']):.0e}", (after["epoch"], 1), xycoords=("data", "axes fraction"), fontsize=7, color="grey", ha="left", va="top")
     ax2 = ax1.twinx()
     ax2.plot(epochs, [r["val_dice"] for r in log_rows], color="tab:red", label="validation Dice")
     ax2.set_ylabel("validation pixel Dice", color="tab:red")
