@@ -219,7 +219,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Microbleed detection failed."), waitCursor=False):
             self.logic.setupPythonRequirements(interactive=True)
-            from CMBDetectLib.pipeline import Cancelled
+            from CMBDetectLib.detection.pipeline import Cancelled
 
             self._setRunning(True)
             try:
@@ -385,14 +385,14 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
 
         Writes (or rewrites) the output segmentation, its lesion table and centroid markups.
         Returns (result, segmentation, table, markups); result is a
-        CMBDetectLib.pipeline.DetectionResult (result.model_trained says whether the model
-        means anything). Raises CMBDetectLib.pipeline.Cancelled when cancelCallback() is true.
+        CMBDetectLib.detection.pipeline.DetectionResult (result.model_trained says whether the model
+        means anything). Raises CMBDetectLib.detection.pipeline.Cancelled when cancelCallback() is true.
         """
         if not inputVolume:
             raise ValueError(_("Input volume is invalid"))
         import torch
         from CMBDetectLib import mrml
-        from CMBDetectLib.pipeline import DetectionParams
+        from CMBDetectLib.detection.pipeline import DetectionParams
 
         if useGpu and not torch.cuda.is_available():
             raise RuntimeError(
@@ -459,7 +459,7 @@ class CMBDetectTest(ScriptedLoadableModuleTest):
         logic = CMBDetectLogic()
         try:
             logic.setupPythonRequirements(interactive=False)
-            import CMBDetectLib.pipeline  # noqa: F401
+            import CMBDetectLib.detection.pipeline  # noqa: F401
         except (ImportError, RuntimeError) as exc:
             self.skipTest(f"CMBDetect's Python requirements are not installed in this Slicer ({exc})")
 

@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 
 from CMBDetectLib.io import Geometry
 from CMBDetectLib.models import save_model
-from CMBDetectLib.network import NetworkConfig, ResUNet, ResidualBlock
+from CMBDetectLib.detection.network import NetworkConfig, ResUNet, ResidualBlock
 
 DARK_GAIN = 40.0  # logit = DARK_BIAS - DARK_GAIN * intensity, intensity in [0, 1]
 DARK_BIAS = 4.0  # probability >= 0.4 below an intensity of about 0.11

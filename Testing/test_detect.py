@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CMBDetectLib.detect_cmd import main as detect_main
+from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.io import Geometry, read_volume, write_volume
-from CMBDetectLib.outputs import output_paths
+from CMBDetectLib.detection.outputs import output_paths
 from handmade import oblique_geometry, phantom, save_dark_spot_model
 
 
@@ -166,7 +166,7 @@ def _colour_pixels(png: Path, rgb: tuple[float, float, float]) -> int:
 
 
 def test_preview_outlines_each_detection_in_its_class_colour(tmp_path, dark_spot_model):
-    from CMBDetectLib.lesions import CLASS_COLORS
+    from CMBDetectLib.detection.lesions import CLASS_COLORS
 
     array, geometry, _ = phantom()
     write_volume(array, geometry, tmp_path / "in" / "obl.nii.gz")

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from CMBDetectLib import evaluate_cmd
-from CMBDetectLib.evaluation import Settings, discover, evaluate_arrays, evaluate_folders
+from CMBDetectLib.commands import evaluate as evaluate_cmd
+from CMBDetectLib.evaluation.evaluate import Settings, discover, evaluate_arrays, evaluate_folders
 from CMBDetectLib.io import Geometry, write_volume
 
 SHAPE = (6, 16, 24)  # k, j, i
@@ -315,7 +315,7 @@ def test_control_listed_with_lesions_is_scored_as_a_patient():
 def test_subcommand_contract():
     from CMBDetectLib import cli
 
-    assert cli.SUBCOMMANDS["evaluate"] == "CMBDetectLib.evaluate_cmd"
+    assert cli.SUBCOMMANDS["evaluate"] == "CMBDetectLib.commands.evaluate"
     assert isinstance(evaluate_cmd.HELP, str) and evaluate_cmd.HELP
     parser = argparse.ArgumentParser()
     evaluate_cmd.configure(parser)

@@ -206,7 +206,7 @@ def test_ui_names_agree_with_the_module_code():
 
 
 def test_parameter_defaults_match_the_paper_and_the_lib():
-    from CMBDetectLib.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
+    from CMBDetectLib.detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
 
     wrapper = next(n for n in module_tree("CMBDetect").body if isinstance(n, ast.ClassDef) and n.name == "CMBDetectParameterNode")
     defaults = {n.target.id: ast.literal_eval(n.value) for n in wrapper.body if isinstance(n, ast.AnnAssign) and n.value is not None}

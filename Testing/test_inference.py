@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from CMBDetectLib.inference import Cancelled, neighbour_indices, predict_stack, prepare_for_inference, select_device
-from CMBDetectLib.network import NetworkConfig, ResUNet
+from CMBDetectLib.detection.inference import Cancelled, neighbour_indices, predict_stack, prepare_for_inference, select_device
+from CMBDetectLib.detection.network import NetworkConfig, ResUNet
 
 
 def test_neighbours_replicate_at_the_edges():

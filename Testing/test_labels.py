@@ -8,8 +8,8 @@ import pytest
 from CMBDetectLib.errors import CaseError
 from CMBDetectLib.io import Geometry, Volume, write_volume
 from CMBDetectLib.labels import read_label
-from CMBDetectLib.lesions import extract_lesions
-from CMBDetectLib.outputs import write_segmentation_nrrd
+from CMBDetectLib.detection.lesions import extract_lesions
+from CMBDetectLib.detection.outputs import write_segmentation_nrrd
 from handmade import oblique_geometry
 
 

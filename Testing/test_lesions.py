@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from CMBDetectLib.io import Geometry
-from CMBDetectLib.lesions import equivalent_diameter_mm, extract_lesions, label_components, size_class
+from CMBDetectLib.detection.lesions import equivalent_diameter_mm, extract_lesions, label_components, size_class
 from handmade import oblique_geometry
 
 

@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from CMBDetectLib import metrics as M
+from CMBDetectLib.evaluation import metrics as M
 
 ISO = (1.0, 1.0, 1.0)
 

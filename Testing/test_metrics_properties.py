@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.metrics import roc_auc_score
 
-from CMBDetectLib import metrics as M
+from CMBDetectLib.evaluation import metrics as M
 
 SHAPE = (4, 6, 6)
 masks = arrays(np.bool_, SHAPE, elements=st.booleans())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from CMBDetectLib import models
-from CMBDetectLib.network import NetworkConfig
+from CMBDetectLib.detection.network import NetworkConfig
 from handmade import dark_spot_network
 
 

@@ -18,10 +18,10 @@ import vtk  # noqa: E402
 
 import slicer_headless as sh  # noqa: E402
 from CMBDetectLib import mrml as adapter  # noqa: E402  (the fixture is named `mrml`)
-from CMBDetectLib import outputs  # noqa: E402
+from CMBDetectLib.detection import outputs  # noqa: E402
 from CMBDetectLib.io import Geometry, read_volume  # noqa: E402
-from CMBDetectLib.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
-from CMBDetectLib.pipeline import DetectionParams, DetectionResult  # noqa: E402
+from CMBDetectLib.detection.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
+from CMBDetectLib.detection.pipeline import DetectionParams, DetectionResult  # noqa: E402
 
 SHAPE = (14, 48, 56)  # (k, j, i)
 # (k, j, i) centre and radius in mm: three small (2-5 mm) and one large (5-10 mm) lesion, and
@@ -376,7 +376,7 @@ def test_run_detection_from_volume_node_to_output_nodes(mrml, tmp_path):
     """
     from handmade import phantom, save_dark_spot_model
 
-    from CMBDetectLib.pipeline import Cancelled
+    from CMBDetectLib.detection.pipeline import Cancelled
 
     array, geometry, spheres = phantom()
     node = slicer.util.addVolumeFromArray(array, geometry.ijk_to_ras(), "phantom")

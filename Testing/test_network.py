@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from CMBDetectLib.network import NetworkConfig, ResUNet, count_layers
+from CMBDetectLib.detection.network import NetworkConfig, ResUNet, count_layers
 
 
 @pytest.mark.parametrize("size", [(384, 384), (128, 128), (100, 72)])

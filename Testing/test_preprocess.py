@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CMBDetectLib import preprocess as pp
+from CMBDetectLib.detection import preprocess as pp
 from CMBDetectLib.errors import CaseError
 
 

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from CMBDetectLib.cli import main
 from CMBDetectLib.io import read_volume
-from CMBDetectLib.lesions import equivalent_diameter_mm, size_class
+from CMBDetectLib.detection.lesions import equivalent_diameter_mm, size_class
 from CMBDetectLib.synth import generate_case
 from CMBDetectLib.synth.veins import rasterise, sample_veins
 from CMBDetectLib.synth.warp import mni_to_voxel

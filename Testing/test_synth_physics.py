@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from CMBDetectLib.lesions import equivalent_diameter_mm, size_class
+from CMBDetectLib.detection.lesions import equivalent_diameter_mm, size_class
 from CMBDetectLib.synth.microbleeds import SMALL_FRACTION, outline, sample_target
 from CMBDetectLib.synth.susceptibility import (
     Source,

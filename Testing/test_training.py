@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from CMBDetectLib.detect_cmd import main as detect_main
+from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.io import write_volume
 from CMBDetectLib.models import load_model
-from CMBDetectLib.training import TrainConfig, find_pairs, split_by_patient, train
+from CMBDetectLib.training.loop import TrainConfig, find_pairs, split_by_patient, train
 
 TINY = dict(base_channels=8, crop=64, batch_size=8, steps_per_epoch=25, max_epochs=6, val_slices=24, val_fraction=0.25, seed=3, dice_weight=1.0)
 
@@ -116,7 +116,7 @@ def _head_with_vein_and_bleed():
 def test_dark_spots_find_veins_not_bleeds_or_air():
     import numpy as np
 
-    from CMBDetectLib.training import dark_spots
+    from CMBDetectLib.training.loop import dark_spots
 
     stack, target = _head_with_vein_and_bleed()
     spots = dark_spots(stack, target, np.random.default_rng(0))
@@ -131,7 +131,7 @@ def test_dark_spots_find_veins_not_bleeds_or_air():
 def test_hard_negative_crops_show_the_dark_structure_and_no_lesion():
     import numpy as np
 
-    from CMBDetectLib.training import CaseData, SampleDrawer, dark_spots
+    from CMBDetectLib.training.loop import CaseData, SampleDrawer, dark_spots
 
     stack, target = _head_with_vein_and_bleed()
     case = CaseData("c", stack.astype(np.float16), target, np.array([2]), np.array([0, 1, 3, 4]), np.array([[192, 192]]))

@@ -11,11 +11,11 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
-    "detect": "CMBDetectLib.detect_cmd",
-    "synth": "CMBDetectLib.synth.cli",
-    "evaluate": "CMBDetectLib.evaluate_cmd",
-    "train": "CMBDetectLib.train_cmd",
-    "benchmark": "CMBDetectLib.benchmark",
+    "detect": "CMBDetectLib.commands.detect",
+    "synth": "CMBDetectLib.commands.synth",
+    "evaluate": "CMBDetectLib.commands.evaluate",
+    "train": "CMBDetectLib.commands.train",
+    "benchmark": "CMBDetectLib.commands.benchmark",
 }
 
 

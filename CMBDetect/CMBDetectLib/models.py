@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .network import NetworkConfig, ResUNet
+from .detection.network import NetworkConfig, ResUNet
 
 MODELS_DIR_ENV = "CMBDETECT_MODELS_DIR"
 

@@ -34,10 +34,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from . import outputs
+from .detection import outputs
 from .io import LPS_TO_RAS, Geometry, Volume
-from .lesions import CLASS_COLORS, Lesion
-from .outputs import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
+from .detection.lesions import CLASS_COLORS, Lesion
+from .detection.outputs import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
 
 # Node reference roles and attributes, so the outputs of one run find each other.
 TABLE_ROLE = "CMBDetectLesionTable"
@@ -362,7 +362,7 @@ def run_detection(
     failed run leaves the previous outputs as they were. Returns (result, seg, table, markups);
     raises pipeline.Cancelled if `cancel()` turned true.
     """
-    from .pipeline import detect_volume  # torch is imported only when detection is asked for
+    from .detection.pipeline import detect_volume  # torch is imported only when detection is asked for
 
     volume = volume_from_node(input_volume_node)
     result = detect_volume(volume, params, progress=progress, cancel=cancel, case=input_volume_node.GetName())

@@ -51,7 +51,7 @@ def to_detect_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     if MODULE_DIR not in sys.path:
         sys.path.insert(0, MODULE_DIR)  # Slicer puts the module folder on the path; plain Python does not
-    from CMBDetectLib import detect_cmd
+    from CMBDetectLib.commands import detect as detect_cmd
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)  # our --input form first; `cmbdetect detect`'s own help follows

@@ -27,7 +27,7 @@ from scipy import ndimage
 from scipy.interpolate import interp1d
 
 from ..io import Geometry, Volume
-from ..lesions import equivalent_diameter_mm, size_class
+from ..detection.lesions import equivalent_diameter_mm, size_class
 from .acquisition import (
     OVERRIDABLE,
     Acquisition,

@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from ..lesions import MAX_DIAMETER_MM, MIN_DIAMETER_MM, equivalent_diameter_mm, size_class
+from ..detection.lesions import MAX_DIAMETER_MM, MIN_DIAMETER_MM, equivalent_diameter_mm, size_class
 from .anatomy import REGIONS, Template, index_to_mni
 from .susceptibility import Source, SourcePatch, overlap_slices, phase_per_ppm, simulate_source, visibility
 from .warp import Warp, mni_to_voxel

@@ -224,7 +224,7 @@ def blooming_table(diameters=(1.0, 2.0, 3.0), chi_ppm: float = 0.8) -> str:
     """Apparent (labelled) diameter of the same spherical source at 1.5 and 3 T, short and long
     TE, thin and thick voxels: a controlled view of blooming, noise-free, straight from the
     sub-voxel simulation and the label rule."""
-    from ..lesions import equivalent_diameter_mm
+    from ..detection.lesions import equivalent_diameter_mm
     from .microbleeds import outline
     from .susceptibility import Source, simulate_source, visibility
 

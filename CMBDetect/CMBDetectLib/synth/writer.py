@@ -80,7 +80,7 @@ def write_case(case: SynthCase, out: Path, fmt: str = "nifti", with_phase: bool 
 
 def update_index(out: Path, rows: list[dict[str, object]]) -> Path:
     """Merge rows into out/cases.csv (replacing rows of the same case), sorted by case name."""
-    from .cli import CSV_COLUMNS
+    from ..commands.synth import CSV_COLUMNS
 
     path = out / "cases.csv"
     merged: dict[str, dict[str, object]] = {}

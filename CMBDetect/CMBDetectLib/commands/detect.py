@@ -10,7 +10,7 @@ HELP = "detect microbleeds in SWI volumes (NIfTI, NRRD, MHA, DICOM folders, or a
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
+    from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
 
     p.add_argument("inputs", nargs="+", metavar="IN", help="volume files, folders of volumes or DICOM series, or a CSV with an 'image' column")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for the results (created if missing)")
@@ -25,8 +25,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .batch import detect_batch, exit_code, write_batch_table
-    from .pipeline import DetectionParams
+    from ..cohort.batch import detect_batch, exit_code, write_batch_table
+    from ..detection.pipeline import DetectionParams
 
     if not 0 < args.threshold < 1:
         print(f"error: --threshold must lie strictly between 0 and 1, not {args.threshold}", file=sys.stderr)
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
     try:
-        from .inference import select_device
-        from .pipeline import get_model
+        from ..detection.inference import select_device
+        from ..detection.pipeline import get_model
 
         # Loaded once here, through the pipeline's cache, so a bad model fails before any case runs.
         model = get_model(args.model, select_device(args.device))

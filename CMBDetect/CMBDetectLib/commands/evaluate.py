@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
     from pathlib import Path
 
-    from . import __version__
-    from .evaluation import Settings, evaluate_folders
-    from .report import summary_text, write_report
+    from .. import __version__
+    from ..evaluation.evaluate import Settings, evaluate_folders
+    from ..evaluation.report import summary_text, write_report
 
     out = Path(args.out).resolve()
     if out in (Path(args.truth).resolve(), Path(args.pred).resolve()):

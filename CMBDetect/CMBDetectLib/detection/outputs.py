@@ -19,7 +19,7 @@ from pathlib import Path
 import nrrd
 import numpy as np
 
-from .io import Geometry, write_volume
+from ..io import Geometry, write_volume
 from .lesions import CLASS_COLORS, Lesion
 from .preview import write_preview
 

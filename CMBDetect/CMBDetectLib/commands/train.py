@@ -35,14 +35,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _defaults():
-    from .training import TrainConfig
+    from ..training.loop import TrainConfig
 
     return TrainConfig()
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import CaseError
-    from .training import TrainConfig, train
+    from ..errors import CaseError
+    from ..training.loop import TrainConfig, train
 
     config = TrainConfig(
         base_channels=args.width, crop=args.crop, batch_size=args.batch_size, learning_rate=args.lr,

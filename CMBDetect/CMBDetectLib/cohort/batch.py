@@ -16,10 +16,10 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from .errors import CaseError
-from .io import case_name, is_volume_file, read_volume
-from .outputs import write_case_outputs
-from .pipeline import DetectionParams, detect_volume
+from ..errors import CaseError
+from ..io import case_name, is_volume_file, read_volume
+from ..detection.outputs import write_case_outputs
+from ..detection.pipeline import DetectionParams, detect_volume
 
 
 @dataclass

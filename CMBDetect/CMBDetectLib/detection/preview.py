@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Geometry
+from ..io import Geometry
 from .lesions import CLASS_COLORS, Lesion
 
 WINDOW_MM = 40.0

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_path
+from ..io import atomic_path
 
 JSON_NAME = "evaluation.json"
 CSV_NAME = "cases.csv"

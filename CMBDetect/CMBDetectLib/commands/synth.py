@@ -85,7 +85,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark:
-        from .benchmark import print_benchmark
+        from ..synth.benchmark import print_benchmark
 
         return print_benchmark(repeats=args.repeats, overrides=_overrides(args))
     if not args.out:
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print("cmbdetect synth: error: nothing to do: --n and --controls are both 0", file=sys.stderr)
         return 2
 
-    from .writer import write_dataset
+    from ..synth.writer import write_dataset
 
     try:
         write_dataset(

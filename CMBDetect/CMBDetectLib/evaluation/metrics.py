@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .lesions import CONNECTIVITY, MAX_DIAMETER_MM, MIN_DIAMETER_MM, SMALL_LARGE_BOUNDARY_MM, equivalent_diameter_mm, label_components
+from ..detection.lesions import CONNECTIVITY, MAX_DIAMETER_MM, MIN_DIAMETER_MM, SMALL_LARGE_BOUNDARY_MM, equivalent_diameter_mm, label_components
 
 SIZE_CLASSES = ("small", "large")
 RULES = ("overlap", "touch", "distance")  # the paper's, any overlap, VALDO's centre distance

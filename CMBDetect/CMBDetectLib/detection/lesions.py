@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .io import Geometry
+from ..io import Geometry
 
 DEFAULT_THRESHOLD = 0.4  # the paper's operating point
 MIN_DIAMETER_MM = 2.0

@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from . import metrics as M
-from .errors import CaseError
-from .io import Geometry, Volume, case_name, is_volume_file, read_volume
-from .lesions import CONNECTIVITY, DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, extract_lesions
+from ..errors import CaseError
+from ..io import Geometry, Volume, case_name, is_volume_file, read_volume
+from ..detection.lesions import CONNECTIVITY, DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, extract_lesions
 
 LESIONS_SUFFIX = "_lesions"
 PROBABILITY_SUFFIX = "_prob"

@@ -19,7 +19,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
-from .errors import CaseError
+from ..errors import CaseError
 
 PLANE_SIZE = 384  # in-plane size the network sees
 TAIL_FRACTION = 1e-4  # histogram bins holding fewer than this fraction of voxels are cut off the window ends

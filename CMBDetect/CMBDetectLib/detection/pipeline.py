@@ -13,12 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import CaseError
+from .. import __version__
+from ..errors import CaseError
 from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
-from .io import Geometry, Volume
+from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions
-from .models import LoadedModel, load_model
+from ..models import LoadedModel, load_model
 from .preprocess import preprocess, restore
 
 __all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_model"]

@@ -24,14 +24,14 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from . import __version__
-from .inference import neighbour_indices
-from .io import read_volume
-from .labels import read_label
-from .models import LoadedModel, load_model, save_model
-from .network import NetworkConfig, ResUNet
-from .preprocess import constants as preprocess_constants
-from .preprocess import preprocess, to_plane
+from .. import __version__
+from ..detection.inference import neighbour_indices
+from ..io import read_volume
+from ..labels import read_label
+from ..models import LoadedModel, load_model, save_model
+from ..detection.network import NetworkConfig, ResUNet
+from ..detection.preprocess import constants as preprocess_constants
+from ..detection.preprocess import preprocess, to_plane
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
@@ -263,7 +263,7 @@ def _plot_curves(log_rows: list[dict], path: Path) -> None:
 
 def find_pairs(data: Path) -> list[tuple[str, Path, Path]]:
     """(case, image, label) from DIR/images + DIR/labels, or a CSV with image and label columns."""
-    from .io import case_name, is_volume_file
+    from ..io import case_name, is_volume_file
 
     data = Path(data)
     if data.suffix.lower() == ".csv":

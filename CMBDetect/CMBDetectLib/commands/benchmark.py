@@ -32,13 +32,13 @@ def _child(spec: dict) -> dict:
 
     import numpy as np
 
-    from .io import Geometry, Volume
-    from .pipeline import DetectionParams, detect_volume
+    from ..io import Geometry, Volume
+    from ..detection.pipeline import DetectionParams, detect_volume
 
     model = spec["model"]
     if spec.get("width"):
-        from .models import save_model, untrained_network
-        from .network import NetworkConfig
+        from ..models import save_model, untrained_network
+        from ..detection.network import NetworkConfig
 
         model = f"{tempfile.mkdtemp()}/w{spec['width']}.safetensors"
         save_model(untrained_network(NetworkConfig(base_channels=spec["width"])), model, {"id": f"random-c{spec['width']}", "version": "bench"})
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             runs = []
             for _ in range(args.repeats):
                 out = subprocess.run(
-                    [sys.executable, "-m", "CMBDetectLib.benchmark", json.dumps(spec)],
+                    [sys.executable, "-m", "CMBDetectLib.commands.benchmark", json.dumps(spec)],
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -81,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a child run: `python -m CMBDetectLib.benchmark SPEC_JSON`
+if __name__ == "__main__":  # a child run: `python -m CMBDetectLib.commands.benchmark SPEC_JSON`
     print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -1,0 +1,1 @@
+"""Cohort runs: batches of cases."""

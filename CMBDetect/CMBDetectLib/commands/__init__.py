@@ -1,0 +1,1 @@
+"""One module per `cmbdetect` sub-command: argument parsing and printing only."""

@@ -1,0 +1,1 @@
+"""Detection: preprocessing, the residual U-Net, 2.5D inference, lesions, outputs."""

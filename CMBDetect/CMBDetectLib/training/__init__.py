@@ -1,0 +1,1 @@
+"""Training: sampling, augmentation and the training loop."""
