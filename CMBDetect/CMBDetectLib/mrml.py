@@ -20,13 +20,28 @@ Outputs of `write_result`, all linked to each other and to the input by node ref
 - a markups fiducial node, one locked control point per lesion centroid, labelled "CMB <id>".
 
 Re-running on the same nodes replaces their content (the table and the markups are found
-from the segmentation's node references when not passed).
+from the segmentation's node references when not passed), but only in nodes CMBDetect made:
+every output carries the attribute CMBDetect.Created, and a segmentation without it (a user's
+manual segmentation, say) is never emptied unless the caller says the user agreed
+(`reuse_foreign=True`); otherwise a new segmentation is made.
+
+Live threshold: the probability map of a run is kept as a hidden scalar volume node linked to
+the segmentation; `rethreshold` re-extracts the lesions from it (no network) and rewrites the
+segments, table, markups and summary.
+
+Detection from Slicer runs in a child process (detection/runner.py): `DetectionJob` writes
+the input node to a file, starts the worker, and, only when the run succeeded and the input
+is still in the scene, turns its probability map into nodes; a cancelled or failed run, or
+one whose input was deleted meanwhile, leaves the scene as it was.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,16 +50,19 @@ import vtk
 from vtk.util import numpy_support
 
 from .detection import outputs
-from .io import LPS_TO_RAS, Geometry, Volume
 from .detection.lesions import CLASS_COLORS, Lesion
 from .detection.outputs import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
+from .detection.rethreshold import LesionMap, lesions_from_probability
+from .io import LPS_TO_RAS, Geometry, Volume, write_volume
 
 # Node reference roles and attributes, so the outputs of one run find each other.
 TABLE_ROLE = "CMBDetectLesionTable"
 MARKUPS_ROLE = "CMBDetectLesionCentroids"
 INPUT_ROLE = "CMBDetectInputVolume"
+PROBABILITY_ROLE = "CMBDetectProbabilityMap"
 ATTRIBUTE_PREFIX = "CMBDetect."
 SUMMARY_ATTRIBUTE = ATTRIBUTE_PREFIX + "Summary"  # JSON of DetectionResult.summary()
+CREATED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Created"  # "1" on every node CMBDetect made: only those are reused
 
 CENTROID_COLOR = (1.0, 0.55, 0.0)  # orange markups: visible on dark SWI, distinct from the segments
 
@@ -121,11 +139,16 @@ def write_result(
     table_node: Any = None,
     markups_node: Any = None,
     scene: Any = None,
+    reuse_foreign: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Put a DetectionResult into (new or reused) segmentation, table and markups nodes.
 
     `result` needs .labels (k, j, i), .lesions, .geometry (and optionally .summary()); its grid
     must be the input node's grid (the result of detect_volume(volume_from_node(input))).
+    A `segmentation_node` CMBDetect did not make is replaced by a new one, unless
+    `reuse_foreign` (the user confirmed that its segments may be replaced).
+    With a `.probability` map on the result, it is kept as the segmentation's hidden
+    probability volume (see `rethreshold`).
     Returns (segmentation_node, table_node, markups_node).
     """
     scene = scene or input_volume_node.GetScene()
@@ -133,19 +156,24 @@ def write_result(
         raise ValueError("the input volume is not in a scene")
     _check_same_grid(result, input_volume_node)
 
+    if segmentation_node is not None and not (reuse_foreign or is_own_output(segmentation_node)):
+        segmentation_node = None  # never empty a segmentation CMBDetect did not make
     if segmentation_node is None:
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{input_volume_node.GetName()} microbleeds")
-    # A re-run on the same segmentation reuses the table and markups of the previous run.
+    # A re-run on the same segmentation reuses the table and markups of the previous run
+    # (only those CMBDetect made: a reference could have been pointed at a user's node).
     if table_node is None:
-        table_node = segmentation_node.GetNodeReference(TABLE_ROLE)
+        table_node = _own(segmentation_node.GetNodeReference(TABLE_ROLE))
     if markups_node is None:
-        markups_node = segmentation_node.GetNodeReference(MARKUPS_ROLE)
+        markups_node = _own(segmentation_node.GetNodeReference(MARKUPS_ROLE))
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{input_volume_node.GetName()} microbleed table")
     if markups_node is None:
         markups_node = scene.AddNewNodeByClass(
             "vtkMRMLMarkupsFiducialNode", f"{input_volume_node.GetName()} microbleed centroids"
         )
+    for node in (segmentation_node, table_node, markups_node):
+        node.SetAttribute(CREATED_ATTRIBUTE, "1")
 
     # Same parent transform as the input, set before the reference geometry so that the
     # segmentation's geometry is the volume's grid in the segmentation's own frame.
@@ -163,8 +191,85 @@ def write_result(
         node.SetNodeReferenceID(INPUT_ROLE, input_volume_node.GetID())
         if hasattr(result, "summary"):
             node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(result.summary()))
+    if getattr(result, "probability", None) is not None:
+        _keep_probability(result.probability, input_volume_node, segmentation_node, scene)
     _place_in_subject_hierarchy(scene, input_volume_node, (segmentation_node, table_node, markups_node))
     return segmentation_node, table_node, markups_node
+
+
+def is_own_output(node: Any) -> bool:
+    """Whether CMBDetect made this node (only such nodes are ever emptied and refilled)."""
+    return node is not None and node.GetAttribute(CREATED_ATTRIBUTE) == "1"
+
+
+def _own(node: Any) -> Any:
+    return node if is_own_output(node) else None
+
+
+def _keep_probability(probability: np.ndarray, volume_node: Any, segmentation_node: Any, scene: Any) -> Any:
+    """The probability map as a scalar volume node on the input's grid, linked from the
+    segmentation and saved with the scene. Hidden: no display node, and HideFromEditors keeps
+    it out of the node selectors (the input selector would otherwise offer it as an SWI)."""
+    node = _own(segmentation_node.GetNodeReference(PROBABILITY_ROLE))
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} microbleed probability")
+        node.SetAttribute(CREATED_ATTRIBUTE, "1")
+        node.SetHideFromEditors(True)
+    data = np.ascontiguousarray(probability, dtype=np.float32)
+    image = vtk.vtkImageData()
+    image.SetDimensions(data.shape[2], data.shape[1], data.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(data.ravel(), deep=True, array_type=vtk.VTK_FLOAT))
+    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras_of(volume_node)))
+    node.SetAndObserveImageData(image)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
+    segmentation_node.SetNodeReferenceID(PROBABILITY_ROLE, node.GetID())
+    return node
+
+
+def probability_of(segmentation_node: Any) -> np.ndarray | None:
+    """The kept probability map (k, j, i) of a segmentation CMBDetect wrote, or None."""
+    node = _own(segmentation_node.GetNodeReference(PROBABILITY_ROLE)) if segmentation_node is not None else None
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        return None
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+
+
+def rethreshold(
+    segmentation_node: Any,
+    threshold: float,
+    min_diameter_mm: float,
+    max_diameter_mm: float,
+) -> tuple[LesionMap, Any, Any, Any]:
+    """Lesions again from the segmentation's kept probability map, with a new threshold or size
+    range; rewrites its segments, table, markups and summary. No network runs.
+
+    Returns (lesion map, segmentation, table, markups). Raises ValueError when the segmentation
+    has no kept probability map or its input volume is gone.
+    """
+    probability = probability_of(segmentation_node)
+    input_node, table_node, markups_node = outputs_of(segmentation_node)
+    if probability is None or input_node is None or input_node.GetScene() is None:
+        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no probability map and input volume to re-threshold")
+    run = summary_of(segmentation_node) or {}
+    result = lesions_from_probability(
+        probability, geometry_of_node(input_node), threshold, min_diameter_mm, max_diameter_mm, run
+    )
+    # The map is already kept: write only the lesions (a LesionMap without re-storing it).
+    lesion_only = _LesionsOnly(result)
+    nodes = write_result(lesion_only, input_node, segmentation_node, _own(table_node), _own(markups_node))
+    return (result, *nodes)
+
+
+class _LesionsOnly:
+    """A LesionMap seen without its probability, so write_result leaves the kept map alone."""
+
+    probability = None
+
+    def __init__(self, result: LesionMap) -> None:
+        self.labels, self.lesions, self.geometry, self.summary = result.labels, result.lesions, result.geometry, result.summary
 
 
 def _check_same_grid(result: Any, volume_node: Any) -> None:
@@ -217,8 +322,8 @@ def _fill_segmentation(segmentation_node: Any, volume_node: Any, labels: np.ndar
     ImportLabelmapToSegmentationNode 0.21 s (and random segment IDs), one push per lesion
     0.13 s per lesion, 36 s in all.
     """
+    # Also sets the reference-geometry node reference, which DICOM SEG export needs.
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
 
@@ -238,7 +343,9 @@ def _fill_segmentation(segmentation_node: Any, volume_node: Any, labels: np.ndar
                 segment.SetLabelValue(lesion.id)
                 # The same image object for every segment: they form one layer.
                 segment.AddRepresentation(labelmap_name, layer)
-                segment.SetTerminology(TERMINOLOGY_ENTRY)
+                # SetTag form rather than SetTerminology, which is the same call under a name
+                # that only Slicer >= 5.10 has; this one works on every supported version.
+                segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), TERMINOLOGY_ENTRY)
                 for tag, value in segment_tags(lesion).items():
                     segment.SetTag(tag, value)
                 segmentation.AddSegment(segment, segment_id(lesion))
@@ -250,7 +357,7 @@ def segment_tags(lesion: Lesion) -> dict[str, str]:
     """The lesion's measurement tags, taken from the .seg.nrrd writer so both stay identical.
 
     outputs.segment_tags gives Slicer's file form "key:value|key:value|"; the terminology
-    entry among them is set through SetTerminology instead.
+    entry among them is set by _fill_segmentation itself.
     """
     pairs = (item.split(":", 1) for item in outputs.segment_tags(lesion).split("|") if item)
     return {key: value for key, value in pairs if key != slicer.vtkSegment.GetTerminologyEntryTagName()}
@@ -318,6 +425,9 @@ def _fill_markups(markups_node: Any, volume_node: Any, lesions: list[Lesion]) ->
         if display is not None:
             display.SetSelectedColor(*CENTROID_COLOR)
             display.SetColor(*CENTROID_COLOR)
+            # With tens of lesions, "CMB n" labels cover the slice views: the table names them,
+            # and a click on the point shows its label. The user can switch labels back on.
+            display.SetPointLabelsVisibility(False)
     finally:
         markups_node.EndModify(was_modifying)
 
@@ -368,6 +478,94 @@ def run_detection(
     result = detect_volume(volume, params, progress=progress, cancel=cancel, case=input_volume_node.GetName())
     nodes = write_result(result, input_volume_node, segmentation_node, table_node, markups_node)
     return (result, *nodes)
+
+
+class InputGone(Exception):
+    """The input volume left the scene (deleted, or the scene closed) while its detection ran."""
+
+
+class DetectionJob:
+    """One detection of a volume node in a child process: the MRML side of runner.WorkerRun.
+
+    `__init__` copies the node's voxels and grid to `work_dir/input.nrrd` (the child never sees
+    the scene); `start()` launches the worker; `poll()` and `cancel()` are the runner's;
+    `finish()` loads the result into nodes, only after success and only if the input is still
+    in its scene. Nothing in the scene changes before `finish()`. `cleanup()` removes the files.
+    """
+
+    def __init__(
+        self,
+        input_volume_node: Any,
+        work_dir: str | Path | None = None,
+        python: str | None = None,
+        env: dict | None = None,
+        threshold: float = 0.4,
+        min_diameter_mm: float = 2.0,
+        max_diameter_mm: float = 10.0,
+        device: str = "cpu",
+        model: str | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        from .detection.runner import WorkerRun, worker_arguments
+
+        volume = volume_from_node(input_volume_node)
+        if input_volume_node.GetScene() is None:
+            raise ValueError(f"volume '{input_volume_node.GetName()}' is not in a scene")
+        self.input_volume_node = input_volume_node
+        self.input_id = input_volume_node.GetID()
+        self.scene = input_volume_node.GetScene()
+        self.threshold, self.min_diameter_mm, self.max_diameter_mm = threshold, min_diameter_mm, max_diameter_mm
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="cmbdetect-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        input_path = self.work_dir / "input.nrrd"
+        write_volume(volume.array, volume.geometry, input_path, compress=False)  # fast; read at once
+        arguments = worker_arguments(
+            input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size
+        )
+        self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
+
+    def start(self) -> None:
+        self.run.start()
+
+    def poll(self) -> list:
+        return self.run.poll()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.run.wait(timeout)
+
+    def cancel(self) -> None:
+        self.run.cancel()
+
+    def input_present(self) -> bool:
+        return self.scene.GetNodeByID(self.input_id) is self.input_volume_node
+
+    def finish(self, segmentation_node: Any = None, reuse_foreign: bool = False) -> tuple[LesionMap, Any, Any, Any]:
+        """Nodes from a successful run: (lesion map, segmentation, table, markups).
+
+        Raises RuntimeError if the run failed or was cancelled (the worker's error message),
+        InputGone if the input left the scene meanwhile. The probability map is re-read here
+        and its lesions extracted with this run's threshold and size range: the same code
+        as `rethreshold`, so the segments of a run and of a re-threshold never differ.
+        """
+        from .detection.runner import SUCCEEDED
+
+        if self.run.state != SUCCEEDED:
+            raise RuntimeError(f"microbleed detection {self.run.state}: {self.run.error}")
+        if not self.input_present():
+            raise InputGone(f"volume {self.input_id} left the scene during its detection")
+        output = self.run.output()
+        geometry = geometry_of_node(self.input_volume_node)
+        if not output.probability.geometry.matches(geometry):
+            raise ValueError(f"volume '{self.input_volume_node.GetName()}' changed its grid during the detection")
+        run = {k: v for k, v in output.summary.items() if k != "case"}
+        result = lesions_from_probability(
+            output.probability.array, geometry, self.threshold, self.min_diameter_mm, self.max_diameter_mm, run
+        )
+        nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
+        return (result, *nodes)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 # --- Reading results back ---------------------------------------------------------------

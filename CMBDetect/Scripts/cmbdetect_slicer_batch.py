@@ -1,35 +1,62 @@
-"""Detect microbleeds in many volumes from Slicer without its GUI: the `cmbdetect detect` command.
+"""Detect microbleeds in many volumes with Slicer's Python, without its GUI.
 
-    Slicer --no-main-window --python-script CMBDetect/Scripts/cmbdetect_slicer_batch.py \\
-        --input IN [IN ...] --output OUT [--threshold 0.4] [--min-size 2] [--max-size 10] \\
-        [--device auto|cpu|cuda] [--model ID_OR_FILE] [--batch-size N] [--quiet]
+Recommended (no GUI, no event loop, exits by itself, --help works):
+
+    PythonSlicer cmbdetect_slicer_batch.py --input IN [IN ...] --output OUT \\
+        [--threshold 0.4] [--min-size 2] [--max-size 10] [--device auto|cpu|cuda] \\
+        [--model ID_OR_FILE] [--batch-size N] [--preview] [--quiet]
+
+Also possible, through the full application (slower to start; Slicer reads its own options
+first, so the script's --help needs `--` before it):
+
+    Slicer --no-main-window --python-script cmbdetect_slicer_batch.py --input IN ... --output OUT
+    Slicer --no-main-window --python-script cmbdetect_slicer_batch.py -- --help
+
+In an installed extension the script lies in
+<extension folder>/lib/Slicer-X.Y/qt-scripted-modules/Scripts/; in a source tree in
+CMBDetect/Scripts/. PythonSlicer sits beside the Slicer executable (bin/ on Linux/Windows).
 
 IN: volume files (NIfTI, NRRD, MHA), folders of them or of DICOM series, or a CSV with an
-`image` column. Per case the outputs are those of `cmbdetect detect`: <case>.seg.nrrd,
-label map, probability map, lesion CSV and summary JSON, all on the input's grid.
+`image` column. Per case: <case>.seg.nrrd, label map, probability map, lesion CSV and summary
+JSON, all on the input's grid (the same files and options as the project's command line,
+`cmbdetect detect`, whose help follows this text). --quiet is advised under Slicer: its
+Python console is not a terminal, so progress bars come out one line per refresh.
 
-It also runs under plain Python (`python cmbdetect_slicer_batch.py ...`) with CMBDetectLib's
-requirements installed. Inside Slicer, install them first by pressing "Detect microbleeds"
-once in the CMBDetect module (or torch via the PyTorch extension and pip for the rest).
-On Windows, Slicer shows console output only when started from a console (Slicer.exe --python-script
-with output redirected, or SlicerApp-real.exe).
+Requirements: torch (the PyTorch extension) and Resources/requirements.txt, installed by
+pressing "Detect microbleeds" once in the CMBDetect module. --preview also needs matplotlib,
+which Slicer does not ship: `PythonSlicer -m pip install matplotlib`, or leave --preview out.
 
-Exit status: 0 when every case succeeded, non-zero otherwise (as `cmbdetect detect`).
+Exit status: 0 when every case succeeded; 1 when a case failed, a requirement is missing or
+anything unexpected happened (with its traceback); 2 for a usage error. The script always
+exits, also under Slicer's --python-script, which otherwise keeps running after an error.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import traceback
 
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds CMBDetectLib
+
+# Import name -> what to install. Testing/test_extension_layout.py checks that this lists
+# every line of Resources/requirements.txt.
+REQUIRED = {
+    "torch": "torch (install the PyTorch extension, then press 'Detect microbleeds' once)",
+    "skimage": "scikit-image",
+    "nrrd": "pynrrd",
+    "safetensors": "safetensors",
+    "tqdm": "tqdm",
+    "nibabel": "nibabel",
+}
 
 
 def to_detect_argv(argv: list[str]) -> list[str]:
     """Our options to `cmbdetect detect`'s: --input IN... becomes the positional inputs.
 
     Positional inputs, as `cmbdetect detect` takes them, work too. Everything else (--output, --threshold, --min-size, --max-size, --device, --model,
-    --batch-size, --quiet) is passed through unchanged, so both commands stay one.
+    --batch-size, --preview, --quiet) is passed through unchanged, so both commands stay one.
     """
     inputs: list[str] = []
     rest: list[str] = []
@@ -48,17 +75,57 @@ def to_detect_argv(argv: list[str]) -> list[str]:
     return inputs + rest
 
 
+def missing_requirements(preview: bool = False) -> list[str]:
+    """What cannot be imported here, as the package to install (matplotlib only for --preview)."""
+    wanted = dict(REQUIRED)
+    if preview:
+        wanted["matplotlib"] = "matplotlib (only for --preview)"
+    missing = []
+    for module, package in wanted.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
 def main(argv: list[str]) -> int:
     if MODULE_DIR not in sys.path:
-        sys.path.insert(0, MODULE_DIR)  # Slicer puts the module folder on the path; plain Python does not
+        sys.path.insert(0, MODULE_DIR)  # Slicer puts the module folder on the path; PythonSlicer does not
+    if argv and argv[0] == "--":
+        argv = argv[1:]  # `Slicer ... --python-script script -- --help`: Slicer may pass the `--` on
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    if wants_help:
+        print(__doc__)  # our --input form first; `cmbdetect detect`'s own help follows
+    else:
+        missing = missing_requirements(preview="--preview" in argv)
+        if missing:
+            print(
+                "error: CMBDetect's Python requirements are missing here: " + ", ".join(missing) + ".\n"
+                "Install them by pressing 'Detect microbleeds' once in Slicer's CMBDetect module, or with "
+                "`PythonSlicer -m pip install <package>`; --preview alone needs matplotlib, so leaving it out also works.",
+                file=sys.stderr,
+            )
+            return 1
     from CMBDetectLib.commands import detect as detect_cmd
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)  # our --input form first; `cmbdetect detect`'s own help follows
     try:
         return detect_cmd.main(to_detect_argv(argv))
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else 1
+        return 0 if exc.code is None else (exc.code if isinstance(exc.code, int) else 1)
+
+
+def run(argv: list[str]) -> int:
+    """main(), with every exception turned into a traceback and exit status 1.
+
+    Under `Slicer --python-script`, an exception that escapes the script leaves a window-less
+    Slicer running for ever (only sys.exit / slicer.util.exit end it): nothing may escape.
+    """
+    try:
+        return main(argv)
+    except BaseException:  # noqa: BLE001 - KeyboardInterrupt and SystemExit too: always exit
+        traceback.print_exc()
+        return 1
 
 
 def _exit(code: int) -> None:
@@ -75,4 +142,4 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit(main(sys.argv[1:]))
+    _exit(run(sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""The child process of a detection started from Slicer: one volume in, files out, progress on stdout.
+
+    python -m CMBDetectLib.detection.worker --input IN.nrrd --out DIR [--case NAME]
+        [--threshold 0.4] [--min-size 2] [--max-size 10] [--device cpu|cuda|auto]
+        [--model ID_OR_FILE] [--batch-size N]
+
+Inside Slicer the Python is `PythonSlicer` (runner.py starts it), so the GUI process never
+imports torch, never blocks, and a Cancel is a kill of this process at whatever stage it is.
+Like the `commands/*` modules this is an entry point: printing and the exit status are its
+job, and it holds no detection logic of its own (pipeline.detect_volume does the work).
+
+Protocol, one flushed line each on stdout (runner.parse_line reads them):
+    STAGE <name>                  model-load, preprocessing, inference, lesion-extraction, writing
+    PROGRESS <fraction> <message> fraction of the whole run in [0, 1]
+    DONE <DIR>                    every file is written
+Anything else (warnings, a traceback) is log text. Exit status 0 only after DONE.
+
+Files in DIR: the standard case outputs of `cmbdetect detect` (outputs.write_case_outputs),
+plus `probability.nrrd` (float32, the input's grid, uncompressed: it is read back at once,
+and NRRD keeps the oblique geometry in double precision where NIfTI stores float32) and,
+written last, `result.json` (the run's summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("model-load", "preprocessing", "inference", "lesion-extraction", "writing")
+PROBABILITY_FILE = "probability.nrrd"
+RESULT_FILE = "result.json"
+
+# Tests only: name a stage here and the worker stops in it until killed, so that a Cancel at
+# that stage can be tested on a tiny volume whose stages would otherwise be over at once.
+HOLD_ENV = "CMBDETECT_WORKER_HOLD"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _stage(name: str) -> None:
+    _say(f"STAGE {name}")
+    if os.environ.get(HOLD_ENV) == name:
+        while True:  # held for a test: the parent kills us
+            time.sleep(0.1)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m CMBDetectLib.detection.worker", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, type=Path, help="the volume (NRRD written by the Slicer module)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the result files")
+    p.add_argument("--case", default="input", help="case name of the output files")
+    p.add_argument("--threshold", type=float, default=0.4)
+    p.add_argument("--min-size", type=float, default=2.0)
+    p.add_argument("--max-size", type=float, default=10.0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--model", default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    _stage("model-load")
+    _say("PROGRESS 0.00 loading the model")
+    from ..io import read_volume, write_volume
+    from .inference import select_device
+    from .outputs import write_case_outputs
+    from .pipeline import DetectionParams, detect_volume, get_model
+
+    params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
+    get_model(params.model, select_device(params.device))  # cached: detect_volume reuses it
+
+    _stage("preprocessing")
+    volume = read_volume(args.input, args.case)
+    stage = ["preprocessing"]
+
+    def progress(fraction: float, message: str) -> None:
+        # detect_volume reports "preprocessing", then "slice n/N", then "finding lesions".
+        now = "inference" if message.startswith("slice") else ("lesion-extraction" if fraction >= 0.95 else "preprocessing")
+        if now != stage[0]:
+            stage[0] = now
+            _stage(now)
+        _say(f"PROGRESS {0.9 * fraction:.4f} {message}")  # the last 10 % are the files
+
+    result = detect_volume(volume, params, progress=progress, case=args.case)
+
+    _stage("writing")
+    _say("PROGRESS 0.90 writing the results")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_case_outputs(result, args.out, args.case)
+    write_volume(result.probability, result.geometry, args.out / PROBABILITY_FILE, compress=False)
+    summary = {"case": args.case, **result.summary()}
+    tmp = args.out / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, args.out / RESULT_FILE)  # last: its presence means the run is complete
+    _say("PROGRESS 1.00 done")
+    _say(f"DONE {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except Exception as exc:  # noqa: BLE001 - the parent shows this line; the traceback goes to the log
+        import traceback
+
+        traceback.print_exc(file=sys.stdout)
+        _say(f"ERROR {type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
