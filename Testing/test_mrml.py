@@ -399,3 +399,104 @@ def test_run_detection_from_volume_node_to_output_nodes(mrml, tmp_path):
     with pytest.raises(Cancelled):
         adapter.run_detection(node, params, segmentation_node=seg, cancel=lambda: True)
     assert seg.GetSegmentation().GetNumberOfSegments() == 2 and markups.GetNumberOfControlPoints() == 2
+
+
+# --- Never destroy user data: only CMBDetect's own segmentations are refilled -------------
+
+
+def segment_ids(seg_node) -> list[str]:
+    segmentation = seg_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
+def test_a_foreign_segmentation_is_never_emptied(mrml):
+    node = swi_node(mrml)
+    manual = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reader 1 ground truth")
+    manual.GetSegmentation().AddEmptySegment("my_bleed", "my bleed", [0.1, 0.9, 0.1])
+    # A table reference planted on it must not make the user's table look like ours either.
+    user_table = mrml.scene.AddNewNodeByClass("vtkMRMLTableNode", "user table")
+    user_table.AddColumn().SetName("notes")
+    manual.SetNodeReferenceID(adapter.TABLE_ROLE, user_table.GetID())
+    assert not adapter.is_own_output(manual)
+
+    seg, table, markups = adapter.write_result(make_result(node), node, segmentation_node=manual)
+
+    assert seg is not manual and adapter.is_own_output(seg)
+    assert segment_ids(manual) == ["my_bleed"]  # untouched
+    assert table is not user_table and user_table.GetNumberOfColumns() == 1
+    assert seg.GetSegmentation().GetNumberOfSegments() == 4
+    assert all(adapter.is_own_output(n) for n in (seg, table, markups))
+
+
+def test_a_foreign_segmentation_is_refilled_only_when_the_user_agreed(mrml):
+    node = swi_node(mrml)
+    manual = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "scratch")
+    manual.GetSegmentation().AddEmptySegment("old")
+    seg, _, _ = adapter.write_result(make_result(node), node, segmentation_node=manual, reuse_foreign=True)
+    assert seg is manual and adapter.is_own_output(manual)
+    assert segment_ids(manual) == [f"CMB_{n}" for n in range(1, 5)]
+    # From now on it is CMBDetect's own: a plain re-run reuses it without asking.
+    assert adapter.write_result(make_result(node, min_mm=4.0), node, segmentation_node=manual)[0] is manual
+
+
+# --- Live threshold from the kept probability map ---------------------------------------
+
+
+def test_probability_map_is_kept_hidden_on_the_input_grid(mrml):
+    node = swi_node(mrml)
+    result = make_result(node)
+    seg, _, _ = adapter.write_result(result, node)
+    kept = seg.GetNodeReference(adapter.PROBABILITY_ROLE)
+    assert kept is not None and kept.IsA("vtkMRMLScalarVolumeNode")
+    assert kept.GetHideFromEditors() and kept.GetDisplayNode() is None  # not shown, not offered as an input
+    assert adapter.is_own_output(kept)
+    np.testing.assert_array_equal(adapter.probability_of(seg), result.probability)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(kept), result.probability)
+    np.testing.assert_allclose(adapter.ijk_to_ras_of(kept), adapter.ijk_to_ras_of(node), atol=1e-12)
+
+
+def test_rethreshold_rewrites_segments_table_markups_and_summary_without_a_network(mrml):
+    node = swi_node(mrml)
+    probability = sphere_probability()  # sphere n has probability 0.6 + 0.05 n
+    seg, table, markups = adapter.write_result(make_result(node, probability), node)
+    nodes_before = mrml.scene.GetNumberOfNodes()
+
+    # A threshold above the two first spheres' probability keeps only the others.
+    result, seg2, table2, markups2 = adapter.rethreshold(seg, 0.67, 2.0, 10.0)
+    expected_labels, expected_lesions = extract_lesions(probability, adapter.geometry_of_node(node), 0.67, 2.0, 10.0)
+    assert (seg2, table2, markups2) == (seg, table, markups)
+    assert mrml.scene.GetNumberOfNodes() == nodes_before
+    assert 0 < len(result.lesions) == len(expected_lesions) < 4
+    np.testing.assert_array_equal(result.labels, expected_labels)
+    assert seg.GetSegmentation().GetNumberOfSegments() == len(expected_lesions)
+    assert table.GetNumberOfRows() == len(expected_lesions) and markups.GetNumberOfControlPoints() == len(expected_lesions)
+    for lesion in expected_lesions:
+        np.testing.assert_array_equal(segment_array(seg, f"CMB_{lesion.id}", node), expected_labels == lesion.id)
+        index = adapter.lesion_index(markups, lesion.id)
+        np.testing.assert_allclose(adapter.lesion_position_world(markups, index), voxel_centroid_ras(node, expected_labels, lesion.id), atol=1e-6)
+    summary = adapter.summary_of(seg)
+    assert summary["threshold"] == 0.67 and summary["n_lesions"] == len(expected_lesions)
+    assert summary["model_id"] == "test"  # the run's model is still named
+    np.testing.assert_array_equal(adapter.probability_of(seg), probability)  # the map itself is unchanged
+
+    # The size range acts the same way: only the large sphere is 5-10 mm.
+    result, *_ = adapter.rethreshold(seg, 0.4, 5.0, 10.0)
+    assert [l.size_class for l in result.lesions] == ["large"]
+    assert adapter.summary_of(table)["size_range_mm"] == [5.0, 10.0]
+
+
+def test_rethreshold_needs_a_kept_map(mrml):
+    node = swi_node(mrml)
+    plain = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "plain")
+    with pytest.raises(ValueError, match="no probability map"):
+        adapter.rethreshold(plain, 0.5, 2.0, 10.0)
+    seg, _, _ = adapter.write_result(make_result(node), node)
+    mrml.scene.RemoveNode(node)
+    with pytest.raises(ValueError, match="no probability map and input volume"):
+        adapter.rethreshold(seg, 0.5, 2.0, 10.0)
+
+
+def test_markups_labels_are_off_by_default(mrml):
+    node = swi_node(mrml)
+    _, _, markups = adapter.write_result(make_result(node), node)
+    assert markups.GetDisplayNode().GetPointLabelsVisibility() == 0

@@ -115,6 +115,11 @@ class WorkerRun:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the child process still runs."""
+        return self._process is not None and self._process.poll() is None
+
     def start(self) -> None:
         if self.state != NOT_STARTED:
             raise RuntimeError("a worker run starts once")

@@ -1,0 +1,164 @@
+"""Detection in a child process, as the Slicer module runs it, against slicer-core's real scene.
+
+A real `python -m CMBDetectLib.detection.worker` is started for each test (the venv's Python
+stands in for PythonSlicer), with the hand-wired dark-spot model of handmade.py on small
+phantoms. What is checked: the stages and progress arrive; nothing touches the scene until
+`finish()`; a Cancel at each stage (model load, preprocessing, inference, lesion extraction)
+kills the process and leaves the scene exactly as it was; an input deleted during the run
+ends it quietly without writing anything.
+
+To cancel "during" a stage on a volume small enough for a fast test, the worker is told
+(environment variable CMBDETECT_WORKER_HOLD) to stay in that stage until it is killed: the
+process, the protocol and the kill are the real ones, only the stage's duration is not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer_core", reason="slicer-core (the Qt-free MRML engine) is not installed")
+
+import slicer  # noqa: E402
+import slicer.util  # noqa: E402
+
+from CMBDetectLib import mrml as adapter  # noqa: E402
+from CMBDetectLib.detection.lesions import extract_lesions  # noqa: E402
+from CMBDetectLib.detection.outputs import output_paths  # noqa: E402
+from CMBDetectLib.detection.rethreshold import LesionMap  # noqa: E402
+from CMBDetectLib.detection.runner import CANCELLED, FAILED, RUNNING, SUCCEEDED, parse_line  # noqa: E402
+from CMBDetectLib.detection.worker import HOLD_ENV, STAGES  # noqa: E402
+from handmade import phantom, save_dark_spot_model  # noqa: E402
+
+STAGE_TIMEOUT_S = 180  # generous: the machine is shared; a hang fails instead of blocking
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(save_dark_spot_model(tmp_path_factory.mktemp("model") / "dark-spot.safetensors"))
+
+
+def scene_state(scene) -> dict:
+    """Everything a run could change: node ids and names, and the content of the outputs."""
+    state = {"nodes": [(n.GetID(), n.GetName()) for n in slicer.util.getNodes("*").values()]}
+    for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
+        segmentation = node.GetSegmentation()
+        state[node.GetID()] = (
+            [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())],
+            node.GetAttribute(adapter.SUMMARY_ATTRIBUTE),
+        )
+    for node in slicer.util.getNodesByClass("vtkMRMLTableNode"):
+        state[node.GetID()] = node.GetNumberOfRows()
+    for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
+        state[node.GetID()] = node.GetNumberOfControlPoints()
+    return state
+
+
+def phantom_node(shape, name="phantom", spheres_mm=None):
+    array, geometry, spheres = phantom(shape=shape, spheres_mm=spheres_mm)
+    return slicer.util.addVolumeFromArray(array, geometry.ijk_to_ras(), name), spheres
+
+
+def test_protocol_lines():
+    assert parse_line("PROGRESS 0.4200 slice 10/40\n").__dict__ == {"kind": "PROGRESS", "fraction": 0.42, "text": "slice 10/40"}
+    assert parse_line("STAGE inference").text == "inference"
+    assert parse_line("PROGRESS 7 x").fraction == 1.0  # clamped
+    assert parse_line("PROGRESS nan? x").kind in ("PROGRESS", "LOG")
+    assert parse_line("PROGRESS abc").kind == "LOG"
+    assert parse_line("Traceback (most recent call last):").kind == "LOG"
+
+
+def test_detection_in_a_child_process_touches_the_scene_only_when_finished(mrml, tmp_path, model):
+    node, spheres = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
+    before = scene_state(mrml.scene)
+    job = adapter.DetectionJob(node, tmp_path / "work", model=model, threshold=0.4)
+    job.start()
+    fractions = []
+    while not job.run.finished:
+        events = job.poll()
+        fractions += [e.fraction for e in events if e.kind == "PROGRESS"]
+        assert scene_state(mrml.scene) == before  # nothing written while the child runs
+        time.sleep(0.05)
+    assert job.run.state == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
+    assert job.run.stages_seen == list(STAGES)
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and np.all(np.diff(fractions) >= 0)
+    assert scene_state(mrml.scene) == before
+    # The child also wrote the standard case outputs of `cmbdetect detect`.
+    assert all(p.is_file() for p in output_paths(tmp_path / "work" / "out", "input").values())
+
+    result, seg, table, markups = job.finish()
+    assert sorted(l.size_class for l in result.lesions) == ["large", "small"]  # the 4 and 7 mm spheres
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2 and table.GetNumberOfRows() == 2
+    assert markups.GetNumberOfControlPoints() == 2
+    kept = adapter.probability_of(seg)
+    assert kept is not None and kept.shape == (6, 120, 140)
+    labels, lesions = extract_lesions(kept, adapter.geometry_of_node(node), 0.4, 2.0, 10.0)
+    np.testing.assert_array_equal(result.labels, labels)  # what a re-threshold at 0.4 would give
+    summary = adapter.summary_of(seg)
+    assert summary["model_id"] == "test-dark-spot" and summary["n_lesions"] == 2 and summary["seconds"] > 0
+    job.cleanup()
+    assert not (tmp_path / "work").exists()
+
+
+def test_cancel_at_each_stage_kills_the_process_and_leaves_the_scene_as_it_was(mrml, tmp_path, model):
+    """One run held in each stage, all four at once (a shorter test than one after another)."""
+    node, _ = phantom_node((3, 60, 70), spheres_mm=[])
+    # Earlier results in the scene, which a cancelled run must leave exactly as they are.
+    probability = np.zeros((3, 60, 70), np.float32)
+    probability[1, 20:26, 30:36] = 0.9
+    geometry = adapter.geometry_of_node(node)
+    labels, lesions = extract_lesions(probability, geometry, 0.4, 0.0, 10.0)
+    seg, _, _ = adapter.write_result(LesionMap(probability, labels, lesions, geometry, 0.4, 0.0, 10.0), node)
+    before = scene_state(mrml.scene)
+
+    stages = ["model-load", "preprocessing", "inference", "lesion-extraction"]
+    jobs = {}
+    for stage in stages:
+        env = {**os.environ, HOLD_ENV: stage, "OMP_NUM_THREADS": "1"}
+        jobs[stage] = adapter.DetectionJob(node, tmp_path / stage, model=model, env=env)
+        jobs[stage].start()
+    deadline = time.monotonic() + STAGE_TIMEOUT_S
+    while time.monotonic() < deadline and any(j.run.stage != s and not j.run.finished for s, j in jobs.items()):
+        for job in jobs.values():
+            job.poll()
+        time.sleep(0.05)
+
+    for stage, job in jobs.items():
+        assert job.run.stage == stage and job.run.state == RUNNING and job.run.alive, job.run.error + "\n".join(job.run.log)
+        assert job.run.stages_seen == list(STAGES[: STAGES.index(stage) + 1])
+        job.cancel()
+        assert job.run.state == CANCELLED and not job.run.alive, stage
+        job.poll()
+        assert job.run.state == CANCELLED  # the killed process's exit is not taken for a failure
+        with pytest.raises(RuntimeError, match="cancelled"):
+            job.finish(seg)
+        assert scene_state(mrml.scene) == before, stage
+        job.cleanup()
+        assert not (tmp_path / stage).exists()
+
+
+def test_input_deleted_during_the_run_ends_it_without_writing(mrml, tmp_path, model):
+    node, _ = phantom_node((3, 60, 70))
+    job = adapter.DetectionJob(node, tmp_path / "work", model=model)
+    job.start()
+    mrml.scene.RemoveNode(node)
+    before = scene_state(mrml.scene)
+    assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error
+    with pytest.raises(adapter.InputGone):
+        job.finish()
+    assert scene_state(mrml.scene) == before
+    job.cleanup()
+
+
+def test_a_failing_worker_reports_its_error(mrml, tmp_path):
+    node, _ = phantom_node((3, 60, 70))
+    job = adapter.DetectionJob(node, tmp_path / "work", model=str(tmp_path / "no-such-model.safetensors"))
+    job.start()
+    assert job.wait(STAGE_TIMEOUT_S) == FAILED
+    assert "no-such-model" in job.run.error and "FileNotFoundError" in job.run.error
+    with pytest.raises(RuntimeError, match="failed"):
+        job.finish()
+    job.cleanup()
