@@ -33,7 +33,7 @@ exits, also under Slicer's --python-script, which otherwise keeps running after 
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import sys
 import traceback
@@ -76,15 +76,21 @@ def to_detect_argv(argv: list[str]) -> list[str]:
 
 
 def missing_requirements(preview: bool = False) -> list[str]:
-    """What cannot be imported here, as the package to install (matplotlib only for --preview)."""
+    """What is not installed here, as the package to install (matplotlib only for --preview).
+
+    Looked up, not imported: importing torch alone takes seconds, and a package that is
+    present but broken still ends the script (with its traceback, through run()).
+    """
     wanted = dict(REQUIRED)
     if preview:
         wanted["matplotlib"] = "matplotlib (only for --preview)"
     missing = []
     for module, package in wanted.items():
         try:
-            importlib.import_module(module)
-        except ImportError:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             missing.append(package)
     return missing
 
@@ -100,10 +106,11 @@ def main(argv: list[str]) -> int:
     else:
         missing = missing_requirements(preview="--preview" in argv)
         if missing:
+            hint = " (--preview alone needs matplotlib: leaving it out also works)" if any("matplotlib" in m for m in missing) else ""
             print(
                 "error: CMBDetect's Python requirements are missing here: " + ", ".join(missing) + ".\n"
                 "Install them by pressing 'Detect microbleeds' once in Slicer's CMBDetect module, or with "
-                "`PythonSlicer -m pip install <package>`; --preview alone needs matplotlib, so leaving it out also works.",
+                "`PythonSlicer -m pip install <package>`" + hint + ".",
                 file=sys.stderr,
             )
             return 1
