@@ -53,14 +53,71 @@ def module_resources(module: str) -> set[str]:
     return {p.relative_to(base).as_posix() for p in (base / "Resources").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
+# What the CMBDetect Slicer package leaves out, on purpose: training, synthesis, evaluation and
+# benchmarks. Nothing in Slicer reaches them (the module and the batch script only detect), and
+# they need nilearn and matplotlib, which Slicer does not ship. They stay in the pip package
+# (pyproject.toml ships everything). Any other new .py file must be listed in the CMake file.
+NOT_SHIPPED_IN_SLICER = {
+    "CMBDetect": (
+        "CMBDetectLib/cli.py",
+        "CMBDetectLib/commands/benchmark.py",
+        "CMBDetectLib/commands/evaluate.py",
+        "CMBDetectLib/commands/synth.py",
+        "CMBDetectLib/commands/train.py",
+        "CMBDetectLib/evaluation/",
+        "CMBDetectLib/synth/",
+        "CMBDetectLib/training/",
+    ),
+}
+
+
+def shipped_python_files(module: str) -> set[str]:
+    excluded = NOT_SHIPPED_IN_SLICER.get(module, ())
+    return {f for f in module_python_files(module) if not any(f == e or (e.endswith("/") and f.startswith(e)) for e in excluded)}
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_python_file_is_listed_in_the_module_cmake(module):
     listed = cmake_list(ROOT / module / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
-    present = module_python_files(module)
+    present = shipped_python_files(module)
     unlisted, gone = sorted(present - set(listed)), sorted(set(listed) - present)
     assert not unlisted, f"add to {module}/CMakeLists.txt MODULE_PYTHON_SCRIPTS: {unlisted}"
     assert not gone, f"listed in {module}/CMakeLists.txt but missing: {gone}"
     assert len(listed) == len(set(listed)), "a file is listed twice"
+
+
+def _imported_lib_modules(path: Path, package: str) -> set[str]:
+    """Dotted names of the CMBDetectLib modules a file imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "CMBDetectLib"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "CMBDetectLib":
+                names.add(target)
+                names |= {f"{target}.{a.name}" for a in node.names}  # `from .detection import outputs`
+    return names
+
+
+def test_what_slicer_ships_imports_only_what_slicer_ships():
+    """Every CMBDetectLib import in a shipped file, lazy ones included, names a shipped file."""
+    shipped = shipped_python_files("CMBDetect")
+    modules = {f.removesuffix(".py").removesuffix("/__init__").replace("/", "."): f for f in shipped if f.startswith("CMBDetectLib/")}
+    all_modules = {f.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for f in module_python_files("CMBDetect")}
+    for name, f in sorted(modules.items()):
+        package = name if f.endswith("__init__.py") else name.rsplit(".", 1)[0]
+        for target in _imported_lib_modules(ROOT / "CMBDetect" / f, package):
+            if target in all_modules:  # a module (not a name inside one)
+                assert target in modules, f"{f} imports {target}, which the Slicer package does not ship"
+    for script in ("CMBDetect.py", "Scripts/cmbdetect_slicer_batch.py"):
+        for target in _imported_lib_modules(ROOT / "CMBDetect" / script, "CMBDetectLib"):
+            if target in all_modules:
+                assert target in modules, f"{script} imports {target}, which the Slicer package does not ship"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -89,13 +146,25 @@ def test_top_cmake_has_the_extension_metadata_and_every_module():
         assert cmake_value(top, variable).strip(), variable
     assert cmake_value(top, "EXTENSION_ICONURL").startswith(cmake_value(top, "EXTENSION_HOMEPAGE").replace("github.com", "raw.githubusercontent.com"))
     assert cmake_value(top, "EXTENSION_ICONURL").endswith("/CMBDetect.png")
+    for variable, name in (("EXTENSION_LICENSE_FILE", "LICENSE.txt"), ("EXTENSION_README_FILE", "README.md")):
+        match = re.search(rf"^set\({variable}\s+\$\{{CMAKE_CURRENT_SOURCE_DIR\}}/(\S+)\)", text, re.M)
+        assert match and match.group(1) == name and (ROOT / name).is_file(), f"{variable} must name the project's {name}"
     subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.M)
     assert subdirs == list(MODULES)
     assert text.index("find_package(Slicer") < text.index("add_subdirectory(") < text.index("Slicer_EXTENSION_CPACK")
 
 
+CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                "dicom_support_rule", "build_subdirectory", "enabled", "tier"}  # schema v1.0.1/v1.0.2, additionalProperties false  # fmt: skip
+
+
 def test_catalog_entry_agrees_with_cmake():
-    entry = json.loads((ROOT / "CMBDetect.json").read_text())
+    text = (ROOT / "CMBDetect.json").read_text()
+    entry = json.loads(text)
+    assert set(entry) <= CATALOG_KEYS, f"the catalog schema allows no other keys: {sorted(set(entry) - CATALOG_KEYS)}"
+    # ExtensionsIndex's prettier (multiline-arrays, wrap threshold 0) puts each item on its own line.
+    assert not re.search(r"\[[^\]\n]*\S[^\]\n]*\]", text), "non-empty arrays must be written one item per line"
+    assert text.endswith("}\n") and "\r" not in text
     top = ROOT / "CMakeLists.txt"
     depends = cmake_value(top, "EXTENSION_DEPENDS").split()
     assert entry["build_dependencies"] == ([] if depends == ["NA"] else depends)
@@ -191,12 +260,19 @@ def test_ui_names_agree_with_the_module_code():
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CMBDetectParameterNode")
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
     fields = {n.target.id: ast.unparse(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign)}
-    expected_type = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool"}
+    expected_type = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool", "ctkRangeWidget": "FloatRange"}
     for widget, parameter in bound.items():
         assert parameter in fields, f"{widget} is bound to {parameter}, which the parameter node lacks"
         assert expected_type[widgets[widget]] in fields[parameter], f"{widget} ({widgets[widget]}) cannot show {fields[parameter]}"
-    # The size range widget is bound by hand to these two fields.
-    assert {"minDiameterMm", "maxDiameterMm"} <= fields.keys() and "sizeRangeWidget" in used
+    # ... and every field of the parameter node has its widget (none is left to hand-written code).
+    assert set(fields) == set(bound.values()), f"parameters without a widget: {sorted(set(fields) - set(bound.values()))}"
+    assert len(set(bound.values())) == len(bound), "two widgets bound to one parameter"
+    # A bounded range: RangeBounds on the field, and the widget's own bounds agree with it.
+    bounds = re.search(r"RangeBounds\(([-\d.]+),\s*([-\d.]+)\)", fields["sizeRange"])
+    assert bounds, "sizeRange needs RangeBounds for the ctkRangeWidget"
+    widget = next(w for w in ui.iter("widget") if w.get("name") == "sizeRangeWidget")
+    props = {p.get("name"): p.find("double") for p in widget.findall("property")}
+    assert (float(props["minimum"].text), float(props["maximum"].text)) == (float(bounds.group(1)), float(bounds.group(2)))
 
     # Custom widgets are declared, and the node selectors get the scene.
     declared = {c.find("class").text for c in ui.iter("customwidget")}
@@ -211,8 +287,10 @@ def test_parameter_defaults_match_the_paper_and_the_lib():
     wrapper = next(n for n in module_tree("CMBDetect").body if isinstance(n, ast.ClassDef) and n.name == "CMBDetectParameterNode")
     defaults = {n.target.id: ast.literal_eval(n.value) for n in wrapper.body if isinstance(n, ast.AnnAssign) and n.value is not None}
     assert defaults["threshold"] == DEFAULT_THRESHOLD
-    assert (defaults["minDiameterMm"], defaults["maxDiameterMm"]) == (MIN_DIAMETER_MM, MAX_DIAMETER_MM)
     assert defaults["useGpu"] is False
+    size = next(n for n in wrapper.body if isinstance(n, ast.AnnAssign) and n.target.id == "sizeRange")
+    default = re.search(r"Default\(FloatRange\(([-\d.]+),\s*([-\d.]+)\)\)", ast.unparse(size.annotation))
+    assert default and (float(default.group(1)), float(default.group(2))) == (MIN_DIAMETER_MM, MAX_DIAMETER_MM)
 
 
 def test_icon_and_screenshot_urls_name_files_of_this_repository():
@@ -221,3 +299,38 @@ def test_icon_and_screenshot_urls_name_files_of_this_repository():
     assert len(urls) >= 2, "EXTENSION_ICONURL and EXTENSION_SCREENSHOTURLS point into the repository"
     for path in urls:
         assert (ROOT / path).is_file(), f"CMakeLists.txt links {path}, which is not in the repository"
+
+
+# --- Slicer version and API ----------------------------------------------------------------
+
+
+def test_one_minimum_slicer_version_everywhere():
+    """README, module help, module docstring and the CMake check name the same version."""
+    cmake = re.search(r'set\(CMBDETECT_MINIMUM_SLICER_VERSION "([\d.]+)"\)', (ROOT / "CMakeLists.txt").read_text())
+    assert cmake, "the top CMakeLists.txt checks the minimum Slicer version"
+    version = cmake.group(1)
+    source = (ROOT / "CMBDetect/CMBDetect.py").read_text()
+    assert f'MINIMUM_SLICER = "{version}"' in source
+    help_text = source[source.index("helpText") : source.index("acknowledgementText")]
+    assert f"Slicer {version} or later" in help_text
+    readme = (ROOT / "README.md").read_text()
+    assert f"3D Slicer {version} or later" in readme
+
+
+def test_module_uses_the_api_of_its_minimum_slicer():
+    source = (ROOT / "CMBDetect/CMBDetect.py").read_text()
+    lib = "".join(p.read_text() for p in (ROOT / "CMBDetect/CMBDetectLib").rglob("*.py"))
+    # slicer.packaging is not imported by `import slicer`: import it where it is used.
+    if "slicer.packaging." in source:
+        assert "import slicer.packaging" in source
+    # No fallbacks for Slicer versions below the minimum (i18n exists there).
+    assert "except ImportError:  # pragma: no cover - older Slicer" not in source
+    assert "from slicer.i18n import tr as _\n" in source
+    # Categories in the shared context, so a translated Slicer files the module with the others.
+    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in source
+    # The Test never installs (ctest, Reload and Test): no install call in the test class.
+    test_class = source[source.index("class CMBDetectTest") :]
+    assert "setupPythonRequirements" not in test_class and "pip_install" not in test_class and "installTorch" not in test_class
+    assert "skipTest" in test_class
+    # Terminology through SetTag, which every supported Slicer has.
+    assert "SetTerminology(" not in lib
