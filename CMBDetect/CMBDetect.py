@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
@@ -287,13 +286,13 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 name=segmentation.GetName()
             )
         )
-        replace = box.addButton(_("Replace its segments"), qt.QMessageBox.DestructiveRole)
-        new = box.addButton(_("Create a new segmentation"), qt.QMessageBox.AcceptRole)
-        box.addButton(qt.QMessageBox.Cancel)
-        box.setDefaultButton(new)
-        box.exec_()
-        clicked = box.clickedButton()
-        return True if clicked == replace else (False if clicked == new else None)
+        # Standard buttons with our labels: exec_() then returns which one was pressed.
+        box.setStandardButtons(qt.QMessageBox.Yes | qt.QMessageBox.No | qt.QMessageBox.Cancel)
+        box.button(qt.QMessageBox.Yes).setText(_("Replace its segments"))
+        box.button(qt.QMessageBox.No).setText(_("Create a new segmentation"))
+        box.setDefaultButton(qt.QMessageBox.No)
+        answer = box.exec_()
+        return True if answer == qt.QMessageBox.Yes else (False if answer == qt.QMessageBox.No else None)
 
     def _setupRequirements(self) -> bool:
         """Install what is missing, after asking. Apply is disabled and the cursor waits meanwhile,
@@ -481,19 +480,19 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
     def missingRequirements(self) -> list[str]:
         """What detection needs and this Slicer lacks (torch first); empty when all is there.
         Raises RuntimeError when torch is installed but older than TORCH_REQUIREMENT."""
-        missing = []
-        torchVersion = _installedVersion("torch")
-        if torchVersion is None:
-            missing.append("torch" + TORCH_REQUIREMENT)
-        elif not _satisfies(torchVersion, TORCH_REQUIREMENT):
+        # Needs only `packaging` (shipped with Slicer): importable before anything is installed.
+        from CMBDetectLib import requirements
+
+        try:
+            return requirements.missing_requirements(self.requirementsPath(), TORCH_REQUIREMENT)
+        except requirements.TorchTooOld as exc:
             raise RuntimeError(
                 _(
                     "PyTorch {version} is installed; CMBDetect needs torch{requirement}. Upgrade it in the "
                     "PyTorch Utils module (Uninstall PyTorch, restart Slicer, then Install PyTorch), or run "
                     "slicer.util.pip_install('torch{requirement}') in the Python console, then restart Slicer."
-                ).format(version=torchVersion, requirement=TORCH_REQUIREMENT)
-            )
-        return missing + _missingRequirements(self.requirementsPath())
+                ).format(version=exc.installed, requirement=TORCH_REQUIREMENT)
+            ) from None
 
     def setupPythonRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
         """Install what is missing, only if `confirm(question)` returns True.
@@ -555,7 +554,9 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             # under --testing, and asks for a restart if an imported package was upgraded.
             slicer.packaging.pip_ensure(slicer.packaging.load_requirements(path), prompt_install=False, requester="CMBDetect")
         else:
-            missing = _missingRequirements(path)
+            from CMBDetectLib import requirements
+
+            missing = requirements.missing_packages(path)
             if missing:
                 slicer.util.pip_install(missing)
 
@@ -574,11 +575,13 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def workerPython() -> tuple[str, Optional[dict]]:
-        """PythonSlicer (a launcher: give it Slicer's startup environment), else this Python."""
+        """PythonSlicer and the environment Slicer started with, as slicer.util.launchConsoleProcess
+        uses: PythonSlicer is a launcher that sets up Slicer's Python itself. Slicer puts it on
+        PATH (slicer.util._executePythonModule relies on the same)."""
         pythonSlicer = shutil.which("PythonSlicer")
-        if pythonSlicer:
-            return pythonSlicer, slicer.util.startupEnvironment()
-        return sys.executable, None
+        if not pythonSlicer:
+            raise RuntimeError(_("PythonSlicer was not found on PATH; it runs the detection beside Slicer."))
+        return pythonSlicer, slicer.util.startupEnvironment()
 
     def startDetection(
         self,
@@ -660,40 +663,6 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         from CMBDetectLib import mrml
 
         return mrml.rethreshold(segmentation, threshold, minDiameterMm, maxDiameterMm)
-
-
-def _installedVersion(distribution: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
-
-
-def _satisfies(installed: str, specifier: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    # "2.5.1+cu121" -> its public part: local build tags do not change the release.
-    return SpecifierSet(specifier).contains(Version(Version(installed).public), prereleases=True)
-
-
-def _missingRequirements(path: str) -> list[str]:
-    """Lines of requirements.txt that are not installed at a satisfying version."""
-    from packaging.requirements import Requirement
-
-    missing = []
-    with open(path) as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            requirement = Requirement(line)
-            installed = _installedVersion(requirement.name)
-            if installed is None or not requirement.specifier.contains(installed, prereleases=True):
-                missing.append(line)
-    return missing
 
 
 #

@@ -136,6 +136,8 @@ class WorkerRun:
             text=True,
             encoding="utf-8",
             errors="replace",
+            # No console window flashing up on Windows (as slicer.util.launchConsoleProcess).
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
         )
         self.state = RUNNING
         self._reader = threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True)
