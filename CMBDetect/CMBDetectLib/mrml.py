@@ -328,12 +328,18 @@ def _fill_segmentation(segmentation_node: Any, volume_node: Any, labels: np.ndar
         segmentation_node.CreateDefaultDisplayNodes()
 
     segmentation = segmentation_node.GetSegmentation()
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     was_modifying = segmentation_node.StartModify()
     try:
+        # Drop the segments' labelmaps first: removing a segment that still shares a layer
+        # erases its voxels from that layer, a pass over the whole volume per segment (under
+        # slicer-core, 149 lesions in 80x384x384: 7.8 s, against 0.01 s this way). The live
+        # threshold replaces every segment on each move, so this is its cost.
+        for n in range(segmentation.GetNumberOfSegments()):
+            segmentation.GetNthSegment(n).RemoveRepresentation(labelmap_name)
         segmentation.RemoveAllSegments()
         if lesions:
             layer = labelmap_image(labels, ijk_to_ras_of(volume_node))
-            labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
             for lesion in lesions:
                 segment = slicer.vtkSegment()
                 segment.SetName(lesion.name)
