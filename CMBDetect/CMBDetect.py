@@ -261,7 +261,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 output = None
         if not self._setupRequirements():
             return
-        with slicer.util.tryWithErrorDisplay(_("Microbleed detection could not start."), waitCursor=True):
+        try:
             self._job = self.logic.startDetection(
                 p.inputVolume,
                 threshold=p.threshold,
@@ -269,7 +269,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 maxDiameterMm=p.sizeRange.maximum,
                 useGpu=p.useGpu,
             )
-        if self._job is None:
+        except Exception as exc:  # noqa: BLE001
+            slicer.util.errorDisplay(_("Microbleed detection could not start.") + "\n\n" + str(exc), windowTitle=_("Cerebral Microbleed Detection"))
+            logging.exception("CMBDetect: start")
             return
         self._jobOutput = (output, reuseForeign)
         self._setRunning(True)
@@ -334,6 +336,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         output, reuseForeign = self._jobOutput
         self._setRunning(False)
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)  # writing the nodes takes a moment
         try:
             result, segmentation, _table, _markups = self.logic.finishDetection(job, output, reuseForeign)
         except Exception as exc:  # noqa: BLE001
@@ -347,6 +350,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
             return
         finally:
+            slicer.app.restoreOverrideCursor()
             job.cleanup()
         self._lesionParameters = self._currentLesionParameters()
         self._parameterNode.outputSegmentation = segmentation  # also refreshes table and summary
@@ -393,8 +397,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.lesionTableView.setMRMLTableNode(table)
         if segmentation is not self._shownSegmentation:
             self._shownSegmentation = segmentation
-            # Lesions of a saved run: their parameters are the baseline for a live re-threshold.
-            self._lesionParameters = _summaryParameters(summary) if summary else None
+            # Choosing a segmentation does not re-threshold it; moving a control afterwards does
+            # (the summary says which threshold and size range its lesions were made with).
+            self._lesionParameters = self._currentLesionParameters() if summary and self._parameterNode else None
         if self._job is None:
             self.ui.summaryLabel.text = _summaryText(summary) if summary else ""
 
@@ -430,13 +435,6 @@ def _adapter():
         except ImportError:
             _ADAPTER["failed"] = True
     return _ADAPTER["module"]
-
-
-def _summaryParameters(summary: dict):
-    low, high = summary.get("size_range_mm", (None, None))
-    if summary.get("threshold") is None or low is None:
-        return None
-    return (float(summary["threshold"]), float(low), float(high))
 
 
 def _summaryText(summary: dict) -> str:
@@ -610,7 +608,11 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             model=model,
         )
         logging.info(f"CMBDetect: detecting in {inputVolume.GetName()} on {'cuda' if useGpu else 'cpu'}")
-        job.start()
+        try:
+            job.start()
+        except Exception:
+            job.cleanup()
+            raise
         return job
 
     def finishDetection(self, job, outputSegmentation=None, reuseForeign: bool = False):
