@@ -365,7 +365,7 @@ def test_geometry_helper_matches_lib_geometry():
     np.testing.assert_allclose(g.ijk_to_ras()[:3, :3], m[:3, :3], atol=1e-12)
 
 
-# --- The whole Slicer-side run (what CMBDetectLogic.process delegates to) ------------------
+# --- The whole Slicer-side run in one process (the module's child process: test_detection_job.py)
 
 
 def test_run_detection_from_volume_node_to_output_nodes(mrml, tmp_path):

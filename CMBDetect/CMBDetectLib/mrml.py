@@ -473,10 +473,11 @@ def run_detection(
 ) -> tuple[Any, Any, Any, Any]:
     """Detect microbleeds in a volume node and write the outputs into nodes.
 
-    What CMBDetectLogic.process does, minus Qt: node -> Volume -> pipeline.detect_volume ->
-    write_result. The nodes are only touched after detection succeeded, so a cancelled or
-    failed run leaves the previous outputs as they were. Returns (result, seg, table, markups);
-    raises pipeline.Cancelled if `cancel()` turned true.
+    In this process (for scripts that already hold torch; the Slicer module uses DetectionJob,
+    a child process): node -> Volume -> pipeline.detect_volume -> write_result. The nodes are
+    only touched after detection succeeded, so a cancelled or failed run leaves the previous
+    outputs as they were. Returns (result, seg, table, markups); raises pipeline.Cancelled if
+    `cancel()` turned true.
     """
     from .detection.pipeline import detect_volume  # torch is imported only when detection is asked for
 
