@@ -77,9 +77,16 @@ def done_summary(out_dir: Path, case: str, expected: str, preview: bool) -> dict
 
 
 def remove_case_outputs(out_dir: Path, case: str) -> None:
-    """Remove what an earlier, different or interrupted run left for `case` (the summary first)."""
+    """Remove what an earlier, different or interrupted run left for `case` (the summary first).
+
+    Only files: anything else by those names is not ours, and the case will fail on it, by name.
+    """
     for path in reversed(list(output_paths(out_dir, case, preview=True).values())):
-        path.unlink(missing_ok=True)
+        if path.is_symlink() or path.is_file():
+            try:
+                path.unlink()
+            except OSError:
+                pass  # unremovable: writing the case over it will fail and say why
 
 
 def remove_staging_debris(out_dir: Path) -> list[Path]:
