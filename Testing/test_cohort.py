@@ -173,15 +173,35 @@ def test_debris_and_partial_outputs_of_a_killed_case_are_cleared(tmp_path, cohor
     out = tmp_path / "out"
     shutil.copytree(root / "serial", out)
     # As a run killed while writing c1 leaves it: its staging folder, and files moved before the summary.
-    (out / ".cmbdetect-c1-k2j4x9").mkdir()
-    (out / ".cmbdetect-c1-k2j4x9" / "c1_prob.nii.gz").write_bytes(b"half")
+    (out / ".cmbdetect-c1-k2j4x9ab").mkdir()
+    (out / ".cmbdetect-c1-k2j4x9ab" / "c1_prob.nii.gz").write_bytes(b"half")
     output_paths(out, "c1")["summary"].unlink()
     output_paths(out, "c1")["lesions_csv"].write_text("torn")
+    (out / ".cmbdetect-other-k2j4x9ab").mkdir()  # another batch's case, maybe being written now: not ours
     assert detect_main([str(root / "in" / f"{c}.nii.gz") for c in CASES] + ["-o", str(out), "--model", model, "-q"]) == 0
     rows = table(out)
     assert rows["c1"]["status"] == "done" and {rows[c]["status"] for c in ("c0", "c2", "c3")} == {"skipped"}
-    assert no_debris(out)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".cmbdetect-other-k2j4x9ab"]
     assert_same_outputs(out, root / "serial", "c1")
+
+
+def test_staging_folders_are_recognised_by_case(tmp_path, monkeypatch):
+    """The debris rule reads the case from the staging folder's name, as outputs.py makes it."""
+    import numpy as np
+    import tempfile
+
+    from CMBDetectLib.cohort.resume import staging_case
+    from CMBDetectLib.detection import outputs
+    from CMBDetectLib.detection.pipeline import DetectionResult
+
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    g = Geometry((0.5, 0.5, 2.0), (0.0, 0.0, 0.0))
+    empty = DetectionResult(np.zeros((3, 8, 8), np.float32), np.zeros((3, 8, 8), np.uint16), [], g, "m", "1", False, 0.0)
+    outputs.write_case_outputs(empty, tmp_path, "sub-01_ses-2")
+    assert [staging_case(Path(p).name) for p in made] == ["sub-01_ses-2"]
+    assert staging_case(".cmbdetect-x") is None and staging_case("sub-01_summary.json") is None
 
 
 def test_a_batch_killed_half_way_finishes_only_the_missing_cases(tmp_path, cohort):
@@ -249,7 +269,7 @@ def cluster(tmp_path_factory):
     old = os.environ.get(DIE_ONCE_ENV)
     os.environ[DIE_ONCE_ENV] = f"victim:{marker}"  # the two worker processes inherit it as they start
     try:
-        local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40)
+        local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40)
     finally:  # then gone again: nothing in this process may die of it
         if old is None:
             os.environ.pop(DIE_ONCE_ENV, None)
@@ -263,17 +283,27 @@ def test_dask_cluster_gives_the_serial_outputs_and_a_failing_case_stops_nothing(
     root, model = cohort
     client, _ = cluster
     out = tmp_path / "out"
-    outcomes = detect_batch([root / "in"], out, DetectionParams(model=model), show_progress=False, scheduler=client)
-    by_case = {o.case: o for o in outcomes}
-    assert [o.case for o in outcomes] == ["c0", "c1", "c2", "c3", "junk"]  # input order, whatever the finishing order
-    assert by_case["junk"].status == "failed" and "cannot read" in by_case["junk"].error
-    assert all(by_case[c].status == "done" for c in CASES)
+    address = client.scheduler.address  # as a user passes it: --scheduler tcp://host:port
+    assert detect_main([str(root / "in"), "-o", str(out), "--model", model, "-q", "--scheduler", address]) == 1
+    rows = list(csv.DictReader(open(out / "cmbdetect_batch.csv")))
+    assert [r["case"] for r in rows] == ["c0", "c1", "c2", "c3", "junk"]  # input order, whatever the finishing order
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["junk"]["status"] == "failed" and "cannot read" in by_case["junk"]["error"]
+    assert all(by_case[c]["status"] == "done" for c in CASES)
     for case in CASES:
         assert_same_outputs(out, root / "serial", case)
     assert no_debris(out)
-    # And the cluster remembers nothing: the same batch again is skipped from the summaries.
+    # The same batch again, through a client object: skipped from the summaries, junk tried again.
     again = detect_batch([root / "in"], out, DetectionParams(model=model), show_progress=False, scheduler=client)
     assert [o.status for o in again] == ["skipped"] * 4 + ["failed"]
+
+
+def test_scheduler_without_dask_is_refused_clearly(tmp_path, cohort, monkeypatch, capsys):
+    root, model = cohort
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if Dask were not installed
+    code = detect_main([str(root / "in" / "c0.nii.gz"), "-o", str(tmp_path / "out"), "--model", model, "--scheduler", "tcp://x:1"])
+    assert code == 2 and "pip install 'dask[distributed]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_dask_case_whose_worker_dies_is_rerun_on_another_and_completes(tmp_path, cohort, cluster):

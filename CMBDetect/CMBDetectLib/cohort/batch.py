@@ -128,7 +128,7 @@ def detect_batch(
         return [outcomes[i] for i in sorted(outcomes)]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    debris = remove_staging_debris(out_dir)
+    debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
     if debris:
         tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)
     print_, described = _run_fingerprint(params)

@@ -4,11 +4,12 @@ Every variant runs the same synthetic cases through `detect_batch` into a fresh 
 (`force`: nothing skipped), side by side in one invocation, because this machine is shared
 and noisy; each is repeated and the median kept. Wall time includes what a user waits for:
 spawning worker processes and loading the model in each. The Dask cluster is started once,
-outside the timing (a cluster outlives one batch), and its start time is reported apart.
+outside the timing (a cluster outlives one batch), and its start time is reported apart. The steady rate (workers / seconds per case inside a
+worker) is what a long cohort approaches once start-up is paid.
 
 The scheduler's overhead per case is measured two ways: the round trip of an empty task
 through the same cluster, and the cluster's wall time per case beyond the detection time the
-workers themselves measured.
+workers themselves measured (reading, detecting, writing).
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ class Figure:
     wall_s: list[float]
     cases: int
     workers: int
-    compute_s_per_case: float  # the detection time the workers measured, median over cases
+    case_s: float  # one case inside its worker (read, detect, write), median over cases
+    cpu_s: float  # CPU time of that, all threads: robust to a busy machine, unlike wall time
 
     @property
     def cases_per_hour(self) -> float:
         return 3600.0 * self.cases / statistics.median(self.wall_s)
+
+    @property
+    def steady_cases_per_hour(self) -> float:
+        """Once workers are up and the model is loaded: what a long cohort approaches."""
+        return 3600.0 * self.workers / self.case_s
 
 
 def write_cases(folder: Path, n: int, shape: tuple[int, int, int]) -> list[Path]:
@@ -57,7 +64,7 @@ def write_cases(folder: Path, n: int, shape: tuple[int, int, int]) -> list[Path]
     return paths
 
 
-def _timed_batch(paths: list[Path], root: Path, params: DetectionParams, **how) -> tuple[float, float]:
+def _timed_batch(paths: list[Path], root: Path, params: DetectionParams, **how) -> tuple[float, float, float]:
     out = Path(tempfile.mkdtemp(dir=root, prefix="out-"))
     start = time.perf_counter()
     outcomes = detect_batch(paths, out, params, show_progress=False, force=True, **how)
@@ -65,7 +72,7 @@ def _timed_batch(paths: list[Path], root: Path, params: DetectionParams, **how) 
     failed = [o.error for o in outcomes if not o.ok]
     if failed:
         raise RuntimeError(f"benchmark cases failed: {failed[:3]}")
-    return wall, statistics.median(o.seconds for o in outcomes)
+    return wall, statistics.median(o.seconds for o in outcomes), statistics.median(o.cpu_seconds for o in outcomes)
 
 
 def _noop(x: int) -> int:
@@ -89,7 +96,7 @@ def cohort_benchmark(
         say(f"{n_cases} cases of {shape[0]} x {shape[1]} x {shape[2]} written; starting a {workers}-worker LocalCluster")
         start = time.perf_counter()
         cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40
         )  # fmt: skip
         client = distributed.Client(cluster)
         cluster_start = time.perf_counter() - start
@@ -103,10 +110,10 @@ def cohort_benchmark(
             }
             for r in range(repeats):
                 for name, how in variants.items():  # interleaved: the machine's load hits all alike
-                    wall, compute = _timed_batch(paths, root, params, **how)
-                    fig = figures.setdefault(name, Figure(name, [], n_cases, how.get("workers", workers), compute))
+                    wall, case_s, cpu_s = _timed_batch(paths, root, params, **how)
+                    fig = figures.setdefault(name, Figure(name, [], n_cases, how.get("workers", workers), case_s, cpu_s))
                     fig.wall_s.append(wall)
-                    fig.compute_s_per_case = compute
+                    fig.case_s, fig.cpu_s = case_s, cpu_s
                     say(f"  repeat {r + 1}: {name}: {wall:.1f} s")
             roundtrips = []
             for _ in range(repeats):
@@ -117,9 +124,49 @@ def cohort_benchmark(
             client.close()
             cluster.close()
     lc = figures[f"LocalCluster {workers} workers"]
-    beyond = statistics.median(lc.wall_s) * workers / n_cases - lc.compute_s_per_case
+    beyond = statistics.median(lc.wall_s) * workers / n_cases - lc.case_s
     return {
         "shape": list(shape), "cases": n_cases, "repeats": repeats, "cluster_start_s": cluster_start,
         "figures": figures, "noop_task_ms": 1000 * statistics.median(roundtrips),
         "cluster_overhead_s_per_case": beyond,
+    }  # fmt: skip
+
+
+def profile_case(path: Path, model: str | None = None, threads: int = 1, repeats: int = 2) -> dict:
+    """One real case, step by step on `threads` torch threads: read, detect, write; time and bytes.
+
+    The steps a cohort repeats 50,000 times, apart, so that a cost estimate can say which one
+    grows into the bottleneck (storage reads, compute, writes). CPU seconds are given beside
+    wall seconds because wall time on a shared machine measures the neighbours too.
+    """
+    import resource
+
+    import torch
+
+    from ..detection.outputs import write_case_outputs
+    from ..detection.pipeline import detect_volume
+    from ..io import read_volume
+
+    torch.set_num_threads(threads)
+    params = DetectionParams(device="cpu", model=model)
+    steps: dict[str, list[tuple[float, float]]] = {"read": [], "detect": [], "write": []}
+
+    def timed(step: str, fn):
+        w, c = time.perf_counter(), time.process_time()
+        value = fn()
+        steps[step].append((time.perf_counter() - w, time.process_time() - c))
+        return value
+
+    with tempfile.TemporaryDirectory(prefix="cmbdetect-profile-") as tmp:
+        detect_volume(read_volume(path), params)  # load the model once, as a worker does
+        for _ in range(repeats):
+            volume = timed("read", lambda: read_volume(path))
+            result = timed("detect", lambda: detect_volume(volume, params))
+            written = timed("write", lambda: write_case_outputs(result, Path(tmp), "case"))
+        out_bytes = {k: p.stat().st_size for k, p in written.items()}
+        shape = volume.array.shape
+    return {
+        "shape": shape, "threads": threads, "input_bytes": Path(path).stat().st_size, "output_bytes": out_bytes,
+        "steps": {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in steps.items()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip

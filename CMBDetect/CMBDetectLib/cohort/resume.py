@@ -19,7 +19,8 @@ from pathlib import Path
 from ..detection.outputs import output_paths
 from ..detection.pipeline import DetectionParams, DetectionResult
 
-# How write_case_outputs names its hidden staging folders (tempfile.mkdtemp(prefix=...)).
+# How write_case_outputs names its hidden staging folders: tempfile.mkdtemp(prefix=f".cmbdetect-{case}-")
+# adds 8 random characters.
 STAGING_PREFIX = ".cmbdetect-"
 # Parameters that change where and how fast a case runs, not its result.
 EXECUTION_ONLY = ("device", "batch_size", "model")  # the model enters by id, version and sha256
@@ -89,16 +90,24 @@ def remove_case_outputs(out_dir: Path, case: str) -> None:
                 pass  # unremovable: writing the case over it will fail and say why
 
 
-def remove_staging_debris(out_dir: Path) -> list[Path]:
-    """Remove the hidden staging folders a killed run left behind; returns what was removed.
+def staging_case(name: str) -> str | None:
+    """The case a staging folder was made for: `.cmbdetect-<case>-<8 random characters>`."""
+    if not name.startswith(STAGING_PREFIX) or len(name) < len(STAGING_PREFIX) + 10 or name[-9] != "-":
+        return None
+    return name[len(STAGING_PREFIX) : -9]
 
-    Only one batch may write into an output folder at a time (its workers included):
-    this runs before any case of the batch starts, when no staging folder can be live.
+
+def remove_staging_debris(out_dir: Path, cases: set[str]) -> list[Path]:
+    """Remove the hidden staging folders a killed run left for `cases`; returns what was removed.
+
+    Called before any of those cases starts, so none of their staging folders can be live.
+    Folders of other cases are left alone: several batches with disjoint case lists (a
+    SLURM job array, say) may write into one output folder at the same time.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    debris = sorted(p for p in out_dir.iterdir() if p.name.startswith(STAGING_PREFIX) and p.is_dir())
+    debris = sorted(p for p in out_dir.iterdir() if staging_case(p.name) in cases and p.is_dir())
     for path in debris:
         shutil.rmtree(path, ignore_errors=True)
     return debris

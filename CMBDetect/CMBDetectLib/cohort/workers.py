@@ -38,7 +38,8 @@ class CaseOutcome:
     seconds: float = 0.0
     error: str = ""
     model_trained: bool = True
-    status: str = ""  # "done", "skipped" (done by an earlier run) or "failed"
+    status: str = ""  # "done", "skipped" (done by an earlier run), "refused" or "failed"
+    cpu_seconds: float = 0.0  # CPU time of the worker process for this case, all its threads
 
     def __post_init__(self) -> None:
         self.status = self.status or ("done" if self.ok else "failed")
@@ -92,7 +93,7 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
     from .names import inside, unsafe_name_reason
     from .resume import FingerprintedResult
 
-    case, start = task.case, time.perf_counter()
+    case, start, cpu_start = task.case, time.perf_counter(), time.process_time()
     try:
         reason = unsafe_name_reason(case)
         if reason or not inside(Path(task.out_dir), case):  # checked before, checked again where it is written
@@ -105,8 +106,8 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         write_case_outputs(result, Path(task.out_dir), case, image=volume.array if task.preview else None)
         s = result.summary()
         return CaseOutcome(
-            case, task.source, True, s["n_lesions"], s["n_small"], s["n_large"],
-            time.perf_counter() - start, model_trained=result.model_trained,
+            case, task.source, True, s["n_lesions"], s["n_small"], s["n_large"], time.perf_counter() - start,
+            model_trained=result.model_trained, cpu_seconds=time.process_time() - cpu_start,
         )  # fmt: skip
     except CaseError as exc:
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=str(exc))
