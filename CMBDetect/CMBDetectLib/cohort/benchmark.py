@@ -144,7 +144,7 @@ def profile_case(path: Path, model: str | None = None, threads: int = 1, repeats
     import torch
 
     from ..detection.outputs import write_case_outputs
-    from ..detection.pipeline import detect_volume
+    from ..detection.pipeline import detect_volume, get_model
     from ..io import read_volume
 
     torch.set_num_threads(threads)
@@ -158,7 +158,7 @@ def profile_case(path: Path, model: str | None = None, threads: int = 1, repeats
         return value
 
     with tempfile.TemporaryDirectory(prefix="cmbdetect-profile-") as tmp:
-        detect_volume(read_volume(path), params)  # load the model once, as a worker does
+        get_model(model, torch.device("cpu"))  # loaded once, before timing, as a worker does
         for _ in range(repeats):
             volume = timed("read", lambda: read_volume(path))
             result = timed("detect", lambda: detect_volume(volume, params))
