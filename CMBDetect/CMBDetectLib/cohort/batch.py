@@ -131,11 +131,11 @@ def detect_batch(
     debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
     if debris:
         tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)
-    print_, described = _run_fingerprint(params)
+    fp, described = _run_fingerprint(params)
     tasks: dict[int, CaseTask] = {}
     for i in accepted:
         case, path = cases[i]
-        summary = None if force else done_summary(out_dir, case, print_, preview)
+        summary = None if force else done_summary(out_dir, case, fp, preview)
         if summary is not None:
             finish(i, CaseOutcome(
                 case, str(path), True, int(summary.get("n_lesions", 0)), int(summary.get("n_small", 0)),
@@ -143,7 +143,7 @@ def detect_batch(
             ))  # fmt: skip
             continue
         remove_case_outputs(out_dir, case)  # failed, changed or interrupted: start clean
-        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, print_, described)
+        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described)
 
     index = {task.case: i for i, task in tasks.items()}
     bar = tqdm(total=len(tasks), desc="cases", unit="case", disable=not show_progress or len(tasks) < 2, file=log)
@@ -153,7 +153,9 @@ def detect_batch(
         bar.update(1)
 
     with bar:
-        if scheduler is not None:
+        if not tasks:
+            pass  # every case done earlier: no need to reach a cluster or start processes
+        elif scheduler is not None:
             _run_on_cluster(list(tasks.values()), scheduler, done)
         elif workers > 1 and len(tasks) > 1:
             run_in_processes(tasks.values(), min(workers, len(tasks)), done)
