@@ -45,12 +45,18 @@ def _set_allowed_failures(dask_scheduler=None, n: int = ALLOWED_FAILURES) -> int
 
 
 def run_dask_case(task: CaseTask, threads_per_host: dict[str, int]) -> CaseOutcome:
-    """On a Dask worker: take this worker's share of the host's cores, then run the case."""
+    """On a Dask worker: take this worker's share of the host's cores, then run the case.
+
+    A worker that joined after the batch was sent (an adaptive SLURM cluster growing) is not
+    in `threads_per_host`: it keeps the threads its nanny gave it (OMP_NUM_THREADS=1 by
+    Dask's default), which never oversubscribes the node.
+    """
     from distributed import get_worker
     from distributed.comm import get_address_host
 
-    worker = get_worker()
-    share_threads(threads_per_host.get(get_address_host(worker.address), worker.state.nthreads))
+    total = threads_per_host.get(get_address_host(get_worker().address))
+    if total:
+        share_threads(total)
     return run_case(task)
 
 
