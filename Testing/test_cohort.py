@@ -215,8 +215,13 @@ def test_a_batch_killed_half_way_finishes_only_the_missing_cases(tmp_path, cohor
         # Kill as soon as the first case is complete: while a later case runs or is being staged.
         while not any(output_paths(out, c)["summary"].exists() for c in cases) and proc.poll() is None:
             time.sleep(0.005)
-        while proc.poll() is None and not any(p.name.startswith(".cmbdetect-") for p in out.iterdir()):
-            time.sleep(0.001)  # wait for the next staging folder, so the kill leaves debris (usually)
+
+        def staging_or_second_case() -> bool:
+            names = [p.name for p in out.iterdir()]
+            return any(n.startswith(".cmbdetect-") for n in names) or sum(n.endswith("_summary.json") for n in names) >= 2
+
+        while proc.poll() is None and not staging_or_second_case():
+            time.sleep(0.001)  # the next case's staging folder, so the kill leaves debris (usually)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
