@@ -1,38 +1,35 @@
 """Detection over many cases: files, folders, DICOM series folders or a CSV list.
 
+A batch, in order:
+1. the inputs become (case name, path) pairs; unsafe and duplicated names are refused,
+   each with its reason, before any case runs (names.py);
+2. staging folders left by a killed run are removed, and every case already done with the
+   same model and parameters (its summary says so) is skipped unless `force` (resume.py);
+3. the remaining cases run here one after another, in `workers` local processes
+   (workers.py), or on a Dask cluster (distributed.py): the same `run_case` everywhere.
+
 A case that fails is reported with its name and the problem and the batch goes on; the
-exit code says whether every case succeeded.
+exit code says whether every case succeeded. The batch table lists every case: done,
+skipped, refused or failed.
 """
 
 from __future__ import annotations
 
 import csv
 import sys
-import time
-import traceback
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from ..errors import CaseError
-from ..io import case_name, is_volume_file, read_volume
-from ..detection.outputs import write_case_outputs
-from ..detection.pipeline import DetectionParams, detect_volume
+from ..io import case_name, is_volume_file
+from ..detection.pipeline import DetectionParams
+from .names import printable, refuse_unsafe_and_duplicates
+from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris, weights_sha256
+from .workers import CaseOutcome, CaseTask, run_case, run_in_processes
 
-
-@dataclass
-class CaseOutcome:
-    case: str
-    source: str
-    ok: bool
-    n_lesions: int = 0
-    n_small: int = 0
-    n_large: int = 0
-    seconds: float = 0.0
-    error: str = ""
-    model_trained: bool = True
+__all__ = ["CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
 
 
 def _cases_from_csv(path: Path) -> list[tuple[str, Path]]:
@@ -46,10 +43,10 @@ def _cases_from_csv(path: Path) -> list[tuple[str, Path]]:
         raise ValueError(f"case list {path} needs a column named image, path, input or file (has: {', '.join(columns)})")
     cases = []
     for row in rows:
-        p = Path(row[column])
+        p = Path(row[column] or "")
         if not p.is_absolute():
             p = path.parent / p  # paths in a case list are relative to the list
-        cases.append((row.get("case") or case_name(p), p))
+        cases.append((row.get("case") or case_name(p), p))  # no case column, or an empty cell: the file's name
     return cases
 
 
@@ -72,6 +69,22 @@ def expand_inputs(inputs: list[str | Path]) -> list[tuple[str, Path]]:
     return cases
 
 
+def _absolute_model(spec: str | None) -> str | None:
+    """A model file named by a relative path, made absolute: workers may start elsewhere."""
+    if spec and (spec.endswith(".safetensors") or "/" in spec or "\\" in spec):
+        return str(Path(spec).absolute())
+    return spec
+
+
+def _run_fingerprint(params: DetectionParams) -> tuple[str, dict]:
+    from ..detection.inference import select_device
+    from ..detection.pipeline import get_model
+
+    model = get_model(params.model, select_device(params.device))  # cached: the command loaded it already
+    described = fingerprint_fields(params, model.id, model.version, weights_sha256(model.path))
+    return fingerprint(described), described
+
+
 def detect_batch(
     inputs: list[str | Path],
     output_dir: str | Path,
@@ -80,44 +93,94 @@ def detect_batch(
     log: TextIO = sys.stderr,
     on_case: Callable[[CaseOutcome], None] | None = None,
     preview: bool = False,
+    *,
+    force: bool = False,
+    workers: int = 1,
+    scheduler=None,
 ) -> list[CaseOutcome]:
-    params = params or DetectionParams()
-    cases = expand_inputs(inputs)
-    seen: dict[str, Path] = {}
-    outcomes: list[CaseOutcome] = []
-    bar = tqdm(cases, desc="cases", unit="case", disable=not show_progress or len(cases) < 2, file=log)
-    for case, path in bar:
-        bar.set_postfix_str(case)
-        start = time.perf_counter()
-        try:
-            if case in seen:
-                raise CaseError(case, f"two inputs have this case name ({seen[case]} and {path}); outputs would collide")
-            seen[case] = path
-            volume = read_volume(path, case)
-            with tqdm(total=100, desc=case, unit="%", leave=False, disable=not show_progress, file=log) as inner:
-                def progress(fraction: float, message: str) -> None:
-                    inner.n = int(round(100 * fraction))
-                    inner.set_postfix_str(message, refresh=True)
+    """Detect every case; returns one outcome per case, in input order.
 
-                result = detect_volume(volume, params, progress=progress, case=case)
-            write_case_outputs(result, Path(output_dir), case, image=volume.array if preview else None)
-            s = result.summary()
-            outcome = CaseOutcome(
-                case, str(path), True, s["n_lesions"], s["n_small"], s["n_large"],
-                time.perf_counter() - start, model_trained=result.model_trained,
-            )  # fmt: skip
-        except CaseError as exc:
-            outcome = CaseOutcome(case, str(path), False, seconds=time.perf_counter() - start, error=str(exc))
-        except (MemoryError, RuntimeError, OSError, ValueError) as exc:
-            # Unexpected, but one case must not stop a cohort: report it in full and go on.
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            outcome = CaseOutcome(case, str(path), False, seconds=time.perf_counter() - start, error=f"{case}: {detail}")
+    `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
+    address, or a `distributed.Client`) sends them to a Dask cluster instead.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    params = params or DetectionParams()
+    params = replace(params, model=_absolute_model(params.model))
+    cases = expand_inputs(inputs)
+    out_dir = Path(output_dir).absolute()
+    outcomes: dict[int, CaseOutcome] = {}
+
+    def finish(i: int, outcome: CaseOutcome) -> None:
+        outcome.source = str(cases[i][1])  # as the user named it (tasks carry absolute paths)
+        outcomes[i] = outcome
         if not outcome.ok:
-            tqdm.write(f"FAILED {outcome.error}", file=log)
-        outcomes.append(outcome)
+            tqdm.write(f"{outcome.status.upper()} {outcome.error}", file=log)
         if on_case:
             on_case(outcome)
-    return outcomes
+
+    refused = refuse_unsafe_and_duplicates([case for case, _ in cases])
+    for i, reason in refused.items():
+        shown = printable(cases[i][0])
+        finish(i, CaseOutcome(shown, str(cases[i][1]), False, error=f"{shown or '(empty)'}: refused: {reason}", status="refused"))
+    accepted = [i for i in range(len(cases)) if i not in refused]
+    if not accepted:
+        return [outcomes[i] for i in sorted(outcomes)]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
+    if debris:
+        tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)
+    fp, described = _run_fingerprint(params)
+    tasks: dict[int, CaseTask] = {}
+    for i in accepted:
+        case, path = cases[i]
+        summary = None if force else done_summary(out_dir, case, fp, preview)
+        if summary is not None:
+            finish(i, CaseOutcome(
+                case, str(path), True, int(summary.get("n_lesions", 0)), int(summary.get("n_small", 0)),
+                int(summary.get("n_large", 0)), model_trained=bool(summary.get("model_trained", True)), status="skipped",
+            ))  # fmt: skip
+            continue
+        remove_case_outputs(out_dir, case)  # failed, changed or interrupted: start clean
+        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described)
+
+    index = {task.case: i for i, task in tasks.items()}
+    bar = tqdm(total=len(tasks), desc="cases", unit="case", disable=not show_progress or len(tasks) < 2, file=log)
+
+    def done(outcome: CaseOutcome) -> None:
+        finish(index[outcome.case], outcome)
+        bar.update(1)
+
+    with bar:
+        if not tasks:
+            pass  # every case done earlier: no need to reach a cluster or start processes
+        elif scheduler is not None:
+            _run_on_cluster(list(tasks.values()), scheduler, done)
+        elif workers > 1 and len(tasks) > 1:
+            run_in_processes(tasks.values(), min(workers, len(tasks)), done)
+        else:
+            for task in tasks.values():
+                bar.set_postfix_str(task.case)
+                with tqdm(total=100, desc=task.case, unit="%", leave=False, disable=not show_progress, file=log) as inner:
+
+                    def progress(fraction: float, message: str) -> None:
+                        inner.n = int(round(100 * fraction))
+                        inner.set_postfix_str(message, refresh=True)
+
+                    done(run_case(task, progress))
+    return [outcomes[i] for i in sorted(outcomes)]
+
+
+def _run_on_cluster(tasks: list[CaseTask], scheduler, done: Callable[[CaseOutcome], None]) -> None:
+    from .distributed import import_distributed, run_on_dask
+
+    if isinstance(scheduler, str):
+        distributed = import_distributed()
+        with distributed.Client(scheduler) as client:
+            run_on_dask(tasks, client, done)
+    else:
+        run_on_dask(tasks, scheduler, done)
 
 
 def exit_code(outcomes: list[CaseOutcome]) -> int:
@@ -125,7 +188,7 @@ def exit_code(outcomes: list[CaseOutcome]) -> int:
 
 
 def write_batch_table(path: Path, outcomes: list[CaseOutcome]) -> None:
-    fields = ["case", "source", "ok", "n_lesions", "n_small", "n_large", "seconds", "error"]
+    fields = ["case", "source", "status", "ok", "n_lesions", "n_small", "n_large", "seconds", "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -22,6 +22,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 1 on CPU, 8 on CUDA)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cohort = p.add_argument_group("cohorts", "resume, local worker processes, Dask clusters (README: Cohorts)")
+    cohort.add_argument("--force", action="store_true", help="redo every case, even those already done in OUT with the same model and parameters")
+    cohort.add_argument("--workers", type=int, default=1, metavar="N", help="run cases in N local processes, each with its share of the CPU cores (default 1)")
+    cohort.add_argument("--scheduler", default=None, metavar="ADDRESS", help="send cases to a running Dask scheduler (tcp://host:8786); needs dask[distributed] and a file system all workers share")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +38,20 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.min_size <= args.max_size:
         print(f"error: --min-size {args.min_size} and --max-size {args.max_size} do not make a range", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, not {args.workers}", file=sys.stderr)
+        return 2
+    if args.scheduler and args.workers > 1:
+        print("error: --workers and --scheduler do not combine: the cluster's workers run the cases", file=sys.stderr)
+        return 2
+    if args.scheduler:
+        from ..cohort.distributed import import_distributed
+
+        try:
+            import_distributed()  # only a cluster run needs Dask: say so before any work
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
     try:
         from ..detection.inference import select_device
@@ -52,10 +70,15 @@ def run(args: argparse.Namespace) -> int:
         )
 
     def print_case(o) -> None:
-        if o.ok:
+        if o.status == "skipped":
+            print(f"{o.case}: skipped, done earlier with the same model and parameters ({o.n_lesions} microbleeds)")
+        elif o.ok:
             print(f"{o.case}: {o.n_lesions} microbleeds ({o.n_small} small, {o.n_large} large) in {o.seconds:.1f} s")
 
-    outcomes = detect_batch(args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview)
+    outcomes = detect_batch(
+        args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
+        force=args.force, workers=args.workers, scheduler=args.scheduler,
+    )  # fmt: skip
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1
@@ -64,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if not o.ok]
     done = len(outcomes) - len(failed)
     total = sum(o.n_lesions for o in outcomes if o.ok)
-    print(f"{done} of {len(outcomes)} cases done, {total} microbleeds in all; results in {args.output}")
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    note = f" ({skipped} skipped: done earlier)" if skipped else ""
+    print(f"{done} of {len(outcomes)} cases done{note}, {total} microbleeds in all; results in {args.output}")
     for o in failed:
         print(f"  failed: {o.error}", file=sys.stderr)
     return exit_code(outcomes)

@@ -1,0 +1,113 @@
+"""Resume: which cases of a batch are already done, and clearing what a killed run left.
+
+A case is done when its `<case>_summary.json` (written last, so its presence means every
+file of the case is in place) records the same parameters fingerprint as this run and every
+file it lists exists. The fingerprint covers what decides the result: the model (id, version
+and the sha256 of its weights) and every detection parameter except those that only decide
+where and how fast it runs (device, batch size). The cmbdetect version is recorded in the
+summary but not fingerprinted: `--force` redoes a folder after an upgrade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..detection.outputs import output_paths
+from ..detection.pipeline import DetectionParams, DetectionResult
+
+# How write_case_outputs names its hidden staging folders: tempfile.mkdtemp(prefix=f".cmbdetect-{case}-")
+# adds 8 random characters.
+STAGING_PREFIX = ".cmbdetect-"
+# Parameters that change where and how fast a case runs, not its result.
+EXECUTION_ONLY = ("device", "batch_size", "model")  # the model enters by id, version and sha256
+
+
+def weights_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_fields(params: DetectionParams, model_id: str, model_version: str, model_sha256: str) -> dict:
+    """What the fingerprint is made of, kept in the summary so a reader sees why a case was redone."""
+    decisive = {k: v for k, v in asdict(params).items() if k not in EXECUTION_ONLY}
+    return {"model_id": model_id, "model_version": model_version, "model_sha256": model_sha256, **decisive}
+
+
+def fingerprint(described: dict) -> str:
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FingerprintedResult(DetectionResult):
+    """A detection result whose summary also records the parameters fingerprint of its batch."""
+
+    fingerprint: str = ""
+    fingerprint_of: dict | None = None
+
+    @classmethod
+    def of(cls, result: DetectionResult, fingerprint: str, described: dict) -> "FingerprintedResult":
+        values = {f.name: getattr(result, f.name) for f in fields(result) if f.init}
+        return cls(**values, fingerprint=fingerprint, fingerprint_of=described)
+
+    def summary(self) -> dict[str, object]:
+        return {**super().summary(), "params_fingerprint": self.fingerprint, "params_fingerprinted": self.fingerprint_of}
+
+
+def done_summary(out_dir: Path, case: str, expected: str, preview: bool) -> dict | None:
+    """The summary of `case` when it is complete with fingerprint `expected`, else None."""
+    path = output_paths(out_dir, case)["summary"]
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or cut short by a crash (a summary is renamed into place, but be safe)
+    if not isinstance(summary, dict) or summary.get("params_fingerprint") != expected:
+        return None
+    listed = summary.get("files")
+    if not isinstance(listed, dict) or (preview and "preview" not in listed):
+        return None
+    if not all(isinstance(name, str) and (Path(out_dir) / name).is_file() for name in listed.values()):
+        return None
+    return summary
+
+
+def remove_case_outputs(out_dir: Path, case: str) -> None:
+    """Remove what an earlier, different or interrupted run left for `case` (the summary first).
+
+    Only files: anything else by those names is not ours, and the case will fail on it, by name.
+    """
+    for path in reversed(list(output_paths(out_dir, case, preview=True).values())):
+        if path.is_symlink() or path.is_file():
+            try:
+                path.unlink()
+            except OSError:
+                pass  # unremovable: writing the case over it will fail and say why
+
+
+def staging_case(name: str) -> str | None:
+    """The case a staging folder was made for: `.cmbdetect-<case>-<8 random characters>`."""
+    if not name.startswith(STAGING_PREFIX) or len(name) < len(STAGING_PREFIX) + 10 or name[-9] != "-":
+        return None
+    return name[len(STAGING_PREFIX) : -9]
+
+
+def remove_staging_debris(out_dir: Path, cases: set[str]) -> list[Path]:
+    """Remove the hidden staging folders a killed run left for `cases`; returns what was removed.
+
+    Called before any of those cases starts, so none of their staging folders can be live.
+    Folders of other cases are left alone: several batches with disjoint case lists (a
+    SLURM job array, say) may write into one output folder at the same time.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    debris = sorted(p for p in out_dir.iterdir() if staging_case(p.name) in cases and p.is_dir())
+    for path in debris:
+        shutil.rmtree(path, ignore_errors=True)
+    return debris

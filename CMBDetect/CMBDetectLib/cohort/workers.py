@@ -1,0 +1,166 @@
+"""One case, start to finish, as a self-contained task; and running tasks in local processes.
+
+`run_case` is what every way of running a batch executes (in this process, in a local
+worker process, or on a Dask worker on another machine): read the volume, detect, write the
+case's outputs all-or-nothing into the output folder, return a `CaseOutcome`. It takes
+only plain, picklable values, loads the model through the pipeline's per-process cache (so
+once per worker), and never raises for a bad case: the outcome says what went wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..detection.pipeline import DetectionParams
+
+# Test-only hook: "CASE:MARKER" makes the worker that starts CASE die at once (os._exit)
+# the first time, leaving MARKER behind so that the rerun elsewhere succeeds. It lets the
+# tests kill a worker in the middle of a case for real; nothing else reads it.
+DIE_ONCE_ENV = "CMBDETECT_TEST_DIE_ONCE"
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    source: str
+    ok: bool
+    n_lesions: int = 0
+    n_small: int = 0
+    n_large: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    model_trained: bool = True
+    status: str = ""  # "done", "skipped" (done by an earlier run), "refused" or "failed"
+    cpu_seconds: float = 0.0  # CPU time of the worker process for this case, all its threads
+
+    def __post_init__(self) -> None:
+        self.status = self.status or ("done" if self.ok else "failed")
+
+
+@dataclass
+class CaseTask:
+    """Everything a worker needs for one case; paths absolute (workers may run elsewhere)."""
+
+    case: str
+    source: str
+    out_dir: str
+    params: DetectionParams
+    preview: bool = False
+    fingerprint: str = ""
+    fingerprint_of: dict = field(default_factory=dict)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (cgroups, taskset, SLURM)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def share_threads(n_sharing: int) -> int:
+    """Set this process's torch threads to its share of the cores; returns the count."""
+    import torch
+
+    threads = max(1, cpu_cores() // max(1, n_sharing))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _die_if_asked(case: str) -> None:
+    spec = os.environ.get(DIE_ONCE_ENV, "")
+    if not spec or ":" not in spec:
+        return
+    name, marker = spec.split(":", 1)
+    if name == case and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(17)  # no cleanup, no exception: as a killed process
+
+
+def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = None) -> CaseOutcome:
+    """Detect and write one case; a bad case comes back as a failed outcome, never as an exception."""
+    from ..errors import CaseError
+    from ..io import read_volume
+    from ..detection.outputs import write_case_outputs
+    from ..detection.pipeline import detect_volume
+    from .names import inside, unsafe_name_reason
+    from .resume import FingerprintedResult
+
+    case, start, cpu_start = task.case, time.perf_counter(), time.process_time()
+    try:
+        reason = unsafe_name_reason(case)
+        if reason or not inside(Path(task.out_dir), case):  # checked before, checked again where it is written
+            raise CaseError(case, reason or "its outputs would land outside the output folder")
+        _die_if_asked(case)
+        volume = read_volume(Path(task.source), case)
+        result = detect_volume(volume, task.params, progress=progress, case=case)
+        if task.fingerprint:
+            result = FingerprintedResult.of(result, task.fingerprint, task.fingerprint_of)
+        write_case_outputs(result, Path(task.out_dir), case, image=volume.array if task.preview else None)
+        s = result.summary()
+        return CaseOutcome(
+            case, task.source, True, s["n_lesions"], s["n_small"], s["n_large"], time.perf_counter() - start,
+            model_trained=result.model_trained, cpu_seconds=time.process_time() - cpu_start,
+        )  # fmt: skip
+    except CaseError as exc:
+        return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=str(exc))
+    except (MemoryError, RuntimeError, OSError, ValueError) as exc:
+        # Unexpected, but one case must not stop a cohort: report it in full and go on.
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=f"{case}: {detail}")
+
+
+def died(task: CaseTask, attempts: int, where: str) -> CaseOutcome:
+    return CaseOutcome(
+        task.case, task.source, False,
+        error=f"{task.case}: the {where} running this case died ({attempts} attempts); nothing was written",
+    )  # fmt: skip
+
+
+def _start_worker(n_workers: int, model: str | None, device: str) -> None:
+    """Each local worker process: its share of the cores, and the model loaded once, up front."""
+    from ..detection.inference import select_device
+    from ..detection.pipeline import get_model
+
+    share_threads(n_workers)
+    get_model(model, select_device(device))
+
+
+def run_in_processes(tasks: Iterable[CaseTask], n_workers: int, on_done: Callable[[CaseOutcome], None]) -> None:
+    """Run tasks in `n_workers` spawned processes; a case whose process dies is run once more.
+
+    When a process dies, the pool is broken and every unfinished case comes back; they are
+    run again in a fresh pool, and a case that has now been in two broken pools is reported
+    failed (the one that kills its worker cannot stop the batch).
+    """
+    pending = list(tasks)
+    attempts: dict[str, int] = {}
+    while pending:
+        first = pending[0]
+        ctx = get_context("spawn")  # fork would copy torch's thread pools and locks: unsafe
+        with ProcessPoolExecutor(
+            n_workers, mp_context=ctx, initializer=_start_worker,
+            initargs=(n_workers, first.params.model, first.params.device),
+        ) as pool:  # fmt: skip
+            futures: dict[Future, CaseTask] = {pool.submit(run_case, t): t for t in pending}
+            pending = []
+            remaining = set(futures)
+            while remaining:
+                finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = futures[future]
+                    try:
+                        on_done(future.result())
+                    except BrokenProcessPool:
+                        attempts[task.case] = attempts.get(task.case, 0) + 1
+                        if attempts[task.case] >= 2:
+                            on_done(died(task, attempts[task.case], "worker process"))
+                        else:
+                            pending.append(task)
