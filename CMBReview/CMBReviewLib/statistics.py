@@ -8,6 +8,7 @@ Fleiss' kappa, for which statsmodels gives no interval, is ours.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,9 @@ def cohen(a: np.ndarray, b: np.ndarray, n_categories: int, weights: str | None =
     pe = float(p.sum(0) @ p.sum(1))
     if pe >= 1 - 1e-12:
         return {**out, "kappa": None, "se": None, "ci95": None, "note": "undefined: both raters gave every item the same category"}
-    res = cohens_kappa(table, wt=weights, return_results=True, alpha=ALPHA)
+    with warnings.catch_warnings():  # a zero SE (perfect agreement) makes statsmodels warn; we report None
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = cohens_kappa(table, wt=weights, return_results=True)  # its CI is at alpha = 0.05
     se = _finite(res.std_kappa)
     return {
         **out,
