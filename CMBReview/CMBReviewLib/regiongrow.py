@@ -17,6 +17,7 @@ from CMBDetectLib.io import Geometry
 
 MAX_DIAMETER_MM = 10.0  # the paper's largest microbleed
 SEED_SEARCH_MM = 1.0
+MIN_CONTRAST_SIGMA = 3.5  # how far below the local background the clicked spot must lie
 
 
 def sphere_mask(shape: tuple[int, int, int], geometry: Geometry, centre_kji: tuple[int, int, int], radius_mm: float) -> np.ndarray:
@@ -34,7 +35,7 @@ def grow_from_click(
     """Boolean mask (k, j, i) of the dark blob at the click, never beyond a max_diameter_mm sphere.
 
     Raises ValueError when the click is outside the image or not on something darker than its
-    surroundings (there is then no microbleed to grow).
+    surroundings, by MIN_CONTRAST_SIGMA robust standard deviations (no microbleed to grow).
     """
     seed = tuple(int(round(v)) for v in seed_kji)
     if image.ndim != 3 or any(not 0 <= s < n for s, n in zip(seed, image.shape)):
@@ -51,9 +52,13 @@ def grow_from_click(
     candidates = np.argwhere(near)
     darkest = tuple(candidates[np.argmin(box[near])])
     seed_value = box[darkest]
-    background = float(np.median(box[inside]))
-    if not seed_value < background:
-        raise ValueError(f"click {seed} (k, j, i) is not on a dark spot: nothing darker than its surroundings to grow")
+    around = box[inside]
+    background = float(np.median(around))
+    # Robust spread of the surroundings (MAD as a standard deviation): a click on plain tissue
+    # finds only noise a couple of sigma below the median, a microbleed lies far below it.
+    sigma = 1.4826 * float(np.median(np.abs(around - background)))
+    if not background - seed_value > MIN_CONTRAST_SIGMA * sigma:
+        raise ValueError(f"click {seed} (k, j, i) is not on a dark spot: nothing clearly darker than its surroundings to grow")
     level = seed_value + 0.5 * (background - seed_value)
     region, _ = ndimage.label(inside & (box <= level))  # 6-connectivity by default
     blob = region == region[darkest]
