@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from handmade import oblique_geometry
+from scipy.spatial.transform import Rotation
+
+from CMBDetectLib.io import Geometry
 from CMBReviewLib.regiongrow import grow_from_click, sphere_mask
 
-GEOMETRY = oblique_geometry(spacing=(0.45, 0.6, 2.0))  # oblique and anisotropic
+# oblique and anisotropic, as Testing/handmade.py's grid (without importing torch for it)
+GEOMETRY = Geometry((0.45, 0.6, 2.0), (31.5, -12.25, 7.0), tuple(Rotation.from_euler("xyz", (12.0, -8.0, 27.0), degrees=True).as_matrix().ravel()))
 SHAPE = (14, 80, 90)
 
 
