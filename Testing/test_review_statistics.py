@@ -212,7 +212,8 @@ def test_unreviewed_candidates_are_left_out_not_counted_as_no(tmp_path):
     with Study.create(tmp_path / "s.db") as study:
         c = study.add_case("A", "A.nii.gz")
         study.add_detector_lesions(c, [{"id": 1, "ras": (0, 0, 0)}, {"id": 2, "ras": (20, 0, 0)}])
-        ana, ben = study.add_reader("ana"), study.add_reader("ben")
+        ana = study.add_reader("ana")
+        study.add_reader("ben")
         d1 = study.lesions(c)[0].id
         study.record_verdict(d1, ana, "correct")
         stats = analyse(study, n_boot=0)

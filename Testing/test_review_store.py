@@ -211,7 +211,7 @@ def test_voxel_files_are_per_reader_never_overwritten_and_checked(tmp_path):
         a = add_missed(study, "case1", "ana", mask, image)
         b = add_missed(study, "case1", "ben", mask, image)
         files = {l.id: study.file(l.file_id) for l in study.lesions() if l.source == "reader"}
-        (pa, sha_a), (pb, sha_b) = files[a], files[b]
+        (pa, sha_a), (pb, _) = files[a], files[b]
         assert pa != pb and ".ana." in pa.name and ".ben." in pb.name and pa.parent.name == "case1"
         assert np.array_equal(voxelfiles.read_checked(pa, sha_a, "case1", image) > 0, mask)
         # a second labelling by the same reader is a new file; the first stays as it was

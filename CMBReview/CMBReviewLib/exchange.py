@@ -106,13 +106,15 @@ def read_rows(path: str | Path) -> list[Row]:
         return [parse_row(raw, f"{path.name} line {n + 2}") for n, raw in enumerate(csv.DictReader(f))]
 
 
-def prepare(study: Study, rows: list[Row]) -> None:
-    """Check every row against the study, and grow the missed lesions' voxels, before storing anything."""
+def prepare(study: Study, rows: list[Row]) -> dict:
+    """Check every row against the study, and grow the missed lesions' voxels, before storing
+    anything; returns the images read (case -> Volume)."""
     readers = set(study.readers().values())
     detector = {}
     images = {}
+    cases = {c.name: c for c in study.cases()}
     for row in rows:
-        case = study.case(row.case) if row.case in {c.name for c in study.cases()} else None
+        case = cases.get(row.case)
         if case is None:
             raise StudyError(f"{row.where}: case {row.case!r} is not in the study")
         if row.reader not in readers:
@@ -134,14 +136,13 @@ def prepare(study: Study, rows: list[Row]) -> None:
                     row.mask = grow_from_click(image.array, image.geometry, kji)
                 except ValueError as exc:
                     raise StudyError(f"{row.where} ({row.case}): {exc}") from None
-    prepare.images = images  # type: ignore[attr-defined]
+    return images
 
 
 def import_decisions(study: Study, path: str | Path) -> dict[str, int]:
     """Store every decision of a CSV/JSON file (all checked first); returns counts per decision."""
     rows = read_rows(path)
-    prepare(study, rows)
-    images = prepare.images  # type: ignore[attr-defined]
+    images = prepare(study, rows)
     counts = {d: 0 for d in DECISIONS}
     lesion_ids = {}
     for row in rows:

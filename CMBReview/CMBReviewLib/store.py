@@ -16,9 +16,8 @@ beside the database (see `voxelfiles.py`), referenced here with their sha256.
 
 from __future__ import annotations
 
-import json
+import re
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -542,22 +541,5 @@ class Study:
 
 def check_reader_name(name: str) -> None:
     """Reader names go into file names: keep them to letters, digits, '-' and '_'."""
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name or ""):
         raise StudyError(f"reader name {name!r}: use 1-64 letters, digits, '-' or '_' (it names the reader's files)")
-
-
-def retry_locked(call, attempts: int = 5):
-    """Run `call`, retrying a few times if SQLite still reports the database locked after busy_timeout."""
-    for n in range(attempts):
-        try:
-            return call()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or n == attempts - 1:
-                raise
-            time.sleep(0.05 * (n + 1))
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True)
