@@ -33,8 +33,9 @@ except ImportError:  # pragma: no cover - older Slicer
 
 
 # Keyboard: case navigation, lesion navigation and triage (also listed in the help text).
+# Plain arrows stay with the slice views (they move slices there); lesions move with Ctrl+arrows.
 SHORTCUTS = {
-    "nextCase": "Ctrl+Right", "previousCase": "Ctrl+Left", "nextLesion": "Down", "previousLesion": "Up",
+    "nextCase": "Ctrl+Right", "previousCase": "Ctrl+Left", "nextLesion": "Ctrl+Down", "previousLesion": "Ctrl+Up",
     "correct": "C", "incorrect": "X", "possible": "P", "addMissed": "M",
 }  # fmt: skip
 
@@ -172,7 +173,7 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self.ui.caseListWidget.currentRow
         self.ui.caseListWidget.clear()
         for name, done in rows:
-            self.ui.caseListWidget.addItem(("✓ " if done else "   ") + name)
+            self.ui.caseListWidget.addItem(("[done] " if done else "") + name)
         self.ui.caseListWidget.setCurrentRow(current)
         self.ui.caseListWidget.blockSignals(False)
         self.ui.progressLabel.text = _("{done} of {total} cases done").format(done=sum(d for _, d in rows), total=len(rows))
@@ -393,6 +394,7 @@ class CMBReviewLogic(ScriptedLoadableModuleLogic):
         """Store the reading time of this sitting; completed unless a detector lesion is still unjudged."""
         if self.nodes is None:
             return
+        self.storeEdits()  # segments painted or deleted since the last store must not be lost with the nodes
         if completed is None:
             completed = all(verdict for label, verdict in self.lesionRows() if label.startswith("CMB"))
         study, nodes = self.study, self.nodes

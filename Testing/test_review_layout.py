@@ -19,7 +19,7 @@ UI = ROOT / "CMBReview" / "Resources" / "UI" / "CMBReview.ui"
 
 
 def module_constant(name: str):
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == name for t in n.targets))
     return ast.literal_eval(node.value)
 
@@ -27,7 +27,7 @@ def module_constant(name: str):
 def test_ui_names_agree_with_the_module_code():
     ui = ET.parse(UI).getroot()
     widgets = {w.get("name"): w.get("class") for w in ui.iter("widget")}
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     for tuple_text in re.findall(r'for name in \(([^)]*)\)', source):  # widgets enabled by name in a loop
         used |= set(re.findall(r'"(\w+)"', tuple_text))
@@ -46,29 +46,29 @@ def test_the_widget_offers_the_stores_mimic_reasons():
 def test_shortcuts_are_distinct_and_documented():
     shortcuts = module_constant("SHORTCUTS")
     assert len(set(shortcuts.values())) == len(shortcuts)
-    ui_text = UI.read_text()
+    ui_text = UI.read_text(encoding="utf-8")
     for action in ("nextCase", "previousCase", "correct", "incorrect", "possible", "addMissed"):
         assert f"({shortcuts[action]})" in ui_text, f"the button of {action} shows its key"
 
 
 def test_logic_methods_the_widget_calls_exist():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CMBReviewLogic")
     methods = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
-    called = set(re.findall(r"self\.logic\.(\w+)\(", MODULE.read_text())) | set(re.findall(r"\blogic\.(\w+)\(", MODULE.read_text()))
+    called = set(re.findall(r"self\.logic\.(\w+)\(", MODULE.read_text(encoding="utf-8"))) | set(re.findall(r"\blogic\.(\w+)\(", MODULE.read_text(encoding="utf-8")))
     assert called and not called - methods, f"CMBReviewLogic lacks {sorted(called - methods)}"
 
 
 def test_lib_functions_the_logic_calls_exist():
     import importlib
 
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     for module, function in re.findall(r'self\.lib\("(\w+)"\)\.(\w+)', source):
         assert hasattr(importlib.import_module(f"CMBReviewLib.{module}"), function), f"CMBReviewLib.{module}.{function}"
 
 
 def test_requirements_ask_only_for_what_slicer_lacks():
-    lines = [ln.split("#", 1)[0].strip() for ln in (ROOT / "CMBReview/Resources/requirements.txt").read_text().splitlines()]
+    lines = [ln.split("#", 1)[0].strip() for ln in (ROOT / "CMBReview/Resources/requirements.txt").read_text(encoding="utf-8").splitlines()]
     requirements = [ln for ln in lines if ln]
     assert "statsmodels>=0.14" in requirements
     for line in requirements:

@@ -35,7 +35,7 @@ FALSE_POSITIVE = ((4, 40, 80), 4.0)
 
 
 def walkthrough_commands() -> list[list[str]]:
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     block = re.search(r"<!-- review-walkthrough:start -->\s*```bash\n(.*?)```\s*<!-- review-walkthrough:end -->", text, re.S)
     assert block, "README.md has lost its review walk-through"
     commands = [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
@@ -106,7 +106,7 @@ def test_walkthrough_is_three_cases_two_readers_to_the_html_report(walked):
     demo, ran = walked
     assert ["review", "report"] in ran and ["review", "consensus"] in ran and ["evaluate", "--pred"] in ran
     assert len(list((demo / "data" / "images").iterdir())) == 3
-    html = (demo / "report" / "review.html").read_text()
+    html = (demo / "report" / "review.html").read_text(encoding="utf-8")
     assert "<link" not in html and "<script" not in html and "src=" not in html, "self-contained"
     assert "Table 4" in html and "Fleiss" in html and "Per case" in html
 
@@ -125,7 +125,7 @@ def test_table4_of_the_report_is_the_decisions_recorded(walked):
     assert recorded["ana"] != recorded["ben"], "the error rate makes the two readers differ"
     with open(demo / "report" / "table4.csv", newline="") as f:
         table = {row["label"]: row for row in csv.DictReader(f)}
-    html = (demo / "report" / "review.html").read_text()
+    html = (demo / "report" / "review.html").read_text(encoding="utf-8")
     for reader, counts in recorded.items():
         total = counts["correct"] + counts["incorrect"] + counts["missed"]
         for label in ("correct", "incorrect", "missed"):
@@ -145,5 +145,5 @@ def test_simulated_ana_knows_the_truth(walked):
 
 def test_evaluate_scores_detections_against_the_consensus(walked):
     demo, _ = walked
-    touch = json.loads((demo / "evaluation" / "evaluation.json").read_text())["lesion"]["rules"]["touch"]
+    touch = json.loads((demo / "evaluation" / "evaluation.json").read_text(encoding="utf-8"))["lesion"]["rules"]["touch"]
     assert touch["n_pred"] == 9 and 0 < touch["n_truth"] <= 9

@@ -103,11 +103,11 @@ def export_consensus(study: Study, out: str | Path, cases: list[str] | None = No
         written.append(ConsensusCase(case.name, source, len(lesions), seg, truth))
         rows.append({"case": case.name, "image": str(resolve(study, case.image)), "label": os.path.relpath(seg, out)})
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "train.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(out / "train.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["case", "image", "label"])
         w.writeheader()
         w.writerows(rows)
-    with atomic_path(out / "consensus.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(out / "consensus.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["case", "lesions", "source"])
         w.writerows([c.case, c.n_lesions, c.source] for c in written)

@@ -97,12 +97,12 @@ def read_rows(path: str | Path) -> list[Row]:
     if not path.is_file():
         raise StudyError(f"decisions file not found: {path}")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
         items = data.get("decisions", data) if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise StudyError(f"{path.name}: expected a list of decisions (or {{'decisions': [...]}})")
         return [parse_row(item, f"{path.name} item {n + 1}") for n, item in enumerate(items)]
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return [parse_row(raw, f"{path.name} line {n + 2}") for n, raw in enumerate(csv.DictReader(f))]
 
 
@@ -190,9 +190,9 @@ def export_decisions(study: Study, path: str | Path) -> Path:
     rows = current_rows(study)
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".json":
-            tmp.write_text(json.dumps({"study": study.summary(), "decisions": rows, "history": study.history()}, indent=1) + "\n")
+            tmp.write_text(json.dumps({"study": study.summary(), "decisions": rows, "history": study.history()}, indent=1) + "\n", encoding="utf-8")
         else:
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=DECISION_COLUMNS)
                 w.writeheader()
                 w.writerows(rows)
@@ -203,7 +203,7 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
     from CMBDetectLib.io import atomic_path
 
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=DECISION_COLUMNS)
         w.writeheader()
         w.writerows({k: row.get(k) for k in DECISION_COLUMNS} for row in rows)

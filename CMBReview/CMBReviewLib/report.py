@@ -24,7 +24,7 @@ TABLE4_ROWS = (("correct", "Correct label"), ("incorrect", "Incorrect label"), (
 
 def _fmt(x, digits: int = 2) -> str:
     if x is None:
-        return "–"
+        return "n/a"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
@@ -36,7 +36,7 @@ def _count(x) -> str:
 
 def _kappa_cell(k: dict) -> str:
     if k.get("kappa") is None:
-        return f"– <span class='note'>({html.escape(k.get('note', 'undefined'))})</span>"
+        return f"n/a <span class='note'>({html.escape(k.get('note', 'undefined'))})</span>"
     ci = k.get("ci95")
     ci_text = f" ({ci[0]:.2f} to {ci[1]:.2f})" if ci and None not in ci else ""
     return f"{k['kappa']:.2f}{ci_text}"
@@ -128,14 +128,14 @@ def write_report(stats: dict, out: str | Path, html_page_too: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "review.json", "table4": out / "table4.csv", "kappa": out / "kappa.csv", "cases": out / "cases.csv"}
     with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(stats, indent=1) + "\n")
+        tmp.write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     columns = [*stats["readers"], *(["average"] if "average" in stats["table4"] else [])]
-    with atomic_path(paths["table4"]) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(paths["table4"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["label", *(f"{c}_{unit}" for c in columns for unit in ("count", "percent"))])
         for key, _ in TABLE4_ROWS:
             w.writerow([key, *(v for c in columns for v in (stats["table4"][c][key], stats["table4"][c][f"{key}_percent"]))])
-    with atomic_path(paths["kappa"]) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(paths["kappa"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["unit", "scale", "comparison", "n", "kappa", "se", "ci95_low", "ci95_high", "note"])
         la = stats["lesion_agreement"]
@@ -149,7 +149,7 @@ def write_report(stats: dict, out: str | Path, html_page_too: bool = True) -> di
         for unit, scale, comparison, k in rows:
             ci = k.get("ci95") or [None, None]
             w.writerow([unit, scale, comparison, k.get("n"), k.get("kappa"), k.get("se"), ci[0], ci[1], k.get("note", "")])
-    with atomic_path(paths["cases"]) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(paths["cases"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["case", "detector_lesions", "detector_seconds", "reader", "reviewed", "correct", "incorrect", "missed", "pending", "microbleeds", "category", "seconds"])
         for c in stats["cases"]:

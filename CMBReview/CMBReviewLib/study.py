@@ -42,9 +42,9 @@ def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], floa
     table = detections / f"{case}_lesions.csv"
     if not summary_path.is_file() or not table.is_file():
         raise CaseError(case, f"no complete CMBDetect result in {detections} (expected {summary_path.name} and {table.name})")
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8-sig"))
     lesions = []
-    with open(table, newline="") as f:
+    with open(table, newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             lesions.append(
                 {
@@ -66,7 +66,7 @@ def case_list(images: Path | None = None, detections: Path | None = None, csv_pa
     """(case, image, detections folder) from a folder of images + a detections folder, or a CSV
     with columns image and detections (and optionally case); CSV paths are relative to the CSV."""
     if csv_path is not None:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
         missing = {"image", "detections"} - set(rows[0].keys() if rows else ())
         if missing:
