@@ -55,6 +55,10 @@ def test_cohen_undefined_when_nobody_varies():
     k = S.cohen(np.ones(5, int), np.ones(5, int), 2)
     assert k["kappa"] is None and "same category" in k["note"] and k["observed_agreement"] == 1.0
     assert S.cohen(np.array([], int), np.array([], int), 2)["kappa"] is None
+    # one rater constant: kappa 0 by construction (sklearn agrees), and no degenerate zero-width CI
+    a, b = np.ones(6, int), np.array([1, 1, 0, 1, 0, 1])
+    k = S.cohen(a, b, 2)
+    assert k["kappa"] == 0.0 == pytest.approx(cohen_kappa_score(a, b)) and k["ci95"] is None and "by construction" in k["note"]
 
 
 # --- Fleiss' kappa ------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def _kappa_cell(k: dict) -> str:
         return f"n/a <span class='note'>({html.escape(k.get('note', 'undefined'))})</span>"
     ci = k.get("ci95")
     ci_text = f" ({ci[0]:.2f} to {ci[1]:.2f})" if ci and None not in ci else ""
-    return f"{k['kappa']:.2f}{ci_text}"
+    note = f" <span class='note'>({html.escape(k['note'])})</span>" if k.get("note") and not ci_text else ""
+    return f"{k['kappa']:.2f}{ci_text}{note}"
 
 
 def table4_text(stats: dict) -> list[list[str]]:

@@ -77,6 +77,11 @@ def cohen(a: np.ndarray, b: np.ndarray, n_categories: int, weights: str | None =
     pe = float(p.sum(0) @ p.sum(1))
     if pe >= 1 - 1e-12:
         return {**out, "kappa": None, "se": None, "ci95": None, "note": "undefined: both raters gave every item the same category"}
+    if (table.sum(0) > 0).sum() == 1 or (table.sum(1) > 0).sum() == 1:
+        # One rater used a single category: observed and expected agreement coincide, so kappa
+        # is 0 by construction, and the asymptotic SE degenerates to 0; no interval is honest.
+        return {**out, "kappa": 0.0, "se": None, "ci95": None, "table": table.astype(int).tolist(),
+                "note": "one rater gave every item the same category: kappa is 0 by construction"}  # fmt: skip
     with warnings.catch_warnings():  # a zero SE (perfect agreement) makes statsmodels warn; we report None
         warnings.simplefilter("ignore", RuntimeWarning)
         res = cohens_kappa(table, wt=weights, return_results=True)  # its CI is at alpha = 0.05
