@@ -141,3 +141,26 @@ def test_ground_truth_from_the_segment_editor_and_its_endorsement(mrml, study):
     labels = voxelfiles.read_checked(path, digest, "c1", nodes.image)
     assert sorted(int(v) for v in np.unique(labels) if v) == [1, 2, 3]
     assert stored["endorsed_by"] == [study.reader_id("ben")]
+
+
+def test_consensus_prefers_an_endorsed_ground_truth(mrml, study, tmp_path):
+    from CMBDetectLib.labels import read_label
+    from CMBReviewLib.consensus import export_consensus
+
+    nodes = review_mrml.load_case(study, "c1", "ana", mrml.scene)
+    gt = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ground truth")
+    gt.SetReferenceImageGeometryParameterFromVolumeNode(nodes.volume)
+    gt.GetSegmentation().AddEmptySegment("s0")
+    truth = sphere_mask(SHAPE, GEOMETRY, *MISSED)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(truth.astype(np.uint8), gt, "s0", nodes.volume)
+    g = review_mrml.store_groundtruth(study, "c1", "ana", gt, nodes.volume)
+    # not endorsed yet, and nobody reviewed the case: nothing to export
+    written, skipped = export_consensus(study, tmp_path / "cons")
+    assert not written and skipped == ["c1: no reader has reviewed it"]
+    study.endorse(g, study.reader_id("ben"))
+    written, _ = export_consensus(study, tmp_path / "cons")
+    assert written[0].source == "ground truth by ana, endorsed by ben" and written[0].n_lesions == 1
+    labels = read_label(written[0].label_path, "c1", nodes.image)
+    assert np.array_equal(labels > 0, truth)
+    # --majority-only ignores it, and with no reviews there is again nothing
+    assert export_consensus(study, tmp_path / "maj", use_endorsed=False)[0] == []
