@@ -188,9 +188,13 @@ def store_edits(study: Study, nodes: CaseNodes) -> dict[str, int]:
     done = {"verdicts": 0, "added": 0, "withdrawn": 0}
     current = {v.lesion_id: v for v in study.current_verdicts(reader_id)}
     ids = lesion_ids(nodes)
+    visible = {l.id for l in study.lesions(study.case(nodes.case).id, reader_id)}  # withdrawn ones drop out
     for index, lesion_id in enumerate(ids):
-        parsed = parse_verdict(nodes.markups.GetNthControlPointDescription(index))
-        if parsed is None or lesion_id not in {l.id for l in study.lesions(reader_id=reader_id)}:
+        try:
+            parsed = parse_verdict(nodes.markups.GetNthControlPointDescription(index))
+        except StudyError as exc:
+            raise StudyError(f"{nodes.case}, {nodes.markups.GetNthControlPointLabel(index)}: {exc}") from None
+        if parsed is None or lesion_id not in visible:
             continue
         v = current.get(lesion_id)
         if v is None or (v.verdict, v.reason, v.certainty) != parsed:
