@@ -64,6 +64,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/commands/cohort_benchmark.py",
         "CMBDetectLib/commands/benchmark.py",
         "CMBDetectLib/commands/evaluate.py",
+        "CMBDetectLib/commands/review.py",
         "CMBDetectLib/commands/synth.py",
         "CMBDetectLib/commands/train.py",
         "CMBDetectLib/evaluation/",

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "CMBDetectLib.commands.train",
     "benchmark": "CMBDetectLib.commands.benchmark",
     "cohort-benchmark": "CMBDetectLib.commands.cohort_benchmark",
+    "review": "CMBDetectLib.commands.review",
 }
 
 

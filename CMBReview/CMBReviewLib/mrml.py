@@ -1,0 +1,233 @@
+"""The MRML adapter of the review: a stored case becomes nodes; what a reader changes in them becomes decisions.
+
+The only CMBReviewLib module that imports slicer. It uses what both the Slicer application and
+slicer-core provide (nodes, `slicer.util` array helpers, static logic methods), so it is tested
+headless on slicer-core's real scene.
+
+A case for one reader becomes:
+- a scalar volume node (the SWI, on its own grid: IJK-to-RAS from the file's geometry);
+- a segmentation node: the detector's lesions (segment IDs `CMB_<id>`, one shared layer) and
+  the lesions this reader added (`ADDED_<lesion id>`, each its own layer, as they may overlap);
+- a markups node: one locked point per lesion at its centroid, labelled as its segment
+  ("CMB <id>" / "Added <id>"); the point's description carries the reader's current verdict
+  (VERDICT_FORMAT), so the views, the point list and the store say the same thing.
+What the reader changes there, `store_edits` turns into stored decisions: a point's new
+description is a verdict; a new segment (painted in the Segment Editor) is an added lesion; an
+`ADDED_` segment the reader deleted is withdrawn. Each is its own transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import slicer
+import slicer.util
+import vtk
+
+from CMBDetectLib.detection.lesions import CLASS_COLORS
+from CMBDetectLib.detection.outputs import TERMINOLOGY_ENTRY
+from CMBDetectLib.io import Volume
+from CMBDetectLib.mrml import ijk_to_ras_of, jump_to_lesion, labelmap_image, volume_from_node
+
+from . import voxelfiles
+from .regiongrow import grow_from_click
+from .store import CERTAINTIES, MIMIC_REASONS, VERDICTS, Study, StudyError
+from .study import add_missed, detector_labels, load_image, save_groundtruth
+
+LESIONS_ATTRIBUTE = "CMBReview.Lesions"  # JSON: the stored lesion id of each control point, in order
+CASE_ATTRIBUTE = "CMBReview.Case"
+READER_ATTRIBUTE = "CMBReview.Reader"
+ADDED_COLOR = (0.1, 0.75, 0.95)  # reader-added lesions in cyan, apart from the detector's reds
+VERDICT_FORMAT = "verdict[:reason][:certainty], e.g. 'correct', 'correct:possible', 'incorrect:vessel'"
+
+
+def verdict_text(verdict: str | None, reason: str | None = None, certainty: str = "definite") -> str:
+    if verdict is None:
+        return ""
+    return ":".join([verdict, *([reason] if reason else []), *([certainty] if certainty != "definite" else [])])
+
+
+def parse_verdict(text: str) -> tuple[str, str | None, str] | None:
+    """'incorrect:vessel:possible' -> ('incorrect', 'vessel', 'possible'); '' -> None (not judged)."""
+    parts = [p.strip().lower() for p in (text or "").split(":") if p.strip()]
+    if not parts:
+        return None
+    verdict, rest = parts[0], parts[1:]
+    if verdict not in VERDICTS:
+        raise StudyError(f"'{text}' is not a verdict: {VERDICT_FORMAT}")
+    certainty = rest.pop() if rest and rest[-1] in CERTAINTIES else "definite"
+    reason = rest.pop(0) if rest else None
+    if rest or (reason is not None and reason not in MIMIC_REASONS):
+        raise StudyError(f"'{text}' is not a verdict: {VERDICT_FORMAT}; reasons: {', '.join(MIMIC_REASONS)}")
+    return verdict, reason, certainty
+
+
+@dataclass
+class CaseNodes:
+    case: str
+    reader: str
+    volume: Any
+    segmentation: Any
+    markups: Any
+    image: Volume  # the stored image, whose grid every decision is checked against
+
+
+def _scene(scene: Any) -> Any:
+    return scene if scene is not None else slicer.mrmlScene
+
+
+def load_case(study: Study, case: str, reader: str, scene: Any = None) -> CaseNodes:
+    """Volume, segmentation and markups nodes of one case as this reader sees it."""
+    scene = _scene(scene)
+    reader_id = study.reader_id(reader)
+    image = load_image(study, case)
+    volume = slicer.util.addVolumeFromArray(image.array, image.geometry.ijk_to_ras(), case)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{case} lesions ({reader})")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), volume.GetID())
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{case} lesions ({reader}) points")
+    markups.CreateDefaultDisplayNodes()
+    for node in (segmentation, markups):
+        node.SetAttribute(CASE_ATTRIBUTE, case)
+        node.SetAttribute(READER_ATTRIBUTE, reader)
+    nodes = CaseNodes(case, reader, volume, segmentation, markups, image)
+
+    lesions = study.lesions(study.case(case).id, reader_id)
+    detector = [l for l in lesions if l.source == "detector"]
+    labels = detector_labels(study, case, image) if detector else None
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if detector:
+        layer = labelmap_image(labels, ijk_to_ras_of(volume))
+        for l in detector:
+            segment = slicer.vtkSegment()
+            segment.SetName(l.label)
+            segment.SetColor(*CLASS_COLORS.get(l.size_class or "small", CLASS_COLORS["small"]))
+            segment.SetLabelValue(int(l.detector_label))
+            segment.AddRepresentation(labelmap_name, layer)
+            segment.SetTerminology(TERMINOLOGY_ENTRY)
+            segmentation.GetSegmentation().AddSegment(segment, f"CMB_{l.detector_label}")
+    for l in lesions:
+        if l.source == "reader":
+            path, digest = study.file(l.file_id)
+            _add_segment(nodes, f"ADDED_{l.id}", l.label, voxelfiles.read_checked(path, digest, case, image) > 0)
+
+    verdicts = {v.lesion_id: v for v in study.current_verdicts(reader_id)}
+    ids = []
+    for l in lesions:
+        v = verdicts.get(l.id)
+        index = markups.AddControlPoint(vtk.vtkVector3d(*l.ras), l.label)
+        markups.SetNthControlPointDescription(index, verdict_text(v.verdict, v.reason, v.certainty) if v else "")
+        markups.SetNthControlPointLocked(index, True)
+        ids.append(l.id)
+    markups.SetAttribute(LESIONS_ATTRIBUTE, json.dumps(ids))
+    return nodes
+
+
+def _add_segment(nodes: CaseNodes, segment_id: str, name: str, mask: np.ndarray) -> None:
+    segmentation = nodes.segmentation.GetSegmentation()
+    segmentation.AddEmptySegment(segment_id, name, list(ADDED_COLOR))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), nodes.segmentation, segment_id, nodes.volume)
+
+
+def lesion_ids(nodes: CaseNodes) -> list[int]:
+    return json.loads(nodes.markups.GetAttribute(LESIONS_ATTRIBUTE) or "[]")
+
+
+def set_verdict(study: Study, nodes: CaseNodes, index: int, verdict: str, reason: str | None = None, certainty: str = "definite") -> None:
+    """The triage keys: store the verdict on the index-th lesion, then show it on its point."""
+    study.record_verdict(lesion_ids(nodes)[index], study.reader_id(nodes.reader), verdict, reason, certainty)
+    nodes.markups.SetNthControlPointDescription(index, verdict_text(verdict, reason, certainty))
+
+
+def jump_to(nodes: CaseNodes, index: int) -> np.ndarray:
+    """Centre every slice view on the index-th lesion; returns the world RAS point."""
+    position = [0.0, 0.0, 0.0]
+    nodes.markups.GetNthControlPointPositionWorld(index, position)
+    return jump_to_lesion(position, scene=nodes.volume.GetScene())
+
+
+def add_missed_at(study: Study, nodes: CaseNodes, ras: tuple[float, float, float], certainty: str = "definite") -> int:
+    """The one-click add: grow the dark blob at the clicked world point (bounded to 10 mm) and store it."""
+    ras_to_ijk = np.linalg.inv(ijk_to_ras_of(nodes.volume))
+    ijk = ras_to_ijk @ np.array([*ras, 1.0])
+    kji = tuple(int(round(v)) for v in ijk[2::-1])
+    try:
+        mask = grow_from_click(nodes.image.array, nodes.image.geometry, kji)
+    except ValueError as exc:
+        raise StudyError(f"{nodes.case}: {exc}") from None
+    return _store_added(study, nodes, mask, certainty)
+
+
+def _store_added(study: Study, nodes: CaseNodes, mask: np.ndarray, certainty: str = "definite") -> int:
+    """Store an added lesion, then show it as segment `ADDED_<id>` with its point; returns its id."""
+    lesion_id = add_missed(study, nodes.case, nodes.reader, mask, nodes.image, certainty)
+    lesion = next(l for l in study.lesions(study.case(nodes.case).id) if l.id == lesion_id)
+    _add_segment(nodes, f"ADDED_{lesion_id}", lesion.label, mask)
+    index = nodes.markups.AddControlPoint(vtk.vtkVector3d(*lesion.ras), lesion.label)
+    nodes.markups.SetNthControlPointDescription(index, verdict_text("correct", None, certainty))
+    nodes.markups.SetNthControlPointLocked(index, True)
+    nodes.markups.SetAttribute(LESIONS_ATTRIBUTE, json.dumps([*lesion_ids(nodes), lesion_id]))
+    return lesion_id
+
+
+def _segment_ids(segmentation_node: Any) -> list[str]:
+    ids = vtk.vtkStringArray()
+    segmentation_node.GetSegmentation().GetSegmentIDs(ids)
+    return [ids.GetValue(n) for n in range(ids.GetNumberOfValues())]
+
+
+def store_edits(study: Study, nodes: CaseNodes) -> dict[str, int]:
+    """Turn what the reader changed in the nodes into stored decisions; returns counts."""
+    reader_id = study.reader_id(nodes.reader)
+    if nodes.image.shape != tuple(reversed(nodes.volume.GetImageData().GetDimensions())):
+        raise StudyError(f"{nodes.case}: the volume node no longer has the stored image's grid")
+    done = {"verdicts": 0, "added": 0, "withdrawn": 0}
+    current = {v.lesion_id: v for v in study.current_verdicts(reader_id)}
+    ids = lesion_ids(nodes)
+    visible = {l.id for l in study.lesions(study.case(nodes.case).id, reader_id)}  # withdrawn ones drop out
+    for index, lesion_id in enumerate(ids):
+        try:
+            parsed = parse_verdict(nodes.markups.GetNthControlPointDescription(index))
+        except StudyError as exc:
+            raise StudyError(f"{nodes.case}, {nodes.markups.GetNthControlPointLabel(index)}: {exc}") from None
+        if parsed is None or lesion_id not in visible:
+            continue
+        v = current.get(lesion_id)
+        if v is None or (v.verdict, v.reason, v.certainty) != parsed:
+            study.record_verdict(lesion_id, reader_id, *parsed)
+            done["verdicts"] += 1
+
+    present = _segment_ids(nodes.segmentation)
+    mine = {l.id for l in study.lesions(study.case(nodes.case).id, reader_id) if l.source == "reader" and l.added_by == reader_id}
+    for lesion_id in sorted(mine):
+        if f"ADDED_{lesion_id}" not in present:
+            study.withdraw_added(lesion_id, reader_id)
+            done["withdrawn"] += 1
+    for segment_id in present:
+        if segment_id.startswith(("CMB_", "ADDED_")):
+            continue
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, segment_id, nodes.volume)
+        if mask is None or not np.any(mask):
+            continue  # an empty segment the reader has not painted yet
+        nodes.segmentation.GetSegmentation().RemoveSegment(segment_id)
+        _store_added(study, nodes, np.asarray(mask) > 0)
+        done["added"] += 1
+    return done
+
+
+def store_groundtruth(study: Study, case: str, reader: str, segmentation_node: Any, volume_node: Any) -> int:
+    """A ground-truth labelling made in the Segment Editor: every segment, one label each."""
+    image = load_image(study, case)
+    grid = volume_from_node(volume_node).geometry
+    if not grid.matches(image.geometry) or volume_from_node(volume_node).shape != image.shape:
+        raise StudyError(f"{case}: label on the case's own volume (its grid differs from the stored image)")
+    labels = np.zeros(image.shape, np.uint16)
+    for n, segment_id in enumerate(_segment_ids(segmentation_node), start=1):
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
+        if mask is not None:
+            labels[np.asarray(mask) > 0] = n
+    return save_groundtruth(study, case, reader, labels, image)

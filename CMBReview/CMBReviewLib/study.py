@@ -1,0 +1,173 @@
+"""Building a study from CMBDetect outputs, and the decisions that carry voxels.
+
+A case is an SWI volume plus the folder where `cmbdetect detect` wrote its results:
+`<case>_lesions.csv` (the detector's lesions: id, centroid, size), `<case>_lesions.nii.gz`
+(their voxels, label = id) and `<case>_summary.json` (the detector's seconds). Paths are
+stored relative to the study's folder when they lie under it, so a study folder can move.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from CMBDetectLib.errors import CaseError
+from CMBDetectLib.io import Volume, case_name, is_volume_file, read_volume
+
+from . import voxelfiles
+from .regiongrow import grow_from_click
+from .store import Study, StudyError, now
+
+
+def _stored_path(study: Study, path: Path) -> str:
+    path = Path(path).resolve()
+    try:
+        return os.path.relpath(path, study.path.parent.resolve())
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def resolve(study: Study, stored: str) -> Path:
+    p = Path(stored)
+    return p if p.is_absolute() else (study.path.parent / p).resolve()
+
+
+def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], float | None]:
+    """The detector's lesions of one case from `cmbdetect detect` outputs, and its seconds."""
+    summary_path = detections / f"{case}_summary.json"
+    table = detections / f"{case}_lesions.csv"
+    if not summary_path.is_file() or not table.is_file():
+        raise CaseError(case, f"no complete CMBDetect result in {detections} (expected {summary_path.name} and {table.name})")
+    summary = json.loads(summary_path.read_text(encoding="utf-8-sig"))
+    lesions = []
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            lesions.append(
+                {
+                    "id": int(row["id"]),
+                    "ras": (float(row["centroid_r"]), float(row["centroid_a"]), float(row["centroid_s"])),
+                    "diameter_mm": float(row["diameter_mm"]),
+                    "n_voxels": int(row["n_voxels"]),
+                    "size_class": row["size_class"],
+                    "mean_probability": float(row["mean_probability"]),
+                }
+            )
+    if len(lesions) != int(summary.get("n_lesions", len(lesions))):
+        raise CaseError(case, f"{table.name} lists {len(lesions)} lesions, the summary {summary.get('n_lesions')}")
+    seconds = summary.get("seconds")
+    return lesions, float(seconds) if seconds is not None else None
+
+
+def case_list(images: Path | None = None, detections: Path | None = None, csv_path: Path | None = None) -> list[tuple[str, Path, Path]]:
+    """(case, image, detections folder) from a folder of images + a detections folder, or a CSV
+    with columns image and detections (and optionally case); CSV paths are relative to the CSV."""
+    if csv_path is not None:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"image", "detections"} - set(rows[0].keys() if rows else ())
+        if missing:
+            raise StudyError(f"{csv_path} needs columns image and detections (missing: {', '.join(sorted(missing))})")
+        base = Path(csv_path).parent
+        return [(r.get("case") or case_name(Path(r["image"])), base / r["image"], base / r["detections"]) for r in rows]
+    if images is None or detections is None:
+        raise StudyError("give a folder of images and the folder of their CMBDetect results, or a CSV")
+    if not Path(images).is_dir():
+        raise StudyError(f"image folder not found: {images}")
+    files = sorted(p for p in Path(images).iterdir() if is_volume_file(p) and not p.name.startswith("."))
+    return [(case_name(p), p, Path(detections)) for p in files]
+
+
+def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
+    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on."""
+    added, errors = [], []
+    known = {c.name for c in study.cases()}
+    for name, image, detections in cases:
+        try:
+            if name in known:
+                raise CaseError(name, "already in the study")
+            if not Path(image).exists():
+                raise CaseError(name, f"image not found: {image}")
+            lesions, seconds = read_detector_lesions(Path(detections), name)
+            with study.transaction() as con:  # the case and its lesions together, or neither
+                position = con.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM cases").fetchone()[0]
+                case_id = con.execute(
+                    "INSERT INTO cases (name, image, detections, detector_seconds, position) VALUES (?, ?, ?, ?, ?)",
+                    (name, _stored_path(study, image), _stored_path(study, detections), seconds, position),
+                ).lastrowid
+                con.executemany(
+                    "INSERT INTO lesions (case_id, source, detector_label, r, a, s, diameter_mm, n_voxels, size_class, "
+                    "mean_probability, created) VALUES (?, 'detector', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(case_id, l["id"], *l["ras"], l["diameter_mm"], l["n_voxels"], l["size_class"], l["mean_probability"], now())
+                     for l in lesions],
+                )  # fmt: skip
+            added.append(name)
+            known.add(name)
+        except (CaseError, ValueError, KeyError, OSError) as exc:
+            errors.append(exc if isinstance(exc, CaseError) else CaseError(name, str(exc)))
+    return added, errors
+
+
+def load_image(study: Study, case: str) -> Volume:
+    return read_volume(resolve(study, study.case(case).image), case)
+
+
+def detector_labels(study: Study, case: str, like: Volume) -> np.ndarray:
+    """The detector's label map of a case (label = lesion id), on the image's grid."""
+    from CMBDetectLib.labels import read_label
+
+    c = study.case(case)
+    if c.detections is None:
+        return np.zeros(like.shape, np.uint16)
+    return read_label(resolve(study, c.detections) / f"{case}_lesions.nii.gz", case, like)
+
+
+def add_missed(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume, certainty: str = "definite") -> int:
+    """Store a lesion the detector missed: its voxels to a new file, then one transaction."""
+    mask = np.asarray(mask) > 0
+    if mask.shape != image.shape:
+        raise StudyError(f"{case}: the added lesion's mask {mask.shape} is not on the image grid {image.shape}")
+    reader_id, case_id = study.reader_id(reader), study.case(case).id
+    path, digest = voxelfiles.write_new(study.files_dir, case, reader, "added", mask.astype(np.uint16), image.geometry)
+    (lesion,) = voxelfiles.describe(mask.astype(np.uint16), image.geometry)
+    return study.add_reader_lesion(
+        case_id, reader_id, str(path.relative_to(study.files_dir)), digest, lesion.centroid_ras,
+        lesion.n_voxels, lesion.diameter_mm, lesion.size_class, certainty,
+    )  # fmt: skip
+
+
+def ras_to_kji(image: Volume, ras: tuple[float, float, float]) -> tuple[int, int, int]:
+    lps = np.array([-ras[0], -ras[1], ras[2], 1.0])
+    ijk = np.linalg.solve(image.geometry.ijk_to_lps(), lps)[:3]
+    return tuple(int(v) for v in np.round(ijk[::-1]))  # type: ignore[return-value]
+
+
+def add_missed_at(study: Study, case: str, reader: str, ras: tuple[float, float, float], image: Volume,
+                  diameter_mm: float | None = None, certainty: str = "definite") -> int:  # fmt: skip
+    """A missed lesion from one click at RAS: grown from the click (bounded to 10 mm), or a
+    sphere of `diameter_mm` when given (for lists of positions from elsewhere)."""
+    kji = ras_to_kji(image, ras)
+    if any(not 0 <= v < n for v, n in zip(kji, image.shape)):
+        raise StudyError(f"{case}: point RAS {tuple(round(v, 1) for v in ras)} lies outside the image")
+    if diameter_mm:
+        from .regiongrow import sphere_mask
+
+        mask = sphere_mask(image.shape, image.geometry, kji, diameter_mm / 2)
+    else:
+        try:
+            mask = grow_from_click(image.array, image.geometry, kji)
+        except ValueError as exc:
+            raise StudyError(f"{case}: {exc}") from None
+    return add_missed(study, case, reader, mask, image, certainty)
+
+
+def save_groundtruth(study: Study, case: str, reader: str, labels: np.ndarray, image: Volume) -> int:
+    """A reader's ground-truth labelling of a case (a new version each time; old ones stay)."""
+    if labels.shape != image.shape:
+        raise StudyError(f"{case}: the labelling {labels.shape} is not on the image grid {image.shape}")
+    reader_id, case_id = study.reader_id(reader), study.case(case).id
+    path, digest = voxelfiles.write_new(study.files_dir, case, reader, "groundtruth", np.asarray(labels).astype(np.uint16), image.geometry)
+    return study.add_groundtruth(case_id, reader_id, str(path.relative_to(study.files_dir)), digest)

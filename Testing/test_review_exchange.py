@@ -1,0 +1,119 @@
+"""Decisions in and out (CSV, JSON) through `cmbdetect review`, and bad input refused whole, naming the problem."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from CMBDetectLib.cli import main as cmbdetect
+from CMBReviewLib.analysis import analyse
+from CMBReviewLib.store import Study
+from test_review_walkthrough import fake_detect, fake_synth
+
+COLUMNS = ["case", "reader", "decision", "lesion", "reason", "certainty", "r", "a", "s", "diameter_mm", "seconds", "completed"]
+
+
+@pytest.fixture
+def study(tmp_path):
+    fake_synth(tmp_path / "data", 2, seed=0)
+    fake_detect(tmp_path / "data" / "images", tmp_path / "det")
+    path = tmp_path / "study.db"
+    assert cmbdetect(["review", "create", str(path), "--images", str(tmp_path / "data" / "images"), "--detections", str(tmp_path / "det")]) == 0
+    assert cmbdetect(["review", "add-reader", str(path), "ana", "ben"]) == 0
+    return path
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_a_file_with_one_bad_row_stores_nothing_and_says_where(study, tmp_path, capsys):
+    rows = [
+        {"case": "case0", "reader": "ana", "decision": "correct", "lesion": 1},
+        {"case": "case0", "reader": "ana", "decision": "incorrect", "lesion": 2, "reason": "unicorn"},
+    ]
+    assert cmbdetect(["review", "import", str(study), str(write_csv(tmp_path / "bad.csv", rows))]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv line 3 (case0)" in err and "needs a reason" in err
+    for bad, message in [
+        ({"case": "nope", "reader": "ana", "decision": "correct", "lesion": 1}, "case 'nope' is not in the study"),
+        ({"case": "case0", "reader": "zoe", "decision": "correct", "lesion": 1}, "reader 'zoe' is not in the study"),
+        ({"case": "case0", "reader": "ana", "decision": "correct", "lesion": 99}, "no lesion 99"),
+        ({"case": "case0", "reader": "ana", "decision": "missed", "r": 1e4, "a": 0, "s": 0}, "outside the image"),
+        ({"case": "case0", "reader": "ana", "decision": "reading", "seconds": -3}, "seconds must be >= 0"),
+    ]:
+        assert cmbdetect(["review", "import", str(study), str(write_csv(tmp_path / "bad.csv", [rows[0], bad]))]) == 2
+        assert message in capsys.readouterr().err
+    with Study.open(study) as s:
+        assert s.history() == [] and s.reading_seconds() == {}
+
+
+def test_export_then_import_into_a_new_study_gives_the_same_table4(study, tmp_path):
+    for reader, error in (("ana", 0.0), ("ben", 0.5)):
+        out = tmp_path / f"{reader}.csv"
+        assert cmbdetect(["review", "simulate", str(study), "--truth", str(tmp_path / "data"), "--reader", reader,
+                          "--error-rate", str(error), "--seed", "3", "-o", str(out)]) == 0  # fmt: skip
+        assert cmbdetect(["review", "import", str(study), str(out)]) == 0
+    assert cmbdetect(["review", "export", str(study), str(tmp_path / "all.csv")]) == 0
+    assert cmbdetect(["review", "export", str(study), str(tmp_path / "all.json")]) == 0
+    history = json.loads((tmp_path / "all.json").read_text())
+    assert len(history["history"]) >= len([r for r in history["decisions"] if r["decision"] != "reading"])
+
+    copy = tmp_path / "copy.db"
+    assert cmbdetect(["review", "create", str(copy), "--images", str(tmp_path / "data" / "images"), "--detections", str(tmp_path / "det")]) == 0
+    assert cmbdetect(["review", "add-reader", str(copy), "ana", "ben"]) == 0
+    assert cmbdetect(["review", "import", str(copy), str(tmp_path / "all.csv")]) == 0
+    with Study.open(study) as a, Study.open(copy) as b:
+        ta, tb = analyse(a, n_boot=0), analyse(b, n_boot=0)
+        assert ta["table4"] == tb["table4"]
+        assert ta["reading_time"] == tb["reading_time"]
+        assert ta["lesion_agreement"]["reader_vs_detector"] == tb["lesion_agreement"]["reader_vs_detector"]
+
+
+def test_json_decisions_import_like_csv(study, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"decisions": [
+        {"case": "case1", "reader": "ben", "decision": "incorrect", "lesion": 3, "reason": "calcification", "certainty": "possible"},
+        {"case": "case1", "reader": "ben", "decision": "reading", "seconds": 42, "completed": 0},
+    ]}))  # fmt: skip
+    assert cmbdetect(["review", "import", str(study), str(path)]) == 0
+    with Study.open(study) as s:
+        (v,) = s.current_verdicts()
+        assert (v.verdict, v.reason, v.certainty) == ("incorrect", "calcification", "possible")
+        assert list(s.reading_seconds().values()) == [42.0] and s.resume_position(s.reader_id("ben")) == 0
+
+
+def test_create_reports_a_bad_case_and_keeps_the_others(tmp_path, capsys):
+    fake_synth(tmp_path / "data", 2, seed=0)
+    fake_detect(tmp_path / "data" / "images", tmp_path / "det")
+    (tmp_path / "det" / "case1_summary.json").unlink()  # an incomplete CMBDetect result
+    assert cmbdetect(["review", "create", str(tmp_path / "s.db"), "--images", str(tmp_path / "data" / "images"), "--detections", str(tmp_path / "det")]) == 1
+    assert "case1: no complete CMBDetect result" in capsys.readouterr().err
+    with Study.open(tmp_path / "s.db") as s:
+        assert [c.name for c in s.cases()] == ["case0"] and len(s.lesions()) == 3
+    assert cmbdetect(["review", "status", str(tmp_path / "s.db")]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"] == 1
+
+
+def test_a_missed_lesion_from_a_point_is_grown_like_a_click(study, tmp_path):
+    from CMBDetectLib.io import read_volume
+
+    image = read_volume(tmp_path / "data" / "images" / "case0.nii.gz")
+    truth = read_volume(tmp_path / "data" / "labels" / "case0.nii.gz").array == 3  # the undetected bleed
+    centre = np.argwhere(truth).mean(axis=0)
+    r, a, s = image.geometry.index_to_ras(centre[::-1])
+    rows = [{"case": "case0", "reader": "ana", "decision": "missed", "r": r, "a": a, "s": s}]
+    assert cmbdetect(["review", "import", str(study), str(write_csv(tmp_path / "m.csv", rows))]) == 0
+    with Study.open(study) as st:
+        (added,) = [l for l in st.lesions() if l.source == "reader"]
+        from CMBReviewLib import voxelfiles
+
+        grown = voxelfiles.read_checked(*st.file(added.file_id), "case0", image) > 0
+        assert 2 * np.sum(grown & truth) / (grown.sum() + truth.sum()) > 0.9
