@@ -321,3 +321,31 @@ def test_subcommand_contract():
     evaluate_cmd.configure(parser)
     args = parser.parse_args(["--pred", "p", "--truth", "t", "-o", "o"])
     assert (args.connectivity, args.overlap, args.distance_mm, args.bootstrap, args.seed) == (26, 0.4, 5.0, 1000, 0)
+
+
+def test_truth_as_seg_nrrd_cropped_to_its_segments(tmp_path):
+    """Slicer saves a segmentation cropped to its segments; evaluate pastes it onto the prediction's grid."""
+    from CMBDetectLib.detection.lesions import extract_lesions
+    from CMBDetectLib.detection.outputs import write_segmentation_nrrd
+
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir(), pred_dir.mkdir()
+    t = zeros()
+    t[2:4, 4:8, 4:8] = 1  # 2 x 2 x 2 mm: one small lesion
+    t[1:4, 10:14, 14:20] = 1  # a second one, 3 x 3 x 6 mm
+    labels, lesions = extract_lesions(t.astype(np.float32), GEOM, 0.5)
+    assert len(lesions) == 2
+    box = (slice(1, 4), slice(4, 14), slice(4, 20))  # the segments' extent
+    corner = GEOM.ijk_to_lps() @ np.array([4, 4, 1, 1.0])  # (i, j, k) of the box's first voxel
+    write_segmentation_nrrd(truth_dir / "a.seg.nrrd", labels[box], lesions, Geometry(GEOM.spacing, tuple(corner[:3]), GEOM.direction))
+    p = zeros()
+    p[2:4, 4:8, 4:8] = 1  # finds the first lesion only
+    write_volume(p, GEOM, pred_dir / "a_lesions.nii.gz")
+    write_volume(zeros(np.uint8), GEOM, pred_dir / "a.seg.nrrd")  # detect's own segmentation: not a truth
+
+    pairs, errors = discover(pred_dir, truth_dir)
+    assert not errors and [p.case for p in pairs] == ["a"]
+    ev = evaluate_folders(pred_dir, truth_dir, Settings(n_bootstrap=0), progress=False)
+    assert not ev.errors
+    touch = ev.summary()["lesion"]["rules"]["touch"]
+    assert (touch["n_truth"], touch["tp_truth"], touch["n_pred"]) == (2, 1, 1)

@@ -12,7 +12,7 @@ import pytest
 
 from CMBDetectLib.cli import main as cmbdetect
 from CMBDetectLib.io import read_volume, write_volume
-from CMBDetectLib.labels import read_label
+from CMBDetectLib.labels import read_label, read_label_file
 from CMBReviewLib.store import Study
 from handmade import phantom, save_dark_spot_model
 
@@ -83,15 +83,15 @@ def test_consensus_segmentation_is_the_agreed_lesions_on_the_image_grid(reviewed
         # the added lesion was grown from the click and covers the 1 mm sphere's voxels
         (ck, cj, ci), _ = SPHERES[2]
         assert agreed[ck, cj, ci]
-        # the label map twin holds the same voxels, on the same grid
-        twin = read_volume(root / "consensus" / "truth" / f"{case}.nii.gz")
-        assert twin.geometry.matches(geometry) and np.array_equal(twin.array > 0, agreed)
+        # and cmbdetect's own ground-truth reader puts the same voxels on the image's grid
+        truth, truth_geometry = read_label_file(root / "consensus" / "labels" / f"{case}.seg.nrrd", case)
+        assert truth_geometry.matches(geometry) and np.array_equal(truth > 0, agreed)
 
 
 def test_evaluate_reads_the_consensus(reviewed):
     root, *_ = reviewed
     out = root / "eval"
-    assert cmbdetect(["evaluate", "--pred", str(root / "det"), "--truth", str(root / "consensus" / "truth"), "-o", str(out),
+    assert cmbdetect(["evaluate", "--pred", str(root / "det"), "--truth", str(root / "consensus"), "-o", str(out),
                       "--bootstrap", "0", "--no-html", "--quiet"]) == 0  # fmt: skip
     touch = json.loads((out / "evaluation.json").read_text())["lesion"]["rules"]["touch"]
     # per case: 2 detections of which 1 agreed; 2 agreed lesions of which 1 detected

@@ -17,7 +17,8 @@ from .errors import CaseError
 from .io import Geometry, Volume, geometry_of, to_sitk
 
 
-def _read_any(path: Path, case: str) -> tuple[np.ndarray, Geometry]:
+def read_label_file(path: Path, case: str) -> tuple[np.ndarray, Geometry]:
+    """A label map or `.seg.nrrd` on its own grid (layers of a segmentation merged)."""
     if path.name.lower().endswith(".nrrd"):
         header = nrrd.read_header(str(path))
         if int(header.get("dimension", 3)) == 4:
@@ -49,7 +50,7 @@ def read_label(path: str | Path, case: str, like: Volume) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise CaseError(case, f"label file not found: {path}")
-    array, geometry = _read_any(path, case)
+    array, geometry = read_label_file(path, case)
     if array.shape == like.shape and geometry.matches(like.geometry):
         return array
     g = like.geometry

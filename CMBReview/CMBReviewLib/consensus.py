@@ -8,9 +8,8 @@ Per case, in order of preference:
 Cases nobody reviewed are left out, and said so.
 
 Written to OUT (the lesions numbered 1..N in each file):
-- `labels/<case>.seg.nrrd`: a Slicer segmentation, one segment per lesion;
-- `truth/<case>.nii.gz`: the same voxels as a label map, for `cmbdetect evaluate --truth OUT/truth`
-  (evaluate looks for ground truth under `<case>.nii.gz` / `<case>.nrrd`);
+- `labels/<case>.seg.nrrd`: a Slicer segmentation, one segment per lesion, which
+  `cmbdetect evaluate --truth OUT` reads directly;
 - `train.csv` (case, image, label -> the `.seg.nrrd`): for `cmbdetect train --data OUT/train.csv`;
 - `consensus.csv`: per case, where the truth came from and how many lesions it holds.
 """
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from CMBDetectLib.detection.outputs import write_segmentation_nrrd
-from CMBDetectLib.io import atomic_path, write_volume
+from CMBDetectLib.io import atomic_path
 
 from . import analysis, voxelfiles
 from .study import detector_labels, load_image, resolve
@@ -38,7 +37,6 @@ class ConsensusCase:
     source: str  # "endorsed ground truth by <reader> (endorsed by ...)" or "majority of N readers"
     n_lesions: int
     label_path: Path | None
-    truth_path: Path | None
 
 
 def majority_labels(study: Study, case_name: str, image, candidates, readers, rat, ctx) -> tuple[np.ndarray, int]:
@@ -96,11 +94,9 @@ def export_consensus(study: Study, out: str | Path, cases: list[str] | None = No
             source = f"majority of {len(reviewed)} reader(s): {', '.join(names[r] for r in reviewed)}"
         lesions = voxelfiles.describe(labels, image.geometry)
         seg = out / "labels" / f"{case.name}.seg.nrrd"
-        truth = out / "truth" / f"{case.name}.nii.gz"
         with atomic_path(seg) as tmp:
             write_segmentation_nrrd(tmp, labels, lesions, image.geometry)
-        write_volume(labels, image.geometry, truth)
-        written.append(ConsensusCase(case.name, source, len(lesions), seg, truth))
+        written.append(ConsensusCase(case.name, source, len(lesions), seg))
         rows.append({"case": case.name, "image": str(resolve(study, case.image)), "label": os.path.relpath(seg, out)})
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "train.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:

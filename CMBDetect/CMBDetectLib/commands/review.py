@@ -128,7 +128,7 @@ def _consensus(study, args) -> int:
         print(f"{c.case}: {c.n_lesions} lesion(s) from the {c.source}")
     for s in skipped:
         print(f"  skipped: {s}", file=sys.stderr)
-    print(f"consensus in {args.out}: labels/*.seg.nrrd, truth/*.nii.gz, train.csv")
+    print(f"consensus in {args.out}: labels/*.seg.nrrd, train.csv")
     return 0 if written else 1
 
 

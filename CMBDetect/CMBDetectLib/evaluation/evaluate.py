@@ -19,6 +19,7 @@ import numpy as np
 from . import metrics as M
 from ..errors import CaseError
 from ..io import Geometry, Volume, case_name, is_volume_file, read_volume
+from ..labels import read_label_file, read_label
 from ..detection.lesions import CONNECTIVITY, DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, extract_lesions
 
 LESIONS_SUFFIX = "_lesions"
@@ -231,10 +232,14 @@ def read_controls(path: Path) -> dict[str, bool]:
         return out
 
 
-def _volume_files(folder: Path) -> list[Path]:
+def _volume_files(folder: Path, segmentations: bool = False) -> list[Path]:
+    """Volumes in `folder`; `.seg.nrrd` only where asked: in a detection folder it is CMBDetect's
+    segmentation, a copy of `<case>_lesions.*`, but in a truth folder it is the ground truth
+    (CMBReview's consensus, or one saved from Slicer)."""
     return sorted(
         p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and is_volume_file(p) and not p.name.lower().endswith(".seg.nrrd")
+        if p.is_file() and not p.name.startswith(".") and is_volume_file(p)
+        and (segmentations or not p.name.lower().endswith(".seg.nrrd"))
     )
 
 
@@ -257,8 +262,9 @@ def discover(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[CasePair
         controls = read_controls(truth_dir / "cases.csv")
 
     truths: dict[str, list[Path]] = {}
-    for p in _volume_files(label_dir):
-        truths.setdefault(case_name(p), []).append(p)
+    for p in _volume_files(label_dir, segmentations=True):
+        name = case_name(p)
+        truths.setdefault(name[:-4] if name.endswith(".seg") else name, []).append(p)
     lesions: dict[str, list[Path]] = {}
     masks: dict[str, list[Path]] = {}
     probs: dict[str, list[Path]] = {}
@@ -278,7 +284,7 @@ def discover(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[CasePair
             errors.append(CaseError(case, "several files for one role: " + ", ".join(p.name for p in duplicated[0])))
             continue
         if case not in truths:
-            errors.append(CaseError(case, f"prediction found but no ground truth {case}.nii.gz / {case}.nrrd in {label_dir}"))
+            errors.append(CaseError(case, f"prediction found but no ground truth {case}.nii.gz / {case}.nrrd / {case}.seg.nrrd in {label_dir}"))
             continue
         pair = CasePair(case, truth=truths[case][0], control=controls.get(case))
         pair.probability = probs[case][0] if case in probs else None
@@ -315,6 +321,17 @@ def check_same_grid(case: str, truth: Volume, other: Volume, what: str, tol: flo
         raise CaseError(case, f"{what} is not on the truth's grid ({'; '.join(problems)}); resample it to the truth's native grid first")
 
 
+def _read_truth(path: Path, case: str, like: Volume | None) -> Volume:
+    """A label map, or a `.seg.nrrd` pasted onto the prediction's grid (Slicer may save a
+    segmentation cropped to its segments' extent; any other grid is refused by read_label)."""
+    if not path.name.lower().endswith(".seg.nrrd"):
+        return read_volume(path, case)
+    if like is None:
+        array, geometry = read_label_file(path, case)
+        return Volume(array, geometry)
+    return Volume(read_label(path, case, like), like.geometry)
+
+
 def evaluate_pair(pair: CasePair, settings: Settings = Settings()) -> CaseResult:
     """Read one case's files and score it; CaseError names the case and the problem."""
     return score_pair(pair, settings)[0]
@@ -323,15 +340,15 @@ def evaluate_pair(pair: CasePair, settings: Settings = Settings()) -> CaseResult
 def score_pair(pair: CasePair, settings: Settings = Settings()) -> tuple[CaseResult, M.ProbabilityHistogram | None]:
     """Score one pair and, when it has a probability map, its pixel ROC histograms."""
     case = pair.case
-    truth = read_volume(pair.truth, case)
+    prob = read_volume(pair.probability, case) if pair.probability is not None else None
+    pred = read_volume(pair.prediction, case) if pair.prediction is not None else None
+    truth = _read_truth(pair.truth, case, like=pred or prob)
     probability = None
-    if pair.probability is not None:
-        prob = read_volume(pair.probability, case)
+    if prob is not None:
         check_same_grid(case, truth, prob, f"probability map {pair.probability.name}")
         probability = prob.array
     notes = []
-    if pair.prediction is not None:
-        pred = read_volume(pair.prediction, case)
+    if pred is not None:
         check_same_grid(case, truth, pred, f"prediction {pair.prediction.name}")
         prediction = pred.array
     else:
