@@ -3,8 +3,7 @@ missed, label ground truth slice by slice, endorse each other's labelling; the s
 (the paper's Table 4, kappas) and a consensus ground truth come out of it.
 
 This file only wires widgets to CMBReviewLib (the study store, statistics and MRML adapter),
-which is imported once its requirements are set up, never at import time. It replaces the
-skeleton that deferred these features to a later issue (issue 10).
+which is imported once its requirements are set up, never at import time.
 """
 
 from __future__ import annotations

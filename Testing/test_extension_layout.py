@@ -238,7 +238,7 @@ def test_help_text_is_honest_and_cites_the_paper():
         assert phrase in source
     assert "Fan P" in source and "2022" in source and "10.3389/fmed.2022.807443" in source
     review = (ROOT / "CMBReview/CMBReview.py").read_text()
-    assert "later issue" in review
+    assert "Research use only" in review and "synthetic data" in review
 
 
 def test_ui_names_agree_with_the_module_code():
