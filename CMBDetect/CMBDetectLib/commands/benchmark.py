@@ -42,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--widths", type=int, nargs="+", default=None, help="U-Net widths to compare with random weights (default: the default model only)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: the pipeline's, 1 on CPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--matmul-size", type=int, default=MATMUL_SIZE, help=f"side of the square fp32 matrices timed for the peak (default {MATMUL_SIZE})")
     p.add_argument("--json", type=Path, default=None, help="also write every run's figures to this JSON file")
 
 
@@ -109,7 +110,7 @@ def _child(spec: dict) -> dict:
     from ..detection.inference import select_device
     from ..io import read_volume
 
-    peak = matmul_gflops()
+    peak = matmul_gflops(spec["matmul_size"])
     params = DetectionParams(
         device=spec["device"], batch_size=spec["batch"], model=spec["model"], engine=spec["engine"], head_only=spec["head_only"]
     )
@@ -119,7 +120,7 @@ def _child(spec: dict) -> dict:
     get_engine(params.model, device, params.engine)
     setup = time.perf_counter() - start
 
-    start = time.perf_counter()
+    start = wall = time.perf_counter()
     volume = read_volume(spec["case"], "benchmark")
     read = time.perf_counter() - start
     result = detect_volume(volume, params, case="benchmark")
@@ -127,6 +128,7 @@ def _child(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         write_case_outputs(result, Path(out), "benchmark")
     write = time.perf_counter() - start
+    wall = time.perf_counter() - wall  # one stopwatch over the whole case: the stages must account for it
 
     stages = {"read": read, **{k: v for k, v in result.timings.items() if k != "model"}, "write": write}
     return {
@@ -134,6 +136,7 @@ def _child(spec: dict) -> dict:
         "setup_s": setup + result.timings.get("model", 0.0),
         "stages_s": stages,
         "case_s": sum(stages.values()),
+        "wall_s": wall,
         "peak_rss_mb": peak_rss_mb(),
         "engine": result.engine,
         "model": result.model_id,
@@ -174,7 +177,10 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         gflop = network_gflop(load_model(model).network)
         for engine in args.engines:
             for name in args.passes:
-                spec = {"case": str(case), "device": args.device, "batch": args.batch_size, "model": model, "engine": engine, "head_only": name == "head"}
+                spec = {
+                    "case": str(case), "device": args.device, "batch": args.batch_size, "model": model,
+                    "engine": engine, "head_only": name == "head", "matmul_size": args.matmul_size,
+                }  # fmt: skip
                 specs.append((spec, gflop, name, width, []))
     # Round robin, repeat by repeat: a change in the machine's load touches every variant alike.
     for _ in range(args.repeats):
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cmbdetect-bench-") as scratch:
         try:
             figures = measure(args, Path(scratch))
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, OSError) as exc:  # a failed run, a bad --shape or --case
             print(f"error: {exc}", file=sys.stderr)
             return 1
     if args.json:
@@ -227,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"device {args.device}; {args.repeats} fresh process(es) per variant; medians")
     first = figures["variants"][0]
     peak = statistics.median(r["matmul_gflops"] for v in figures["variants"] for r in v["runs"])
-    print(f"this machine: fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm {MATMUL_SIZE}x{MATMUL_SIZE} in each run before its case; median of all runs)")
+    print(f"this machine: fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm {args.matmul_size}x{args.matmul_size} in each run before its case; median of all runs)")
     for width in dict.fromkeys(v["width"] for v in figures["variants"]):
         v = next(v for v in figures["variants"] if v["width"] == width)
         print(
