@@ -121,7 +121,7 @@ def normalise_intensity(array: np.ndarray) -> tuple[np.ndarray, float, tuple[flo
     low, high = intensity_window(scaled)
     if high <= low:
         high = low + 1e-6
-    out = np.clip(scaled, low, high)
+    out = np.clip(scaled, low, high, out=scaled)  # in place: one volume-sized copy, not two
     out -= np.float32(low)
     out *= np.float32(1.0 / (high - low))
     return out.astype(np.float32, copy=False), peak, (low, high)
@@ -151,19 +151,29 @@ def _take_square(stack: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
+RESIZE_SLAB = 8  # slices resized at a time: skimage works in float64, so whole volumes would cost 2-3x their size
+
+
 def resize_plane(stack: np.ndarray, size: int, antialias: bool) -> np.ndarray:
-    """Bilinear in-plane resize of a (k, s, s) stack to (k, size, size), pixel centres aligned."""
+    """Bilinear in-plane resize of a (k, s, s) stack to (k, size, size), pixel centres aligned.
+
+    In slabs of slices: the resize never mixes slices (scale 1 and no smoothing along k), so
+    this equals resizing the whole stack at once, with float64 temporaries a slab in size.
+    """
     if stack.shape[1:] == (size, size):
         return stack.astype(np.float32, copy=False)
-    out = resize(
-        stack,
-        (stack.shape[0], size, size),
-        order=1,
-        mode="edge",
-        anti_aliasing=antialias and stack.shape[1] > size,
-        preserve_range=True,
-    )
-    return out.astype(np.float32, copy=False)
+    out = np.empty((stack.shape[0], size, size), dtype=np.float32)
+    for k in range(0, stack.shape[0], RESIZE_SLAB):
+        slab = stack[k : k + RESIZE_SLAB]
+        out[k : k + RESIZE_SLAB] = resize(
+            slab,
+            (slab.shape[0], size, size),
+            order=1,
+            mode="edge",
+            anti_aliasing=antialias and stack.shape[1] > size,
+            preserve_range=True,
+        )
+    return out
 
 
 def preprocess(array: np.ndarray, case: str = "volume", square_mode: str = SQUARE_MODE) -> tuple[np.ndarray, PreprocessInfo]:
