@@ -159,3 +159,9 @@ def test_head_only_pass_finds_the_same_lesions(tmp_path):
     assert [(l.n_voxels, l.centroid_ijk, l.max_probability) for l in cropped.lesions] == [
         (l.n_voxels, l.centroid_ijk, l.max_probability) for l in dense.lesions
     ]
+
+
+def test_no_head_found_anywhere_means_the_dense_pass():
+    stack = np.zeros((3, 384, 384), np.float32)
+    stack[:, ::37, ::41] = 1.0  # only isolated bright pixels: nothing the size of a head
+    assert all(b == Box(0, 384, 0, 384) for b in head_boxes(stack, alignment=4))

@@ -100,6 +100,10 @@ def head_boxes(
                 _align_up(c1, alignment, cols),
             )
         )
+    if all(b is None for b in boxes):
+        # No slice looks like head tissue (an unusual contrast, a phantom): never skip the
+        # whole case on that judgement; run the dense pass instead.
+        return dense_boxes(stack.shape)
     # One slice of margin along the scan axis, taking the neighbour's box.
     grown = list(boxes)
     for i in range(k):
