@@ -155,22 +155,23 @@ def _synthetic_case(shape: list[int], folder: Path) -> tuple[Path, str]:
     return path, f"synthetic head (synth seed 2022), spacing {tuple(round(s, 2) for s in case.image.geometry.spacing)} mm"
 
 
-def _work_fraction(path: Path) -> tuple[int, float]:
+def _work_fraction(path: Path, alignment: int) -> tuple[int, float]:
     """Slices, and the share of the dense pass's pixels the head-only pass computes."""
     from ..detection.head import head_boxes, work_fraction
     from ..detection.preprocess import preprocess
     from ..io import read_volume
 
     stack, _ = preprocess(read_volume(path).array)
-    return stack.shape[0], work_fraction(head_boxes(stack, 4), stack.shape)
+    return stack.shape[0], work_fraction(head_boxes(stack, alignment), stack.shape)
 
 
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     """Every variant's runs and the figures derived from them (what `run` prints)."""
+    from ..detection.engines import alignment_of
     from ..models import load_model
 
     case, description = (args.case, f"file {args.case.name}") if args.case else _synthetic_case(args.shape, scratch)
-    slices, fraction = _work_fraction(case)
+    slices, fraction = _work_fraction(case, alignment_of(load_model(_model_for((args.widths or [None])[0], scratch)).network))
     specs = []
     for width in args.widths or [None]:
         model = _model_for(width, scratch)
