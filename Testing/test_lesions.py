@@ -93,3 +93,53 @@ def test_bad_parameters():
         extract_lesions(np.zeros((3, 3, 3)), g, min_diameter_mm=5, max_diameter_mm=2)
     with pytest.raises(ValueError, match="3D"):
         extract_lesions(np.zeros((3, 3)), g)
+
+
+def reference_extract(probability, geometry, threshold=0.4, min_mm=2.0, max_mm=10.0):
+    """The whole-volume path this module used before its find_objects rewrite: the yardstick."""
+    from scipy import ndimage
+
+    from CMBDetectLib.detection.lesions import structure
+
+    components, n = ndimage.label(probability >= threshold, structure=structure())
+    if n == 0:
+        return np.zeros(probability.shape, np.uint16), []
+    index = np.arange(1, n + 1)
+    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    diameters = equivalent_diameter_mm(counts, geometry.spacing)
+    kept = index[(diameters >= min_mm) & (diameters <= max_mm)]
+    lut = np.zeros(n + 1, np.uint16)
+    lut[kept] = np.arange(1, kept.size + 1, dtype=np.uint16)
+    labels = lut[components]
+    if kept.size == 0:
+        return labels, []
+    new_index = np.arange(1, kept.size + 1)
+    centroids = np.atleast_2d(np.array(ndimage.center_of_mass(labels > 0, labels, new_index)))[:, ::-1]
+    means = ndimage.mean(probability, labels, new_index)
+    maxima = ndimage.maximum(probability, labels, new_index)
+    rows = [(int(counts[o - 1]), float(diameters[o - 1]), tuple(centroids[r]), means[r], maxima[r]) for r, o in enumerate(kept)]
+    return labels, rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lesions_identical_to_the_whole_volume_path(seed):
+    """Blobs of every size, touching the borders, on an oblique anisotropic grid: same labels, same figures."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = (24, 70, 64)
+    noise = ndimage.gaussian_filter(rng.random(shape), (0.8, 1.5, 1.5))
+    prob = ((noise - noise.min()) / np.ptp(noise)).astype(np.float32)
+    prob[0, :5, :5] = 0.9  # a component on the volume's corner
+    geometry = oblique_geometry((0.5, 0.7, 1.8))
+    threshold = float(np.quantile(prob, 0.9))
+    labels, lesions = extract_lesions(prob, geometry, threshold)
+    ref_labels, ref = reference_extract(prob, geometry, threshold)
+    assert len(ref) > 3  # the case has lesions to compare
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert [l.n_voxels for l in lesions] == [r[0] for r in ref]
+    for lesion, (n, d, centroid, mean, maximum) in zip(lesions, ref):
+        assert lesion.diameter_mm == pytest.approx(d, abs=1e-12)
+        np.testing.assert_allclose(lesion.centroid_ijk, centroid, atol=1e-9)
+        assert lesion.mean_probability == pytest.approx(mean, abs=1e-6)
+        assert lesion.max_probability == maximum

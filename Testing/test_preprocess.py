@@ -119,3 +119,30 @@ def test_nan_refused():
     a[1, 1, 1] = np.inf
     with pytest.raises(CaseError, match="1 NaN or infinite"):
         pp.preprocess(a, case="x")
+
+
+@pytest.mark.parametrize("shape, size, antialias", [((11, 200, 200), 384, True), ((10, 520, 520), 384, True), ((9, 384, 384), 150, False)])
+def test_resize_in_slabs_equals_resizing_the_whole_stack(shape, size, antialias):
+    from skimage.transform import resize
+
+    a = np.random.default_rng(0).random(shape, dtype=np.float32)
+    whole = resize(a, (shape[0], size, size), order=1, mode="edge", anti_aliasing=antialias and shape[1] > size, preserve_range=True)
+    np.testing.assert_array_equal(pp.resize_plane(a, size, antialias), whole.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape, mode", [((5, 768, 624), "crop"), ((5, 200, 150), "pad"), ((5, 500, 90), "pad"), ((5, 300, 300), "crop")])
+def test_restore_equals_resizing_the_whole_plane(shape, mode):
+    """The sparse, box-only back-projection against the plain whole-plane resize it replaced."""
+    rng = np.random.default_rng(1)
+    prob = np.zeros((shape[0], pp.PLANE_SIZE, pp.PLANE_SIZE), np.float32)
+    prob[1:4, 50:300, 70:330] = rng.random((3, 250, 260), dtype=np.float32)
+    prob[2, :10, 370:] = 1.0  # touching the plane's edge
+    info = pp.PreprocessInfo(shape, pp.square_box(shape[1], shape[2], mode), 1.0, (0.0, 1.0))
+    r0, c0, side = info.square
+    square = pp.resize_plane(prob, side, antialias=False)
+    expected = np.zeros(shape, np.float32)
+    rs, cs, re, ce = max(r0, 0), max(c0, 0), min(r0 + side, shape[1]), min(c0 + side, shape[2])
+    expected[:, rs:re, cs:ce] = square[:, rs - r0 : re - r0, cs - c0 : ce - c0]
+    got = pp.restore(prob, info)
+    assert np.abs(got - np.clip(expected, 0, 1)).max() < 1e-6
+    assert not got[0].any() and not got[4].any()

@@ -121,5 +121,6 @@ def test_every_requirement_is_checked_by_the_script():
     """The script's up-front check knows every package of requirements.txt (by import name)."""
     lines = [ln.split("#", 1)[0].strip() for ln in REQUIREMENTS.read_text().splitlines()]
     names = {re.split(r"[<>=!~\[; ]", ln, maxsplit=1)[0].lower() for ln in lines if ln}
-    packages = {value.split(" ")[0].lower() for value in load_script().REQUIRED.values()}
-    assert names <= packages, f"add to REQUIRED in {SCRIPT.name}: {sorted(names - packages)}"
+    script = load_script()
+    packages = {value.split(" ")[0].lower() for value in {**script.REQUIRED, **script.OPTIONAL}.values()}
+    assert names <= packages, f"add to REQUIRED (or OPTIONAL) in {SCRIPT.name}: {sorted(names - packages)}"

@@ -50,6 +50,11 @@ REQUIRED = {
     "tqdm": "tqdm",
     "nibabel": "nibabel",
 }
+# In requirements.txt, but detection works without them (torch eager runs the network instead).
+OPTIONAL = {
+    "onnxruntime": "onnxruntime",
+    "onnx": "onnx",
+}
 
 
 def to_detect_argv(argv: list[str]) -> list[str]:

@@ -1,8 +1,19 @@
-"""`cmbdetect benchmark`: seconds per case and peak memory of detection, medians of several runs.
+"""`cmbdetect benchmark`: how far detection is from the CPU's compute floor, stage by stage.
 
-Each run is a fresh child process, so its peak resident memory is its own and no cache
-carries over. Variants (widths, batch sizes) run side by side in one invocation, because
-this machine is shared and noisy: only figures taken together compare fairly.
+One invocation measures, on this machine and in this run:
+- the fp32 matrix-multiply peak (torch.mm, in every child run just before its case; median),
+- the network's GFLOP per 384 x 384 slice (counted by torch.utils.flop_counter on the model),
+- the dense compute floor of the case: slices x GFLOP / peak, the least time any dense pass
+  of this network could take on this CPU,
+- per variant (engine x dense or head-only pass), the seconds of each stage (read,
+  preprocess, network, any later stage the pipeline reports, restore, lesions, write), the
+  seconds per case, peak memory, and the ratio per case / dense floor.
+
+The case is a synthetic head from the synth engine (or a file given with --case), written as
+NIfTI and read back like a user's file. Each run is a fresh child process, so its peak memory is
+its own and no cache carries over; the model load and ONNX export are shown apart ("setup",
+paid once per process, not per case). Figures are medians of --repeats runs; variants run side
+by side because this machine is shared and noisy: only figures taken together compare fairly.
 """
 
 from __future__ import annotations
@@ -12,72 +23,237 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-HELP = "measure detection speed and peak memory on a synthetic case (prints figures; not a test)"
+HELP = "measure detection speed against this CPU's compute floor, by stage, on a synthetic case (prints figures; not a test)"
+
+MATMUL_SIZE = 2048  # large enough to reach the BLAS peak, small enough to repeat in a second
+MATMUL_REPEATS = 5
+FIXED_STAGES = ("read", "preprocess", "head", "network", "restore", "lesions", "write")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", type=int, nargs=3, default=[120, 384, 384], metavar=("SLICES", "ROWS", "COLS"), help="case size (default 120 384 384)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per variant; the median is reported (default 3)")
+    p.add_argument("--shape", type=int, nargs=3, default=[100, 384, 384], metavar=("SLICES", "ROWS", "COLS"), help="synthetic case size (default 100 384 384)")
+    p.add_argument("--case", type=Path, default=None, help="benchmark this volume file instead of a synthetic head")
+    p.add_argument("--repeats", type=int, default=3, help="runs per variant; medians are reported (default 3)")
+    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime"], choices=["torch", "onnxruntime", "auto"], help="engines to compare (default torch onnxruntime)")
+    p.add_argument("--passes", nargs="+", default=["dense", "head"], choices=["dense", "head"], help="dense: every pixel of every slice; head: only the head's boxes (default both)")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="U-Net widths to compare with random weights (default: the default model only)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="slices per forward pass to compare (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: the pipeline's, 1 on CPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--matmul-size", type=int, default=MATMUL_SIZE, help=f"side of the square fp32 matrices timed for the peak (default {MATMUL_SIZE})")
+    p.add_argument("--json", type=Path, default=None, help="also write every run's figures to this JSON file")
+
+
+def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
+    """fp32 torch.mm throughput of this process now, median of `repeats` timed products."""
+    import time
+
+    import torch
+
+    a = torch.rand(size, size)
+    b = torch.rand(size, size)
+    torch.mm(a, b)  # warm-up: thread pool and BLAS buffers
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2.0 * size**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def network_gflop(network, plane: int = 384) -> float:
+    """GFLOP of one forward pass over one plane x plane slice (2 FLOP per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, network.config.in_slices, plane, plane)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        network.eval()(x)
+    return counter.get_total_flops() / 1e9
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux ru_maxrss survives
+    exec, so a child would report its parent's peak (here the synthetic case's generation)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model_for(width: int | None, scratch: Path) -> str | None:
+    if not width:
+        return None
+    from ..detection.network import NetworkConfig
+    from ..models import save_model, untrained_network
+
+    path = scratch / f"random-c{width}.safetensors"
+    if not path.exists():
+        save_model(untrained_network(NetworkConfig(base_channels=width)), path, {"id": f"random-c{width}", "version": "bench"})
+    return str(path)
 
 
 def _child(spec: dict) -> dict:
-    """One timed detection in this process; returns seconds and peak RSS."""
-    import resource
-    import tempfile
+    """One case, timed by stage, in this fresh process; the matmul peak measured just before."""
     import time
 
-    import numpy as np
+    from ..detection.outputs import write_case_outputs
+    from ..detection.pipeline import DetectionParams, detect_volume, get_engine, get_model
+    from ..detection.inference import select_device
+    from ..io import read_volume
 
-    from ..io import Geometry, Volume
-    from ..detection.pipeline import DetectionParams, detect_volume
-
-    model = spec["model"]
-    if spec.get("width"):
-        from ..models import save_model, untrained_network
-        from ..detection.network import NetworkConfig
-
-        model = f"{tempfile.mkdtemp()}/w{spec['width']}.safetensors"
-        save_model(untrained_network(NetworkConfig(base_channels=spec["width"])), model, {"id": f"random-c{spec['width']}", "version": "bench"})
-    rng = np.random.default_rng(0)
-    k, r, c = spec["shape"]
-    yy, xx = np.mgrid[0:r, 0:c]
-    head = ((yy - r / 2) / (0.42 * r)) ** 2 + ((xx - c / 2) / (0.4 * c)) ** 2 < 1
-    array = np.where(head, 450.0, 10.0)[None] + rng.normal(0, 15, (k, r, c))
-    volume = Volume(np.abs(array).astype(np.float32), Geometry((0.6, 0.6, 2.0), (0.0, 0.0, 0.0)))
-    params = DetectionParams(device=spec["device"], batch_size=spec["batch"], model=model)
+    peak = matmul_gflops(spec["matmul_size"])
+    params = DetectionParams(
+        device=spec["device"], batch_size=spec["batch"], model=spec["model"], engine=spec["engine"], head_only=spec["head_only"]
+    )
     start = time.perf_counter()
-    result = detect_volume(volume, params)
-    seconds = time.perf_counter() - start
+    device = select_device(params.device)
+    get_model(params.model, device)
+    get_engine(params.model, device, params.engine)
+    setup = time.perf_counter() - start
+
+    start = wall = time.perf_counter()
+    volume = read_volume(spec["case"], "benchmark")
+    read = time.perf_counter() - start
+    result = detect_volume(volume, params, case="benchmark")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        write_case_outputs(result, Path(out), "benchmark")
+    write = time.perf_counter() - start
+    wall = time.perf_counter() - wall  # one stopwatch over the whole case: the stages must account for it
+
+    stages = {"read": read, **{k: v for k, v in result.timings.items() if k != "model"}, "write": write}
     return {
-        "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "matmul_gflops": peak,
+        "setup_s": setup + result.timings.get("model", 0.0),
+        "stages_s": stages,
+        "case_s": sum(stages.values()),
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "engine": result.engine,
         "model": result.model_id,
+        "n_lesions": len(result.lesions),
+    }
+
+
+def _synthetic_case(shape: list[int], folder: Path) -> tuple[Path, str]:
+    from ..io import write_volume
+    from ..synth.case import generate_case
+
+    slices, rows, cols = shape
+    case = generate_case(2022, 0, n_slices=slices, matrix=(rows, cols))
+    path = folder / "benchmark.nii.gz"
+    write_volume(case.image.array, case.image.geometry, path)
+    return path, f"synthetic head (synth seed 2022), spacing {tuple(round(s, 2) for s in case.image.geometry.spacing)} mm"
+
+
+def _work_fraction(path: Path, alignment: int) -> tuple[int, float]:
+    """Slices, and the share of the dense pass's pixels the head-only pass computes."""
+    from ..detection.head import head_boxes, work_fraction
+    from ..detection.preprocess import preprocess
+    from ..io import read_volume
+
+    stack, _ = preprocess(read_volume(path).array)
+    return stack.shape[0], work_fraction(head_boxes(stack, alignment), stack.shape)
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> dict:
+    """Every variant's runs and the figures derived from them (what `run` prints)."""
+    from ..detection.engines import alignment_of
+    from ..models import load_model
+
+    case, description = (args.case, f"file {args.case.name}") if args.case else _synthetic_case(args.shape, scratch)
+    slices, fraction = _work_fraction(case, alignment_of(load_model(_model_for((args.widths or [None])[0], scratch)).network))
+    specs = []
+    for width in args.widths or [None]:
+        model = _model_for(width, scratch)
+        gflop = network_gflop(load_model(model).network)
+        for engine in args.engines:
+            for name in args.passes:
+                spec = {
+                    "case": str(case), "device": args.device, "batch": args.batch_size, "model": model,
+                    "engine": engine, "head_only": name == "head", "matmul_size": args.matmul_size,
+                }  # fmt: skip
+                specs.append((spec, gflop, name, width, []))
+    # Round robin, repeat by repeat: a change in the machine's load touches every variant alike.
+    for _ in range(args.repeats):
+        for spec, _, name, _, runs in specs:
+            out = subprocess.run([sys.executable, "-m", "CMBDetectLib.commands.benchmark", json.dumps(spec)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"benchmark run failed ({spec['engine']}, {name}):\n{out.stderr.strip()[-2000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    variants = [summarise(runs, gflop, slices, name, width) for _, gflop, name, width, runs in specs]
+    return {"case": description, "shape": list(args.shape) if not args.case else None, "slices": slices, "head_work_fraction": fraction, "variants": variants}
+
+
+def summarise(runs: list[dict], gflop: float, slices: int, pass_name: str, width: int | None) -> dict:
+    """Medians over runs, and the floor and ratio computed from this variant's own measurements."""
+    stages = list(dict.fromkeys(k for r in runs for k in r["stages_s"]))
+    peak = statistics.median(r["matmul_gflops"] for r in runs)
+    floor = slices * gflop / peak
+    case_s = statistics.median(r["case_s"] for r in runs)
+    return {
+        "model": runs[0]["model"],
+        "width": width,
+        "engine": runs[0]["engine"],
+        "pass": pass_name,
+        "gflop_per_slice": gflop,
+        "matmul_gflops": peak,
+        "dense_floor_s": floor,
+        "stages_s": {k: statistics.median(r["stages_s"].get(k, 0.0) for r in runs) for k in stages},
+        "case_s": case_s,
+        "setup_s": statistics.median(r["setup_s"] for r in runs),
+        "ratio_to_floor": case_s / floor,
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "runs": runs,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    widths = args.widths or [None]
-    print(f"case {args.shape[0]}x{args.shape[1]}x{args.shape[2]} (slices x rows x cols), device {args.device}, {args.repeats} runs each")
-    print(f"{'model':<28} {'batch':>5} {'s/case (median)':>16} {'s/slice':>8} {'peak RSS MB':>12}  runs (s)")
-    for width in widths:
-        for batch in args.batch_sizes:
-            spec = {"shape": args.shape, "device": args.device, "batch": batch, "model": None, "width": width}
-            runs = []
-            for _ in range(args.repeats):
-                out = subprocess.run(
-                    [sys.executable, "-m", "CMBDetectLib.commands.benchmark", json.dumps(spec)],
-                    capture_output=True, text=True, check=True,
-                )  # fmt: skip
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            secs = [r["seconds"] for r in runs]
-            med = statistics.median(secs)
-            rss = statistics.median(r["peak_rss_mb"] for r in runs)
-            name = runs[0]["model"]
-            print(f"{name:<28} {batch:>5} {med:>16.1f} {med / args.shape[0]:>8.3f} {rss:>12.0f}  {', '.join(f'{s:.1f}' for s in secs)}")
+    if args.repeats < 1:
+        print("error: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="cmbdetect-bench-") as scratch:
+        try:
+            figures = measure(args, Path(scratch))
+        except (RuntimeError, ValueError, OSError) as exc:  # a failed run, a bad --shape or --case
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    slices = figures["slices"]
+    print(f"case: {figures['case']}, {slices} slices; the head's boxes hold {100 * figures['head_work_fraction']:.0f}% of the dense pass's pixels")
+    print(f"device {args.device}; {args.repeats} fresh process(es) per variant; medians")
+    first = figures["variants"][0]
+    peak = statistics.median(r["matmul_gflops"] for v in figures["variants"] for r in v["runs"])
+    print(f"this machine: fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm {args.matmul_size}x{args.matmul_size} in each run before its case; median of all runs)")
+    for width in dict.fromkeys(v["width"] for v in figures["variants"]):
+        v = next(v for v in figures["variants"] if v["width"] == width)
+        print(
+            f"network {v['model']}: {v['gflop_per_slice']:.2f} GFLOP per 384x384 slice (FlopCounterMode);"
+            f" dense compute floor {slices} x {v['gflop_per_slice']:.2f} / {peak:.1f} = {slices * v['gflop_per_slice'] / peak:.2f} s"
+        )
+    stages = list(dict.fromkeys(k for v in figures["variants"] for k in v["stages_s"]))
+    head = f"{'model':<22} {'engine':<12} {'pass':<5} " + " ".join(f"{s:>{max(7, len(s))}}" for s in stages)
+    head += f" {'s/case':>7} {'GFLOP/s':>7} {'floor s':>7} {'ratio':>6} {'setup s':>7} {'peak MB':>8}  runs s/case"
+    print(head)
+    for v in figures["variants"]:
+        row = f"{v['model']:<22} {v['engine']:<12} {v['pass']:<5} "
+        row += " ".join(f"{v['stages_s'].get(s, 0.0):>{max(7, len(s))}.2f}" for s in stages)
+        row += f" {v['case_s']:>7.2f} {v['matmul_gflops']:>7.1f} {v['dense_floor_s']:>7.2f} {v['ratio_to_floor']:>6.2f} {v['setup_s']:>7.2f} {v['peak_rss_mb']:>8.0f}  "
+        row += ", ".join(f"{r['case_s']:.1f}" for r in v["runs"])
+        print(row)
+    print("s/case: read + preprocess + ... + write, per case; setup (model load, ONNX export) is paid once per process.")
+    print("GFLOP/s: the matmul peak measured in this variant's runs; floor s = slices x GFLOP per slice / that peak,")
+    print("the least time any dense pass of this network could take here; ratio = s/case / floor s (below 1: faster than any dense pass).")
     return 0
 
 

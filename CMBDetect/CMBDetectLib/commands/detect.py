@@ -20,6 +20,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the network runs (default: CUDA if present, else CPU)")
     p.add_argument("--model", default=None, help="registry id or a .safetensors file with its .json card (default: the registry's default)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 1 on CPU, 8 on CUDA)")
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="what runs the network: auto (default) takes onnxruntime on CPU when installed (about 2x eager), torch on CUDA")
+    p.add_argument("--dense", action="store_true", help="run the network over the whole plane of every slice, not only the head's box (same lesions, slower)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cohort = p.add_argument_group("cohorts", "resume, local worker processes, Dask clusters (README: Cohorts)")
@@ -52,13 +55,16 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
+    params = DetectionParams(
+        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model, engine=args.engine, head_only=not args.dense
+    )
     try:
         from ..detection.inference import select_device
-        from ..detection.pipeline import get_model
+        from ..detection.pipeline import get_engine, get_model
 
-        # Loaded once here, through the pipeline's cache, so a bad model fails before any case runs.
+        # Loaded once here, through the pipeline's cache, so a bad model or engine fails before any case runs.
         model = get_model(args.model, select_device(args.device))
+        get_engine(args.model, select_device(args.device), args.engine)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,16 +1,19 @@
-"""Slice-by-slice 2.5D inference: every slice, in scan order, with its two neighbours.
+"""Slice-by-slice 2.5D inference: every head slice, in scan order, with its two neighbours.
 
 "During the test, the entire image was input into the network in sequence according to the
 scanning order" (Fan et al. 2022). Edge slices repeat themselves as their missing neighbour.
+The network runs through an engine (engines.py), over each slice's head box (head.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from .engines import Engine, TorchEngine
+from .head import Box, dense_boxes, union
 from .network import ResUNet
 
 
@@ -49,29 +52,63 @@ def prepare_for_inference(model: ResUNet, device: torch.device) -> ResUNet:
     return model
 
 
-@torch.inference_mode()
+def _as_engine(model: "ResUNet | Engine", device: torch.device) -> "Engine":
+    if isinstance(model, ResUNet):
+        return TorchEngine(model, device, mixed_precision=False)
+    return model
+
+
+def _groups(boxes: Sequence[Box | None], batch_size: int) -> list[tuple[list[int], Box]]:
+    """Consecutive slices to run together (at most batch_size), each group with the union of its boxes."""
+    groups: list[tuple[list[int], Box]] = []
+    current: list[int] = []
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        if current and (len(current) == batch_size or current[-1] != i - 1):
+            groups.append((current, union([boxes[j] for j in current])))  # type: ignore[misc]
+            current = []
+        current.append(i)
+    if current:
+        groups.append((current, union([boxes[j] for j in current])))  # type: ignore[misc]
+    return groups
+
+
 def predict_stack(
-    model: ResUNet,
+    model: "ResUNet | Engine",
     stack: np.ndarray,
     device: torch.device,
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    boxes: Sequence[Box | None] | None = None,
 ) -> np.ndarray:
-    """Probabilities (k, H, W) for a preprocessed (k, H, W) stack; the model must be in eval mode."""
+    """Probabilities (k, H, W) for a preprocessed (k, H, W) stack.
+
+    `model` is an engine (engines.py) or a ResUNet in eval mode (run by PyTorch eager, fp32).
+    With `boxes` (head.py), slice i is computed only inside boxes[i] and is 0 elsewhere; a
+    None box skips the slice. Without, every pixel of every slice is computed (the dense pass).
+    """
+    engine = _as_engine(model, device)
     n = stack.shape[0]
-    batch_size = batch_size or default_batch_size(device)
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    volume = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
-    neighbours = torch.from_numpy(neighbour_indices(n))
-    out = np.empty(stack.shape, dtype=np.float32)
-    for start in range(0, n, batch_size):
+    batch_size = batch_size or default_batch_size(engine.device)
+    if boxes is None:
+        boxes = dense_boxes(stack.shape)
+    if len(boxes) != n:
+        raise ValueError(f"{len(boxes)} boxes for {n} slices")
+    volume = np.ascontiguousarray(stack, dtype=np.float32)
+    neighbours = neighbour_indices(n)
+    out = np.zeros(stack.shape, dtype=np.float32)
+    groups = _groups(boxes, batch_size)
+    total = sum(len(g) for g, _ in groups)
+    done = 0
+    for members, box in groups:
         if cancel is not None and cancel():
             raise Cancelled("detection cancelled")
-        idx = neighbours[start : start + batch_size]
-        batch = volume[idx].to(device).contiguous(memory_format=memory_format)
-        logits = model(batch)
-        out[start : start + len(idx)] = torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+        idx = neighbours[members].ravel()
+        batch = volume[idx, box.r0 : box.r1, box.c0 : box.c1].reshape(len(members), 3, box.r1 - box.r0, box.c1 - box.c0)
+        out[members[0] : members[-1] + 1, box.r0 : box.r1, box.c0 : box.c1] = engine(batch)
+        done += len(members)
         if progress is not None:
-            progress(min(start + batch_size, n), n)
+            progress(done, total)
     return out

@@ -91,28 +91,45 @@ def extract_lesions(
     if not 0.0 <= min_diameter_mm <= max_diameter_mm:
         raise ValueError(f"size range {min_diameter_mm}-{max_diameter_mm} mm is not a range")
 
-    components, n = label_components(probability >= threshold, connectivity)
-    if n == 0:
-        return np.zeros(probability.shape, np.uint16), []
-    index = np.arange(1, n + 1)
+    labels = np.zeros(probability.shape, np.uint16)
+    mask = probability >= threshold
+    # Connected components only inside the box that holds every above-threshold voxel: on a
+    # real map that is a small part of the volume. Cropping keeps the scan order, so the
+    # components are numbered as on the whole volume.
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if zs.size == 0:
+        return labels, []
+    ys = np.flatnonzero(mask.any(axis=(0, 2)))
+    xs = np.flatnonzero(mask.any(axis=(0, 1)))
+    crop = (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    offset = np.array([zs[0], ys[0], xs[0]])
+    components, n = label_components(mask[crop], connectivity)
     counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
     diameters = equivalent_diameter_mm(counts, geometry.spacing)
-    keep = (diameters >= min_diameter_mm) & (diameters <= max_diameter_mm)
-    kept = index[keep]
+    kept = np.flatnonzero((diameters >= min_diameter_mm) & (diameters <= max_diameter_mm)) + 1
     if kept.size > np.iinfo(np.uint16).max:
         raise ValueError(f"{kept.size} lesions found: the probability map is not plausible")
-
-    # Renumber the kept components 1..N; everything else becomes background.
-    lut = np.zeros(n + 1, np.uint16)
-    lut[kept] = np.arange(1, kept.size + 1, dtype=np.uint16)
-    labels = lut[components]
     if kept.size == 0:
         return labels, []
 
-    new_index = np.arange(1, kept.size + 1)
-    centroids_kji = np.atleast_2d(np.array(ndimage.center_of_mass(labels > 0, labels, new_index)))
-    means = ndimage.mean(probability, labels, new_index)
-    maxima = ndimage.maximum(probability, labels, new_index)
+    # Each kept component is described inside its own bounding box (find_objects), never by a
+    # pass over the whole volume; the rest become background. Kept components are renumbered
+    # 1..N in scan order.
+    objects = ndimage.find_objects(components)
+    region_labels = labels[crop]
+    region_probability = probability[crop]
+    centroids_kji = np.empty((kept.size, 3))
+    means = np.empty(kept.size)
+    maxima = np.empty(kept.size)
+    for row, old in enumerate(kept):
+        box = objects[old - 1]
+        inside = components[box] == old
+        region_labels[box][inside] = row + 1
+        values = region_probability[box][inside]
+        means[row] = values.mean(dtype=np.float64)
+        maxima[row] = values.max()
+        corner = np.array([s.start for s in box])
+        centroids_kji[row] = np.argwhere(inside).mean(axis=0) + corner + offset
     centroids_ijk = centroids_kji[:, ::-1]
     lps = geometry.index_to_lps(centroids_ijk)
     ras = lps * np.array([-1.0, -1.0, 1.0])

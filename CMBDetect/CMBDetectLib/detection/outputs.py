@@ -1,7 +1,8 @@
 """A case's result files, all on the input's grid, written all-or-nothing.
 
 Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<case>_lesions.nii.gz`
-(label map), `<case>_prob.nii.gz` (probability map), `<case>_lesions.csv`, on request
+(label map), `<case>_prob.nii.gz` (probability map, stored compactly: see `write_probability`),
+`<case>_lesions.csv`, on request
 `<case>_preview.png` (preview.py), and `<case>_summary.json`. Everything is written into a
 hidden folder first and moved into place only when every file exists, the summary last, so a
 failed case leaves nothing behind.
@@ -16,10 +17,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
 import nrrd
 import numpy as np
 
-from ..io import Geometry, write_volume
+from ..io import Geometry, atomic_path, write_volume
 from .lesions import CLASS_COLORS, Lesion
 from .preview import write_preview
 
@@ -134,6 +136,34 @@ def write_segmentation_nrrd(path: Path, labels: np.ndarray, lesions: list[Lesion
     nrrd.write(str(path), data, header, index_order="C")
 
 
+PROBABILITY_LEVELS = 65535  # uint16 steps of 1/65535: at most 7.7e-6 from the float map
+
+
+def write_probability(path: Path, probability: np.ndarray, geometry: Geometry) -> None:
+    """The probability map as NIfTI uint16 with scl_slope = 1/65535: readers get floats back.
+
+    Every NIfTI reader (ITK/SimpleITK, nibabel, Slicer) applies scl_slope, so `cmbdetect
+    evaluate` reads values within 7.7e-6 of the map in memory: far below any threshold step or
+    ROC bin. Half the bytes of float32, and the many exact zeros (outside the head) compress
+    at gzip's fastest level in a fraction of the time a float map takes.
+    """
+    path = Path(path)
+    scaled = np.empty(probability.shape, np.uint16)
+    for k in range(0, probability.shape[0], 16):  # in slabs: no full-size float temporary
+        slab = np.rint(probability[k : k + 16] * np.float32(PROBABILITY_LEVELS))
+        scaled[k : k + 16] = np.clip(slab, 0, PROBABILITY_LEVELS)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        # SimpleITK writes the grid (qform and sform) exactly as for every other output; nibabel
+        # then adds the scaling, which SimpleITK cannot set, and gzips at its fastest level.
+        plain = Path(scratch) / "grid.nii"
+        write_volume(scaled, geometry, plain, compress=False)
+        header = nib.load(str(plain)).header.copy()
+    image = nib.Nifti1Image(scaled.T, None, header=header)
+    image.header.set_slope_inter(1.0 / PROBABILITY_LEVELS, 0.0)  # after construction, which resets it
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+
+
 def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | None = None) -> dict[str, Path]:
     """Write every file of one case, then move them into `out_dir` together (summary last).
 
@@ -148,7 +178,7 @@ def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | Non
         staged = output_paths(staging, case, preview=image is not None)
         write_segmentation_nrrd(staged["segmentation"], result.labels, result.lesions, result.geometry)
         write_volume(result.labels, result.geometry, staged["labels"])
-        write_volume(result.probability, result.geometry, staged["probability"])
+        write_probability(staged["probability"], result.probability, result.geometry)
         write_lesion_csv(staged["lesions_csv"], result.lesions)
         if image is not None:
             write_preview(image, result.labels, result.lesions, result.geometry, staged["preview"], case)

@@ -15,13 +15,15 @@ import torch
 
 from .. import __version__
 from ..errors import CaseError
+from .engines import Engine, make_engine
+from .head import HALO_PX, head_boxes
 from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
 from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions
 from ..models import LoadedModel, load_model
 from .preprocess import preprocess, restore
 
-__all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_model"]
+__all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_engine", "get_model"]
 
 Progress = Callable[[float, str], None]
 
@@ -34,6 +36,8 @@ class DetectionParams:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     batch_size: int | None = None  # None: 1 on CPU (fastest there), 8 on CUDA
     model: str | None = None  # registry id or .safetensors path; None = the registry's default
+    engine: str = "auto"  # "auto" | "torch" | "onnxruntime" (engines.py); auto: onnxruntime on CPU if installed
+    head_only: bool = True  # run the network only over the head's box per slice (head.py); False: dense pass
 
 
 @dataclass
@@ -47,6 +51,8 @@ class DetectionResult:
     model_trained: bool
     seconds: float
     params: DetectionParams = field(default_factory=DetectionParams)
+    engine: str = ""  # the engine that ran the network, e.g. "onnxruntime"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
 
     def summary(self) -> dict[str, object]:
         small = sum(l.size_class == "small" for l in self.lesions)
@@ -59,6 +65,7 @@ class DetectionResult:
             "model_id": self.model_id,
             "model_version": self.model_version,
             "model_trained": self.model_trained,
+            "engine": self.engine,
             "threshold": self.params.threshold,
             "size_range_mm": [self.params.min_diameter_mm, self.params.max_diameter_mm],
             "cmbdetect_version": __version__,
@@ -78,6 +85,17 @@ def get_model(spec: str | None, device: torch.device) -> LoadedModel:
     return _MODEL_CACHE[key]
 
 
+_ENGINE_CACHE: dict[tuple[str | None, str, str], Engine] = {}
+
+
+def get_engine(spec: str | None, device: torch.device, engine: str = "auto") -> Engine:
+    """Build once per (model, device, engine): the ONNX export is paid once per process."""
+    key = (spec, str(device), engine)
+    if key not in _ENGINE_CACHE:
+        _ENGINE_CACHE[key] = make_engine(get_model(spec, device).network, device, engine)
+    return _ENGINE_CACHE[key]
+
+
 def detect_volume(
     volume: Volume,
     params: DetectionParams | None = None,
@@ -89,25 +107,41 @@ def detect_volume(
     params = params or DetectionParams()
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [start]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
 
     report(0.0, "preprocessing")
     stack, info = preprocess(volume.array, case)
+    lap("preprocess")
     device = select_device(params.device)
     model = get_model(params.model, device)
+    engine = get_engine(params.model, device, params.engine)
+    lap("model")
+    boxes = head_boxes(stack, engine.alignment, HALO_PX) if params.head_only else None
+    lap("head")
 
     def on_slices(done: int, total: int) -> None:
         report(round(0.05 + 0.9 * done / total, 6), f"slice {done}/{total}")
 
-    plane_probability = predict_stack(model.network, stack, device, params.batch_size, on_slices, cancel)
+    plane_probability = predict_stack(engine, stack, device, params.batch_size, on_slices, cancel, boxes)
     del stack
+    lap("network")
     report(0.95, "finding lesions")
     probability = restore(plane_probability, info)
+    del plane_probability
+    lap("restore")
     try:
         labels, lesions = extract_lesions(
             probability, volume.geometry, params.threshold, params.min_diameter_mm, params.max_diameter_mm
         )
     except ValueError as exc:
         raise CaseError(case, str(exc)) from None
+    lap("lesions")
     report(1.0, f"{len(lesions)} microbleeds")
     return DetectionResult(
         probability=probability,
@@ -119,4 +153,6 @@ def detect_volume(
         model_trained=model.trained,
         seconds=time.perf_counter() - start,
         params=params,
+        engine=engine.name,
+        timings=timings,
     )
