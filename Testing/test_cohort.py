@@ -196,11 +196,12 @@ def test_staging_folders_are_recognised_by_case(tmp_path, monkeypatch):
 
     made = []
     real = tempfile.mkdtemp
-    monkeypatch.setattr(outputs.tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     g = Geometry((0.5, 0.5, 2.0), (0.0, 0.0, 0.0))
     empty = DetectionResult(np.zeros((3, 8, 8), np.float32), np.zeros((3, 8, 8), np.uint16), [], g, "m", "1", False, 0.0)
     outputs.write_case_outputs(empty, tmp_path, "sub-01_ses-2")
-    assert [staging_case(Path(p).name) for p in made] == ["sub-01_ses-2"]
+    staged = [p for p in made if Path(p).parent == tmp_path]  # not the scratch folders inside it
+    assert [staging_case(Path(p).name) for p in staged] == ["sub-01_ses-2"]
     assert staging_case(".cmbdetect-x") is None and staging_case("sub-01_summary.json") is None
 
 
