@@ -22,14 +22,14 @@ VEIN, CALC, NUCLEUS, AIR = (MIMIC_CODES[k] for k in ("vein", "calcification", "n
 def deep():
     # A slab through the basal ganglia, pineal and choroid plexus, with many bleeds.
     return generate_case(7, 3, keep_maps=True, matrix=(128, 128), n_slices=32, slice_thickness_mm=2.0,
-                         slab_centre_mni_z=5.0, n_microbleeds=12)
+                         slab_centre_mni_z=5.0, n_microbleeds=12, oblique=False)
 
 
 @pytest.fixture(scope="module")
 def skull_base():
     # A slab through the sinuses, mastoids and temporal poles.
     return generate_case(7, 4, keep_maps=True, matrix=(96, 96), n_slices=20, slice_thickness_mm=2.0,
-                         slab_centre_mni_z=-30.0, n_microbleeds=0)
+                         slab_centre_mni_z=-30.0, n_microbleeds=0, oblique=False)
 
 
 def test_codes_are_defined_once_and_distinct():

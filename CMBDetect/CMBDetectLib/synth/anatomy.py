@@ -359,6 +359,11 @@ def load_template() -> Template:
     candidates = {
         name: np.flatnonzero(solid & (region == REGION_CODE[name])).astype(np.int64) for name in REGIONS
     }
+    # The cortical surface: lobar tissue that meets CSF (55-92 % grey + white matter), where
+    # bleeds touching the cortex are placed.
+    candidates["cortex"] = np.flatnonzero(
+        (region == REGION_CODE["lobar"]) & (tissue > 0.55) & (tissue <= 0.92) & (gm > 0.3)
+    ).astype(np.int64)
 
     return Template(
         channels=channels,

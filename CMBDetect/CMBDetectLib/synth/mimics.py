@@ -70,26 +70,37 @@ def place_calcifications(
     field_strength_t: float,
     te_ms: float,
     rng: np.random.Generator,
+    size_scale: float = 1.0,
+    rate_scale: float = 1.0,
+    p_lobulated: float = 0.0,
 ) -> list[Calcification]:
+    """Physiological calcifications at their sites: each site calcified with its prevalence
+    times `rate_scale`, its diameter range times `size_scale`, an ellipsoid or (with
+    `p_lobulated`) a lobulated cluster of 2-4 lobes. A fixed number of draws per site."""
+    from .microbleeds import sample_lobes, scaled_lobes
+
     spacing_kji = tuple(float(s) for s in np.asarray(spacing_ijk)[::-1])
     out = []
     for site, centre, probability, paired in CALCIFICATION_SITES:
         for side in (1.0, -1.0) if paired else (1.0,):
-            draws = rng.random(4)
+            draws = rng.random(5)
             jitter = rng.normal(0.0, 1.5, 3)
             rotation = Rotation.from_quat(rng.normal(size=4)).as_matrix()
-            if draws[0] >= probability:
+            lobes = sample_lobes(rng, (2, 4), (0.35, 0.7))
+            chi = float(rng.uniform(*CALCIFICATION_CHI_PPM))
+            if draws[0] >= min(1.0, probability * rate_scale):
                 continue
             lo, hi = CALCIFICATION_DIAMETER_MM[site]
-            diameter = lo + (hi - lo) * draws[1]
+            diameter = (lo + (hi - lo) * draws[1]) * size_scale
             ratios = np.array([1.0, 0.6 + 0.4 * draws[2], 0.6 + 0.4 * draws[3]])
             ratios /= np.cbrt(np.prod(ratios))
-            chi = float(rng.uniform(*CALCIFICATION_CHI_PPM))
             mni = np.array(centre) * [side, 1.0, 1.0] + jitter
             kji = mni_to_voxel(warp, origin, spacing_ijk, mni[None])[0]
             if np.any(kji < 0) or np.any(kji > np.array(shape_kji) - 1):
                 continue
-            source = Source(tuple(float(v) for v in ratios * diameter / 2.0), rotation, chi, interior_signal=0.1)
+            lobulated = draws[4] < p_lobulated
+            source = Source(tuple(float(v) for v in ratios * diameter / 2.0), rotation, chi, interior_signal=0.1,
+                            lobes=scaled_lobes(lobes, diameter / 2.0) if lobulated else ())
             patch = simulate_source(source, kji, spacing_kji, field_strength_t, te_ms)
             out.append(Calcification(site, kji, mni, source, patch))
     return out
