@@ -24,7 +24,8 @@ from scipy.spatial.transform import Rotation
 from ..io import Geometry, to_sitk
 
 STRUCTURE_26 = np.ones((3, 3, 3), bool)
-MAX_VOXEL_GROWTH = 1.5  # the resampled grid holds at most this many times the acquired voxels
+MAX_VOXEL_GROWTH = 1.5  # the resampled grid holds at most this many times the acquired voxels (spacing
+# grows on all axes alike when the drawn one would exceed it)
 
 
 def oblique_geometry(geometry: Geometry, shape_kji: tuple[int, int, int], oblique: dict[str, object]) -> tuple[Geometry, tuple[int, int, int]]:
@@ -41,9 +42,8 @@ def oblique_geometry(geometry: Geometry, shape_kji: tuple[int, int, int], obliqu
     lo, hi = local.min(0) - spacing / 2.0, local.max(0) + spacing / 2.0
     size = np.ceil((hi - lo) / spacing).astype(int)
     limit = MAX_VOXEL_GROWTH * float(np.prod(n))
-    if np.prod(size.astype(float)) > limit:  # too fine for the field of view: coarser in-plane
-        grow = np.sqrt(np.prod(size.astype(float)) / limit)
-        spacing[:2] *= grow
+    if np.prod(size.astype(float)) > limit:  # too fine for the field of view: coarser on every axis
+        spacing *= np.cbrt(np.prod(size.astype(float)) / limit)
         size = np.ceil((hi - lo) / spacing).astype(int)
     size = np.maximum(size, 4)
     origin = direction @ (lo + spacing / 2.0)

@@ -57,8 +57,8 @@ class Space:
     noise_types: tuple[str, ...] = ("rician", "gaussian", "noncentral_chi")
     coils: tuple[int, int] = (2, 16)  # receive channels, for non-central chi noise
     p_full_kspace: float = 0.35  # otherwise only a fraction of k-space is acquired
-    kspace_fraction: tuple[float, float] = (0.6, 1.0)  # per in-plane axis
-    window_alpha: tuple[float, float] = (0.0, 0.6)  # Tukey taper; 0 = sharp cut: most Gibbs ringing
+    kspace_fraction: tuple[float, float] = (0.7, 1.0)  # per in-plane axis
+    window_alpha: tuple[float, float] = (0.0, 1.0)  # Tukey taper; 0 = sharp cut: most Gibbs ringing, 1 = Hann
     p_motion: float = 0.35
     motion_rad: tuple[float, float] = (0.05, 0.6)  # phase error of the ghosting k-space lines
     motion_period_lines: tuple[int, int] = (2, 16)
