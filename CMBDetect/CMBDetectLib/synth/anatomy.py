@@ -400,3 +400,14 @@ def mimic_anatomy() -> np.ndarray:
     out[template.channel("air") >= 128] |= AIR_BIT
     out[template.channels.sum(0, dtype=np.uint16) >= 128] |= HEAD_BIT
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def iron_voxels() -> tuple[np.ndarray, np.ndarray]:
+    """Flat template indices of the voxels that carry iron, and the nucleus each lies in (0:
+    the soft edge outside every nucleus's core), so that a case can scale iron per nucleus
+    without touching the whole template."""
+    template = load_template()
+    flat = np.flatnonzero(template.channel("iron"))
+    return flat, (mimic_anatomy().ravel()[flat] & NUCLEUS_BITS).astype(np.intp)
+

@@ -42,7 +42,16 @@ from .acquisition import (
     validate_overrides,
     vendor_curve,
 )
-from .anatomy import AIR_BIT, HEAD_BIT, HEAD_CENTRE_MNI, NUCLEI, NUCLEUS_BITS, load_template, mimic_anatomy
+from .anatomy import (
+    AIR_BIT,
+    HEAD_BIT,
+    HEAD_CENTRE_MNI,
+    NUCLEI,
+    NUCLEUS_BITS,
+    iron_voxels,
+    load_template,
+    mimic_anatomy,
+)
 from .microbleeds import LABEL_LEVEL, Microbleed, place_microbleeds, sample_count
 from .mimics import (
     MIMIC_CODES,
@@ -165,14 +174,16 @@ def sample_anatomy_variation(rng: np.random.Generator, space: Space) -> AnatomyV
     )
 
 
-def _iron_scale_template(variation: AnatomyVariation) -> np.ndarray:
-    """Template-space iron multiplier: each nucleus's case iron over its template iron."""
+def _iron_scale_template(variation: AnatomyVariation) -> tuple[np.ndarray, np.ndarray]:
+    """Where the template has iron (flat indices) and the case's multiplier there: each
+    nucleus's case iron over its template iron."""
     lookup = np.ones(NUCLEUS_BITS + 1, np.float32)
     for i, nucleus in enumerate(NUCLEI):
         lookup[i + 1] = variation.iron[nucleus.name] / nucleus.iron
     # Outside the nuclei's cores (their soft edges), the mean of the case's scale.
     lookup[0] = float(np.mean(lookup[1 : len(NUCLEI) + 1]))
-    return lookup[mimic_anatomy() & NUCLEUS_BITS]
+    flat, nucleus = iron_voxels()
+    return flat, lookup[nucleus]
 
 
 def _upsample_axis(a: np.ndarray, coarse: np.ndarray, n: int, axis: int) -> np.ndarray:
@@ -221,7 +232,7 @@ class _Grid:
 
 def _tissue_on_grid(
     acq: Acquisition, geometry: Geometry, warp, props: TissueProperties, pad: int, bias_rng: np.random.Generator,
-    iron_scale: np.ndarray | None = None,
+    iron_scale: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> _Grid:
     """Magnitude (K, J, I, coil bias included), susceptibility (K + 2 pad, J, I) and the mimic
     anatomy on the acquisition grid. The magnitude and anatomy are sampled from the template at

@@ -114,12 +114,14 @@ def sample_tissue(rng: np.random.Generator, field_strength_t: float, t1_weightin
 
 
 def tissue_maps(
-    channels: np.ndarray, props: TissueProperties, te_ms: float, iron_scale: np.ndarray | None = None
+    channels: np.ndarray, props: TissueProperties, te_ms: float,
+    iron_scale: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Magnitude at TE and susceptibility (ppm) on a template-space crop.
 
-    `channels` is a (len(CHANNELS), ...) uint8 stack of fractions * 255; `iron_scale` (same
-    shape, optional) multiplies the iron load voxel by voxel (the case's iron per nucleus)."""
+    `channels` is a (len(CHANNELS), ...) uint8 stack of fractions * 255; `iron_scale`
+    (optional: flat indices and multipliers) scales the iron load there (the case's iron per
+    nucleus)."""
     te = te_ms * 1e-3
     scale = np.float32(1.0 / 255.0)
     magnitude = np.zeros(channels.shape[1:], np.float32)
@@ -134,7 +136,8 @@ def tissue_maps(
             chi += channels[index] * np.float32(props.chi[name] * scale)
     iron = channels[CHANNELS.index("iron")] * scale
     if iron_scale is not None:
-        iron *= iron_scale
+        flat, factor = iron_scale
+        iron.ravel()[flat] *= factor
     magnitude *= np.exp(-te * props.iron_r2s * iron)
     chi += iron * np.float32(props.iron_chi)
     return magnitude, chi
