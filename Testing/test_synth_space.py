@@ -67,8 +67,9 @@ def test_every_drawn_parameter_is_recorded(oblique_case):
     assert len(m["randomisation"]["bleed_placement"]) == m["n_lesions"] + m["lesions_lost_in_resampling"]
     for lesion in m["lesions"]:
         assert {"shape", "lobes", "placement"} <= set(lesion)
+        assert len(lesion["lobes_mm"]) == lesion["lobes"] and all(len(x) == 4 for x in lesion["lobes_mm"])
     for calc in m["mimics"]["calcifications"]:
-        assert calc["lobes"] >= 2  # p_calcification_lobulated = 1
+        assert calc["lobes"] >= 2 and len(calc["lobes_mm"]) == calc["lobes"]  # p_calcification_lobulated = 1
 
 
 def test_oblique_grid_keeps_labels_valid_and_in_place(oblique_case):

@@ -485,6 +485,7 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
         "n_voxels": bleed.n_voxels,
         "label_level": _r(bleed.label_level, 3),
         "lobes": len(bleed.source.lobes),
+        "lobes_mm": [[_r(v, 3) for v in lobe] for lobe in bleed.source.lobes],  # x, y, z offset, radius
         "placement": bleed.placement,
     }
 
@@ -507,6 +508,7 @@ def _meta(
             "diameter_mm": _r(c.source.equivalent_diameter_mm),
             "susceptibility_ppm": _r(c.source.chi_ppm),
             "lobes": len(c.source.lobes),
+            "lobes_mm": [[_r(v, 3) for v in lobe] for lobe in c.source.lobes],
         })
     shape = acq.shape
     origin = np.array(geometry.origin)
