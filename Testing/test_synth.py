@@ -201,6 +201,7 @@ def test_default_protocols_cover_table_1_and_the_wider_space():
     assert np.mean([a.motion is not None for a in drawn]) == pytest.approx(S.p_motion, abs=0.06)
     assert np.mean([a.oblique is not None for a in drawn]) == pytest.approx(S.p_oblique, abs=0.06)
     assert np.mean([a.kspace_fraction == (1.0, 1.0) for a in drawn]) == pytest.approx(S.p_full_kspace, abs=0.06)
+    assert all(a.window_alpha == 0.0 for a in drawn if a.kspace_fraction == (1.0, 1.0))  # no taper on full k-space
 
 
 def test_veins_are_continuous_across_slices():

@@ -131,9 +131,9 @@ def test_domains_never_overlap_in_the_held_out_parameters():
 
 def test_the_held_out_part_can_be_chosen():
     s = space_for("shifted", {"held_out_curve": "log", "band_split": 60.0})
-    assert s.contrast_curves == ("log",) and s.b0_te_band[0] == 61.0
+    assert s.contrast_curves == ("log",) and s.b0_te_band[0] == 60.5
     t = space_for("train", {"held_out_curve": "log", "band_split": 60.0})
-    assert "log" not in t.contrast_curves and t.b0_te_band[1] == 60.0
+    assert "log" not in t.contrast_curves and t.b0_te_band[1] == 59.5
     rng = np.random.default_rng(1)
     assert all(sample_acquisition(rng, {}, t).b0_te <= 60.0 for _ in range(100))
 

@@ -309,7 +309,8 @@ def sample_acquisition(rng: np.random.Generator, overrides: dict[str, object], s
         fraction = (1.0, 1.0)
     else:
         fraction = (_within(v[3], *space.kspace_fraction), _within(v[4], *space.kspace_fraction))
-    alpha = _within(v[5], *space.window_alpha)
+    # The taper belongs to a truncated acquisition: a fully sampled k-space is left as it is.
+    alpha = _within(v[5], *space.window_alpha) if fraction != (1.0, 1.0) else 0.0
     motion = None
     if v[6] < space.p_motion:
         lo_p, hi_p = space.motion_period_lines
@@ -490,8 +491,8 @@ def kspace_effects(signal: np.ndarray, acq: Acquisition) -> float:
     noise standard deviation falls (the filter removes noise power outside the window)."""
     rows, cols = acq.matrix
     fj, fi = acq.kspace_fraction
-    wj = _tukey(rows, fj, acq.window_alpha) if fj < 1.0 or acq.window_alpha > 0 else np.ones(rows, np.float32)
-    wi = _tukey(cols, fi, acq.window_alpha) if fi < 1.0 or acq.window_alpha > 0 else np.ones(cols, np.float32)
+    wj = _tukey(rows, fj, acq.window_alpha) if fj < 1.0 else np.ones(rows, np.float32)
+    wi = _tukey(cols, fi, acq.window_alpha) if fi < 1.0 else np.ones(cols, np.float32)
     noise_factor = float(np.sqrt(np.mean(wj**2) * np.mean(wi**2)))
     if acq.motion is None and np.all(wj == 1.0) and np.all(wi == 1.0):
         return 1.0

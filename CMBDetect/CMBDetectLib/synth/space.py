@@ -11,8 +11,8 @@ coverage. Any range can be overridden per call (`generate_case(..., space={...})
 it never saw:
 
 - ``all``: the whole space (the default);
-- ``train``: every contrast curve but the held-out one, and B0 x TE at most ``band_split``;
-- ``shifted``: only the held-out contrast curve, and B0 x TE at least ``band_split`` + 1 (3 T
+- ``train``: every contrast curve but the held-out one, and B0 x TE at most ``band_split`` - 0.5;
+- ``shifted``: only the held-out contrast curve, and B0 x TE at least ``band_split`` + 0.5 (3 T
   with a long TE, or 7 T): both held-out parameters at once.
 
 B0 x TE (tesla x ms) is what sets the phase a given susceptibility leaves (phase per ppm =
@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 DOMAINS = ("all", "train", "shifted")
-# The shifted domain starts this far (T ms) above the split, so that rounding in the metadata
-# never puts a case on the wrong side.
+# The two domains keep this gap (T ms) around the split, half on each side, so that rounding
+# in the metadata (TE to 0.001 ms) never puts a case on the wrong side.
 BAND_GAP = 1.0
 
 # Vendor-like nonlinear intensity curves applied to x = SWI / white matter (white matter -> 1).
@@ -58,7 +58,7 @@ class Space:
     coils: tuple[int, int] = (2, 16)  # receive channels, for non-central chi noise
     p_full_kspace: float = 0.35  # otherwise only a fraction of k-space is acquired
     kspace_fraction: tuple[float, float] = (0.7, 1.0)  # per in-plane axis
-    window_alpha: tuple[float, float] = (0.0, 1.0)  # Tukey taper; 0 = sharp cut: most Gibbs ringing, 1 = Hann
+    window_alpha: tuple[float, float] = (0.0, 1.0)  # Tukey taper of a truncated k-space; 0 = sharp cut: most Gibbs ringing, 1 = Hann
     p_motion: float = 0.35
     motion_rad: tuple[float, float] = (0.05, 0.6)  # phase error of the ghosting k-space lines
     motion_period_lines: tuple[int, int] = (2, 16)
@@ -138,10 +138,10 @@ def space_for(domain: str = "all", overrides: dict[str, object] | None = None) -
         space = replace(space, **changes)  # type: ignore[arg-type]
     if domain == "train":
         curves = tuple(c for c in space.contrast_curves if c != space.held_out_curve)
-        band = (space.b0_te_band[0], min(space.b0_te_band[1], space.band_split))
+        band = (space.b0_te_band[0], min(space.b0_te_band[1], space.band_split - BAND_GAP / 2))
         space = replace(space, contrast_curves=curves, b0_te_band=band)
     elif domain == "shifted":
-        band = (max(space.b0_te_band[0], space.band_split + BAND_GAP), space.b0_te_band[1])
+        band = (max(space.b0_te_band[0], space.band_split + BAND_GAP / 2), space.b0_te_band[1])
         space = replace(space, contrast_curves=(space.held_out_curve,), b0_te_band=band)
     if not space.contrast_curves:
         raise ValueError(f"domain {domain!r} leaves no contrast curve to draw from")
