@@ -16,20 +16,21 @@ from CMBDetectLib.synth import generate_case
 from CMBDetectLib.synth.veins import rasterise, sample_veins
 from CMBDetectLib.synth.warp import mni_to_voxel
 
-SMALL = {"matrix": (96, 96), "n_slices": 24}
+SMALL = {"matrix": (96, 96), "n_slices": 24, "oblique": False}
 STRUCT26 = np.ones((3, 3, 3), bool)
 
 
 @pytest.fixture(scope="module")
 def case():
     return generate_case(7, 3, keep_maps=True, matrix=(128, 128), n_slices=32, slice_thickness_mm=2.0,
-                         slab_centre_mni_z=5.0, n_microbleeds=8)
+                         slab_centre_mni_z=5.0, n_microbleeds=8, oblique=False)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    args = ["synth", "--n", "2", "--controls", "1", "--seed", "11", "--matrix", "96x96", "--slices", "24", "--quiet"]
+    args = ["synth", "--n", "2", "--controls", "1", "--seed", "11", "--matrix", "96x96", "--slices", "24", "--quiet",
+            "--space", "p_oblique=0"]
     assert main(args + ["--out", str(out / "a")]) == 0
     assert main(args + ["--out", str(out / "b")]) == 0
     return out
@@ -38,7 +39,7 @@ def dataset(tmp_path_factory):
 def test_same_seed_gives_the_same_bytes(dataset):
     a, b = dataset / "a", dataset / "b"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 3 * 3 + 1  # image, label, meta per case + cases.csv
+    assert len(files) == 4 * 3 + 1  # image, label, mimic map, meta per case + cases.csv
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
@@ -117,7 +118,9 @@ def test_sizes_fall_within_their_classes(case):
         assert lesion["size_class"] == ("small" if d < 5.0 else "large")
         assert 0.5 <= lesion["true_diameter_mm"] <= d  # blooming: the outline exceeds the source
         assert lesion["region"] in ("lobar", "deep", "infratentorial")
-        assert lesion["shape"] in ("sphere", "ellipsoid")
+        assert lesion["shape"] in ("sphere", "ellipsoid", "lobulated")
+        assert (lesion["lobes"] > 0) == (lesion["shape"] == "lobulated")
+        assert lesion["placement"] in ("tissue", "vein", "cortex")
         assert lesion["susceptibility_ppm"] > 0
 
 
@@ -162,7 +165,7 @@ def test_image_looks_like_swi(case):
 
 def test_overrides_are_honoured():
     c = generate_case(9, 0, field_strength_t=1.5, te_ms=35.0, matrix=(80, 64), n_slices=20,
-                      slice_thickness_mm=2.5, snr=25.0, n_microbleeds=3, vendor="GE")
+                      slice_thickness_mm=2.5, snr=25.0, n_microbleeds=3, vendor="GE", oblique=False)
     m = c.meta
     assert c.image.shape == c.labels.shape == (20, 80, 64)
     assert c.labels.dtype == np.uint16 and c.image.array.dtype == np.float32
@@ -172,21 +175,33 @@ def test_overrides_are_honoured():
     assert c.image.geometry.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
-def test_default_protocols_cover_table_1():
+def test_default_protocols_cover_table_1_and_the_wider_space():
     from CMBDetectLib.synth.acquisition import MATRICES, sample_acquisition
+    from CMBDetectLib.synth.space import CONTRAST_CURVES, DEFAULT_SPACE as S
 
     rng = np.random.default_rng(0)
     drawn = [sample_acquisition(rng, {}) for _ in range(600)]
     matrices = {a.matrix for a in drawn}
     assert matrices <= {(m[0], m[1]) for m in MATRICES}
     assert (432, 432) in matrices and (256, 192) in matrices
+    # Table 1's 1.5 T share, less the 7 T scans drawn from every model
     share_15 = np.mean([a.field_strength_t == 1.5 for a in drawn])
-    assert share_15 == pytest.approx(208 / 1615, abs=0.04)
-    assert all((16 <= a.te_ms <= 30) if a.field_strength_t == 3.0 else (30 <= a.te_ms <= 50) for a in drawn)
-    assert all(1.0 <= a.slice_thickness_mm <= 3.0 for a in drawn)
+    assert share_15 == pytest.approx(208 / 1615 * (1 - S.p_7t), abs=0.04)
+    assert np.mean([a.field_strength_t == 7.0 for a in drawn]) == pytest.approx(S.p_7t, abs=0.03)
+    te = {1.5: S.te_ms_15t, 3.0: S.te_ms_3t, 7.0: S.te_ms_7t}
+    thick = {1.5: S.thickness_mm_15t, 3.0: S.thickness_mm_3t, 7.0: S.thickness_mm_7t}
+    for a in drawn:
+        assert te[a.field_strength_t][0] <= a.te_ms <= te[a.field_strength_t][1]
+        assert thick[a.field_strength_t][0] - 0.05 <= a.slice_thickness_mm <= thick[a.field_strength_t][1] + 0.05
     assert {a.vendor for a in drawn} == {"Siemens", "Philips", "GE"}
-    assert all(4 <= (a.n_slices * a.slice_thickness_mm) / 10 <= 20 for a in drawn)  # 4-20 cm slabs
+    assert {a.contrast_curve for a in drawn} == set(CONTRAST_CURVES)
+    assert {a.noise_type for a in drawn} == set(S.noise_types)
+    assert all(1.5 <= (a.n_slices * a.slice_thickness_mm) / 10 <= 25 for a in drawn)
     assert len({round(a.slab_centre_mni_z) for a in drawn}) > 20  # partial coverage moves the slab
+    assert np.mean([a.motion is not None for a in drawn]) == pytest.approx(S.p_motion, abs=0.06)
+    assert np.mean([a.oblique is not None for a in drawn]) == pytest.approx(S.p_oblique, abs=0.06)
+    assert np.mean([a.kspace_fraction == (1.0, 1.0) for a in drawn]) == pytest.approx(S.p_full_kspace, abs=0.06)
+    assert all(a.window_alpha == 0.0 for a in drawn if a.kspace_fraction == (1.0, 1.0))  # no taper on full k-space
 
 
 def test_veins_are_continuous_across_slices():
@@ -226,7 +241,7 @@ def test_calcifications_and_bleeds_show_opposite_phase_in_cases():
     # pineal and choroid plexus: negative for bleeds, positive for calcifications.
     bleeds, calcs = [], []
     for seed in (2, 3):
-        c = generate_case(seed, 0, keep_maps=True, matrix=(128, 128), n_slices=32, slab_centre_mni_z=5.0)
+        c = generate_case(seed, 0, keep_maps=True, matrix=(128, 128), n_slices=32, slab_centre_mni_z=5.0, oblique=False)
         phase, dz = c.maps["phase"], c.meta["slice_thickness_mm"]
 
         def pole(ijk, radius):

@@ -1,10 +1,13 @@
 """`cmbdetect synth`: write synthetic SWI cases with labels and metadata to a folder.
 
     cmbdetect synth --n 20 --seed 1 --out DIR [--controls 4] [--format nifti|nrrd]
+    cmbdetect synth --n 200 --seed 1 --out DIR --domain train    # one part of the space
+    cmbdetect synth --n 50 --seed 9100 --out DIR --domain shifted  # the held-out part
     cmbdetect synth --benchmark [--repeats 5]
 
 Layout of DIR: images/<case>.nii.gz (float32 SWI), labels/<case>.nii.gz (uint16, one id per
-microbleed), meta/<case>.json, cases.csv (one row per case, paths relative to DIR), and on
+microbleed), mimics/<case>.nii.gz (uint8: 1 vein, 2 calcification, 3 iron-rich nucleus,
+4 air-tissue edge; synth.MIMIC_CODES), meta/<case>.json, cases.csv (one row per case, paths relative to DIR), and on
 request phase/<case>.nii.gz, a montage PNG and a contrast statistics CSV.
 """
 
@@ -13,10 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Light imports only: `cmbdetect --help` loads this module.
+from ..synth.space import CONTRAST_CURVES, DEFAULT_SPACE, DOMAINS
+
+NOISE_TYPES = DEFAULT_SPACE.noise_types
+
 HELP = "Generate synthetic SWI cases with microbleeds, mimics and labels (deterministic from a seed)."
 
 CSV_COLUMNS = (
-    "case", "image", "label", "meta", "control", "field_strength_t", "te_ms", "slice_thickness_mm",
+    "case", "image", "label", "meta", "mimics", "control", "field_strength_t", "te_ms", "slice_thickness_mm",
     "n_lesions", "n_small", "n_large", "vendor", "scanner_model", "matrix", "n_slices", "snr", "seed", "index",
 )
 
@@ -58,7 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (required unless --benchmark)")
     parser.add_argument("--format", choices=("nifti", "nrrd"), default="nifti", help="volume file format (default nifti)")
     group = parser.add_argument_group("protocol overrides (applied to every case; default: drawn per case)")
-    group.add_argument("--field-strength", type=float, choices=(1.5, 3.0), dest="field_strength_t", help="B0 in tesla")
+    group.add_argument("--field-strength", type=float, choices=(1.5, 3.0, 7.0), dest="field_strength_t", help="B0 in tesla")
     group.add_argument("--te", type=float, dest="te_ms", metavar="MS", help="echo time in ms")
     group.add_argument("--matrix", type=_matrix, metavar="RxC", help="in-plane matrix, rows x columns, e.g. 384x384")
     group.add_argument("--slices", type=_positive, dest="n_slices", metavar="K", help="number of slices")
@@ -67,6 +75,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vendor", choices=("Siemens", "Philips", "GE"), help="vendor reconstruction style")
     group.add_argument("--microbleeds", type=_non_negative, dest="n_microbleeds", metavar="N",
                        help="microbleeds per lesion case (default: drawn, mean about 6.5)")
+    group.add_argument("--contrast-curve", choices=CONTRAST_CURVES, dest="contrast_curve",
+                       help="vendor-like intensity curve (default: drawn)")
+    group.add_argument("--noise-type", choices=NOISE_TYPES, dest="noise_type", help="noise model (default: drawn)")
+    space = parser.add_argument_group("randomisation space and domain split (docs/synth.md)")
+    space.add_argument("--domain", choices=DOMAINS, default="all",
+                       help="all: the whole space; train: without the held-out contrast curve and B0 x TE band; "
+                            "shifted: only those (default all)")
+    space.add_argument("--space", type=_space_item, action="append", default=[], metavar="KEY=VALUE",
+                       help="override one range or probability of the space, e.g. p_oblique=0, "
+                            "bias_amplitude=0.1:0.3, held_out_curve=log, contrast_curves=gamma,log (repeatable)")
     extra = parser.add_argument_group("extras")
     extra.add_argument("--with-phase", action="store_true", help="also write the high-pass filtered phase (rad) to phase/")
     extra.add_argument("--montage", metavar="PNG", help="write a montage of sample slices with lesion outlines")
@@ -78,9 +96,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--repeats", type=_positive, default=5, metavar="R", help="benchmark runs (default 5)")
 
 
+def _space_item(text: str) -> tuple[str, object]:
+    """KEY=VALUE for --space: a range lo:hi, a list a,b,c, or one value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"--space takes KEY=VALUE (e.g. p_oblique=0), not {text!r}")
+    key = key.strip().replace("-", "_")
+    if ":" in value:
+        try:
+            return key, tuple(float(v) for v in value.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--space {key}: a range is lo:hi numbers, not {value!r}") from None
+    if "," in value or key in ("contrast_curves", "noise_types"):
+        return key, tuple(v.strip() for v in value.split(",") if v.strip())
+    try:
+        return key, float(value)
+    except ValueError:
+        return key, value
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    keys = ("field_strength_t", "te_ms", "matrix", "n_slices", "slice_thickness_mm", "snr", "vendor", "n_microbleeds")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    keys = ("field_strength_t", "te_ms", "matrix", "n_slices", "slice_thickness_mm", "snr", "vendor", "n_microbleeds",
+            "contrast_curve", "noise_type")
+    out: dict[str, object] = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "domain", "all") != "all":
+        out["domain"] = args.domain
+    if getattr(args, "space", None):
+        out["space"] = dict(args.space)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -359,6 +359,11 @@ def load_template() -> Template:
     candidates = {
         name: np.flatnonzero(solid & (region == REGION_CODE[name])).astype(np.int64) for name in REGIONS
     }
+    # The cortical surface: lobar tissue that meets CSF (55-92 % grey + white matter), where
+    # bleeds touching the cortex are placed.
+    candidates["cortex"] = np.flatnonzero(
+        (region == REGION_CODE["lobar"]) & (tissue > 0.55) & (tissue <= 0.92) & (gm > 0.3)
+    ).astype(np.int64)
 
     return Template(
         channels=channels,
@@ -370,3 +375,39 @@ def load_template() -> Template:
         ventricle_gradient=_unit_gradient(vdist, 1.0),
         candidates=candidates,
     )
+
+
+# Bits of the template-space mimic anatomy (see mimic_anatomy).
+NUCLEUS_BITS = 0x0F  # 0 none, i + 1 inside NUCLEI[i]
+AIR_BIT = 0x10  # air fraction >= 0.5 (inside a cavity)
+HEAD_BIT = 0x20  # inside the head (brain, CSF, bone, marrow, scalp or a cavity)
+
+
+@functools.lru_cache(maxsize=1)
+def mimic_anatomy() -> np.ndarray:
+    """Template-space (K, J, I) uint8 map of where the anatomical mimics are, for the mimic map:
+    the deep nucleus each voxel lies in (low four bits: i + 1 for NUCLEI[i], its ellipsoid
+    where there is tissue; the later one wins where two overlap), AIR_BIT in the air cavities,
+    HEAD_BIT inside the head. Nearest-neighbour sampling keeps the codes intact."""
+    template = load_template()
+    out = np.zeros(template.shape, np.uint8)
+    inside = np.zeros(template.shape, np.float32)
+    for i, nucleus in enumerate(NUCLEI):
+        inside[...] = 0.0
+        paint_ellipsoid(inside, nucleus, 1.0)
+        out[(inside >= 0.5) & (template.tissue > 0.3)] = i + 1
+    del inside
+    out[template.channel("air") >= 128] |= AIR_BIT
+    out[template.channels.sum(0, dtype=np.uint16) >= 128] |= HEAD_BIT
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def iron_voxels() -> tuple[np.ndarray, np.ndarray]:
+    """Flat template indices of the voxels that carry iron, and the nucleus each lies in (0:
+    the soft edge outside every nucleus's core), so that a case can scale iron per nucleus
+    without touching the whole template."""
+    template = load_template()
+    flat = np.flatnonzero(template.channel("iron"))
+    return flat, (mimic_anatomy().ravel()[flat] & NUCLEUS_BITS).astype(np.intp)
+

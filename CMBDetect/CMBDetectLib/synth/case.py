@@ -34,14 +34,33 @@ from .acquisition import (
     acquisition_geometry,
     add_noise,
     bias_field,
+    curve_slope_at_wm,
+    kspace_effects,
+    noisy_magnitude,
     reconstruct_swi,
     sample_acquisition,
     validate_overrides,
     vendor_curve,
 )
-from .anatomy import HEAD_CENTRE_MNI, NUCLEI, load_template
+from .anatomy import (
+    AIR_BIT,
+    HEAD_BIT,
+    HEAD_CENTRE_MNI,
+    NUCLEI,
+    NUCLEUS_BITS,
+    iron_voxels,
+    load_template,
+    mimic_anatomy,
+)
 from .microbleeds import LABEL_LEVEL, Microbleed, place_microbleeds, sample_count
-from .mimics import Calcification, air_cavities_in_view, place_calcifications
+from .mimics import (
+    MIMIC_CODES,
+    Calcification,
+    air_cavities_in_view,
+    mimic_map,
+    mimic_summary,
+    place_calcifications,
+)
 from .susceptibility import (
     apply_patch,
     field_ppm,
@@ -50,17 +69,19 @@ from .susceptibility import (
     shim,
     visibility,
 )
+from .resample import oblique_geometry, resample, tidy_labels
+from .space import Space, space_for
 from .timing import stage
 from .tissue import TissueProperties, sample_tissue, tissue_maps
 from .veins import rasterise, sample_veins, summarise
 from .warp import sample_warp
 
-GENERATOR_VERSION = "cmbdetect-synth 1.0"
+GENERATOR_VERSION = "cmbdetect-synth 2.0"
 INTERMEDIATE_SPACING_MM = 1.2  # the template has 1 mm detail; finer grids only interpolate
 CHI_SPACING_MM = 2.0
-EXTRA_OVERRIDES = ("n_microbleeds", "vein_density", "deformation_mm", "keep_maps")
+EXTRA_OVERRIDES = ("n_microbleeds", "vein_density", "deformation_mm", "keep_maps", "domain", "space")
 STREAMS = {"acquisition": 1, "pose": 2, "tissue": 3, "veins": 4, "calcifications": 5, "microbleeds": 6,
-           "bias": 7, "noise": 8}
+           "bias": 7, "noise": 8, "anatomy_variation": 9, "resample": 10}
 LABEL_RULE = (
     "A voxel is labelled when the microbleed leaves its noise-free SWI signal at most 60 % of "
     "what it would be without the bleed (magnitude loss from intravoxel dephasing times the SWI "
@@ -73,7 +94,7 @@ LABEL_RULE = (
 @dataclass
 class SynthCase:
     """A generated case: SWI magnitude (float32, scanner units), label map (uint16, one id per
-    microbleed), metadata. `maps` holds extra volumes when asked for (keep_maps=True):
+    microbleed), mimic map (uint8, MIMIC_CODES), metadata. `maps` holds extra volumes when asked for (keep_maps=True):
     the high-pass phase (rad) and the venous blood fraction."""
 
     name: str
@@ -81,6 +102,9 @@ class SynthCase:
     labels: np.ndarray
     meta: dict[str, object]
     maps: dict[str, np.ndarray] = field(default_factory=dict)
+    # uint8, which mimic each voxel belongs to (MIMIC_CODES: 1 vein, 2 calcification,
+    # 3 iron-rich nucleus, 4 air-tissue edge; 0 none, and 0 wherever a microbleed is labelled)
+    mimics: np.ndarray | None = None
 
 
 def case_name(seed: int, index: int, control: bool = False) -> str:
@@ -108,6 +132,58 @@ def _check_arguments(seed: int, index: int, overrides: dict[str, object]) -> Non
         raise ValueError(f"vein_density must lie in 0-5 (1 = normal), not {overrides['vein_density']}")
     if "deformation_mm" in overrides and not 0.0 <= float(overrides["deformation_mm"]) <= 10.0:  # type: ignore[arg-type]
         raise ValueError(f"deformation_mm must lie in 0-10 mm, not {overrides['deformation_mm']}")
+    if "space" in overrides and not isinstance(overrides["space"], dict):
+        raise ValueError(f"space must be a dict of range overrides, not {overrides['space']!r}")
+    space_for(str(overrides.get("domain", "all")), overrides.get("space"))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class AnatomyVariation:
+    """A case's draws on the anatomy side of the space (stream "anatomy_variation")."""
+
+    vein_density: float
+    vein_calibre: float
+    vein_tortuosity: float
+    iron: dict[str, float]  # relative iron per nucleus (globus pallidus of the template = 1)
+    calcification_size: float
+    calcification_rate: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {"vein_density": _r(self.vein_density), "vein_calibre": _r(self.vein_calibre),
+                "vein_tortuosity": _r(self.vein_tortuosity), "iron_relative": {k: _r(v) for k, v in self.iron.items()},
+                "calcification_size_scale": _r(self.calcification_size),
+                "calcification_rate_scale": _r(self.calcification_rate)}
+
+
+def sample_anatomy_variation(rng: np.random.Generator, space: Space) -> AnatomyVariation:
+    u = rng.random(6)
+    per_nucleus = rng.random(len(NUCLEI))
+
+    def within(x: float, r: tuple[float, float]) -> float:
+        return float(r[0] + (r[1] - r[0]) * x)
+
+    scale = within(u[3], space.iron_scale)
+    iron = {n.name: n.iron * scale * within(x, space.iron_nucleus) for n, x in zip(NUCLEI, per_nucleus)}
+    return AnatomyVariation(
+        vein_density=within(u[0], space.vein_density),
+        vein_calibre=within(u[1], space.vein_calibre),
+        vein_tortuosity=within(u[2], space.vein_tortuosity),
+        iron=iron,
+        calcification_size=within(u[4], space.calcification_size),
+        calcification_rate=within(u[5], space.calcification_rate),
+    )
+
+
+def _iron_scale_template(variation: AnatomyVariation) -> tuple[np.ndarray, np.ndarray]:
+    """Where the template has iron (flat indices) and the case's multiplier there: each
+    nucleus's case iron over its template iron."""
+    lookup = np.ones(NUCLEUS_BITS + 1, np.float32)
+    for i, nucleus in enumerate(NUCLEI):
+        lookup[i + 1] = variation.iron[nucleus.name] / nucleus.iron
+    # Outside the nuclei's cores (their soft edges), the mean of the case's scale.
+    lookup[0] = float(np.mean(lookup[1 : len(NUCLEI) + 1]))
+    flat, nucleus = iron_voxels()
+    return flat, lookup[nucleus]
 
 
 def _upsample_axis(a: np.ndarray, coarse: np.ndarray, n: int, axis: int) -> np.ndarray:
@@ -126,20 +202,42 @@ def _coarse_axis(n: int, spacing: float, target_mm: float = INTERMEDIATE_SPACING
 
 
 def _sample_template(
-    volume: np.ndarray, warp, geometry: Geometry, k_axis: np.ndarray, j_axis: np.ndarray, i_axis: np.ndarray
+    volume: np.ndarray, warp, geometry: Geometry, k_axis: np.ndarray, j_axis: np.ndarray, i_axis: np.ndarray,
+    order: int = 1,
 ) -> np.ndarray:
-    """Trilinear samples of a template-space volume at acquisition grid points (0 outside)."""
+    """Samples of a template-space volume at acquisition grid points (0 outside), trilinear
+    (order 1) or nearest (order 0, for codes)."""
     coords = warp.template_coordinates(np.array(geometry.origin), np.array(geometry.spacing), k_axis, j_axis, i_axis)
+    if order == 0:
+        return ndimage.map_coordinates(volume, coords, order=0, mode="constant", cval=0)
     return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, output=np.float32)
 
 
+def _nearest_axis(a: np.ndarray, coarse: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Nearest-neighbour counterpart of _upsample_axis (for codes)."""
+    if len(coarse) == n:
+        return a
+    nearest = np.abs(np.arange(n)[:, None] - coarse[None, :]).argmin(1)
+    return np.take(a, nearest, axis=axis)
+
+
+@dataclass
+class _Grid:
+    """Tissue and mimic anatomy on the acquisition grid."""
+
+    magnitude: np.ndarray  # (K, J, I) noise-free magnitude, coil bias included
+    chi: np.ndarray  # (K + 2 pad, J, I) susceptibility, ppm
+    anatomy: np.ndarray  # (K, J, I) uint8 mimic anatomy bits (anatomy.mimic_anatomy)
+
+
 def _tissue_on_grid(
-    acq: Acquisition, geometry: Geometry, warp, props: TissueProperties, pad: int, bias_rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Magnitude (K, J, I, coil bias included) and susceptibility (K + 2 pad, J, I) on the
-    acquisition grid. The magnitude is sampled from the template at about 1.2 mm in-plane, the
-    susceptibility (whose field is smooth at that scale) at about 2 mm; both are then
-    interpolated to the matrix."""
+    acq: Acquisition, geometry: Geometry, warp, props: TissueProperties, pad: int, bias_rng: np.random.Generator,
+    iron_scale: tuple[np.ndarray, np.ndarray] | None = None,
+) -> _Grid:
+    """Magnitude (K, J, I, coil bias included), susceptibility (K + 2 pad, J, I) and the mimic
+    anatomy on the acquisition grid. The magnitude and anatomy are sampled from the template at
+    about 1.2 mm in-plane, the susceptibility (whose field is smooth at that scale) at about
+    2 mm; all are then interpolated to the matrix."""
     template = load_template()
     rows, cols = acq.matrix
     k_axis = np.arange(acq.n_slices)
@@ -147,32 +245,39 @@ def _tissue_on_grid(
     i_axis = _coarse_axis(cols, acq.pixel_spacing_mm[1])
     j_chi = _coarse_axis(rows, acq.pixel_spacing_mm[0], CHI_SPACING_MM)
     i_chi = _coarse_axis(cols, acq.pixel_spacing_mm[1], CHI_SPACING_MM)
-    magnitude_t, chi_t = tissue_maps(template.channels, props, acq.te_ms)
+    magnitude_t, chi_t = tissue_maps(template.channels, props, acq.te_ms, iron_scale)
     magnitude_c = _sample_template(magnitude_t, warp, geometry, k_axis, j_axis, i_axis)
     chi_c = _sample_template(chi_t, warp, geometry, np.arange(-pad, acq.n_slices + pad), j_chi, i_chi)
     del magnitude_t, chi_t
+    anatomy_c = _sample_template(mimic_anatomy(), warp, geometry, k_axis, j_axis, i_axis, order=0)
     # The coil bias multiplies every later factor of the signal, so it can enter here, on the
     # coarse grid, before noise is added.
     magnitude_c *= bias_field(bias_rng, acq.shape, acq.bias_amplitude, at=(k_axis, j_axis, i_axis))
     magnitude = _upsample_axis(_upsample_axis(magnitude_c, i_axis, cols, axis=2), j_axis, rows, axis=1)
     chi = _upsample_axis(_upsample_axis(chi_c, i_chi, cols, axis=2), j_chi, rows, axis=1)
-    return magnitude, chi
+    anatomy = _nearest_axis(_nearest_axis(anatomy_c, i_axis, cols, axis=2), j_axis, rows, axis=1)
+    return _Grid(magnitude, chi, anatomy)
 
 
 def generate_case(seed: int, index: int, control: bool = False, **overrides: object) -> SynthCase:
     """Generate one synthetic SWI case; a pure function of (seed, index, control, overrides).
 
-    Overrides: field_strength_t (1.5 | 3.0), te_ms, matrix (rows, cols), slice_thickness_mm,
-    n_slices, snr, vendor (Siemens | Philips | GE), fov_mm, slab_centre_mni_z, n_microbleeds,
-    vein_density (1 = normal), deformation_mm (RMS), keep_maps (bool)."""
+    Overrides: field_strength_t (1.5 | 3.0 | 7.0), te_ms, matrix (rows, cols), slice_thickness_mm,
+    n_slices, snr, vendor (Siemens | Philips | GE), fov_mm, slab_centre_mni_z, contrast_curve,
+    noise_type, oblique (False, or the dict of resample.oblique_geometry), n_microbleeds,
+    vein_density (1 = normal), deformation_mm (RMS), keep_maps (bool), domain (all | train |
+    shifted, space.py) and space (a dict of range overrides of space.Space)."""
     _check_arguments(seed, index, overrides)
     control = bool(control)
     keep_maps = bool(overrides.get("keep_maps", False))
+    domain = str(overrides.get("domain", "all"))
+    space = space_for(domain, overrides.get("space"))  # type: ignore[arg-type]
     with stage("template"):
         template = load_template()
 
     with stage("protocol_and_pose"):
-        acq = sample_acquisition(_rng(seed, index, control, "acquisition"), overrides)
+        acq = sample_acquisition(_rng(seed, index, control, "acquisition"), overrides, space)
+        variation = sample_anatomy_variation(_rng(seed, index, control, "anatomy_variation"), space)
         pose_rng = _rng(seed, index, control, "pose")
         head_offset = np.array([pose_rng.uniform(-5, 5), pose_rng.uniform(-5, 5), 0.0])
         deformation = overrides.get("deformation_mm")
@@ -191,11 +296,15 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     with stage("tissue"):
         props = sample_tissue(_rng(seed, index, control, "tissue"), b0, acq.t1_weighting)
         pad = int(np.clip(np.ceil(15.0 / acq.slice_thickness_mm), 3, 16))
-        magnitude, chi = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias"))
+        grid = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias"),
+                               _iron_scale_template(variation))
+        magnitude, chi, anatomy = grid.magnitude, grid.chi, grid.anatomy
+        del grid
 
     with stage("veins"):
         vein_rng = _rng(seed, index, control, "veins")
-        veins = sample_veins(template, vein_rng, float(overrides.get("vein_density", 1.0)))  # type: ignore[arg-type]
+        density = float(overrides.get("vein_density", variation.vein_density))  # type: ignore[arg-type]
+        veins = sample_veins(template, vein_rng, density, variation.vein_calibre, variation.vein_tortuosity)
         raster = rasterise(veins, warp, origin, spacing_ijk, shape)
         chi[pad : pad + shape[0]] += raster.fraction * np.float32(props.vein_chi)
 
@@ -209,6 +318,7 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
         # Where the field's ramp (air-tissue edges) has wiped out half the signal nobody could
         # see, or outline, a bleed: they are not placed there.
         clear = dephasing >= 0.8
+        faded = ~clear  # for the mimic map's air-tissue edge
         signal_mag = dephasing * magnitude
         del dephasing
         field *= np.float32(-rad)  # now the phase
@@ -239,7 +349,8 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     with stage("calcifications"):
         occupied = np.zeros(shape, bool)
         calcs = place_calcifications(warp, origin, spacing_ijk, shape, b0, te,
-                                     _rng(seed, index, control, "calcifications"))
+                                     _rng(seed, index, control, "calcifications"), variation.calcification_size,
+                                     variation.calcification_rate, space.p_calcification_lobulated)
         for calc in calcs:
             vol_sl, patch_sl = apply_patch(signal, calc.patch)
             dark = visibility(calc.patch.factor[patch_sl], acq.phase_mask_power) < 0.85
@@ -250,26 +361,104 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
         n_drawn = sample_count(bleed_rng)
         n_wanted = 0 if control else int(overrides.get("n_microbleeds", n_drawn))  # type: ignore[arg-type]
         bleeds = place_microbleeds(n_wanted, template, warp, origin, spacing_ijk, shape, b0, te,
-                                   acq.phase_mask_power, occupied, bleed_rng, clear)
+                                   acq.phase_mask_power, occupied, bleed_rng, clear, space.bleed_shapes,
+                                   space.p_bleed_on_vein, space.p_bleed_on_cortex, raster.fraction)
         del clear
         labels = np.zeros(shape, np.uint16)
         for bleed in bleeds:
             apply_patch(signal, bleed.patch)
             labels[bleed.label_slices][bleed.label_mask] = bleed.id
 
+    with stage("mimic_map"):
+        mimics = mimic_map(raster.fraction, anatomy & NUCLEUS_BITS, (anatomy & AIR_BIT) > 0,
+                           (anatomy & HEAD_BIT) > 0, faded, calcs, labels, spacing_kji, acq.phase_mask_power,
+                           variation.iron)
+        del anatomy, faded
+
     with stage("noise_and_swi"):
         wm_signal = props.signal("wm", te)
         sigma = wm_signal / acq.snr
-        add_noise(_rng(seed, index, control, "noise"), signal, sigma)
-        swi, hp_phase = reconstruct_swi(signal, acq)
-        del signal
+        noise_rng = _rng(seed, index, control, "noise")
+        if acq.noise_type == "gaussian":
+            # Magnitude noise added to the (k-space filtered) noise-free magnitude; the complex
+            # noise only feeds the phase.
+            noise_factor = kspace_effects(signal, acq)
+            clean = np.abs(signal)
+            add_noise(noise_rng, signal, sigma * noise_factor)
+            magnitude_out = noisy_magnitude(noise_rng, signal, clean, sigma * noise_factor, acq)
+            del clean
+        else:
+            # Noise enters in k-space with the signal: the k-space window filters both.
+            add_noise(noise_rng, signal, sigma)
+            noise_factor = kspace_effects(signal, acq)
+            magnitude_out = noisy_magnitude(noise_rng, signal, None, sigma * noise_factor, acq)
+        swi, hp_phase = reconstruct_swi(signal, acq, magnitude_out)
+        del signal, magnitude_out
         image = vendor_curve(swi, acq, wm_signal)
+        del swi
 
     name = case_name(seed, index, control)
     meta = _meta(name, seed, index, control, overrides, acq, geometry, props, warp, veins, raster, calcs, bleeds,
-                 n_wanted, sigma, wm_signal)
+                 n_wanted, sigma, wm_signal, variation.iron)
+    meta["acquisition"]["noise_sd_factor_kspace"] = _r(noise_factor)  # type: ignore[index]
+    meta["randomisation"] = {"domain": domain, "anatomy": variation.as_dict(), "space": space.as_dict(),
+                             "bleed_placement": [b.placement for b in bleeds]}
     maps = {"phase": hp_phase, "vein_fraction": raster.fraction} if keep_maps else {}
-    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps)
+    vein_fraction = raster.fraction
+    del raster
+    if acq.oblique is not None:
+        with stage("resample"):
+            geometry, image, labels, mimics, maps = _resample_case(meta, geometry, image, labels, mimics, maps,
+                                                                   acq.oblique)
+    del vein_fraction
+    meta["mimics"]["map_codes"] = dict(MIMIC_CODES)  # type: ignore[index]
+    meta["mimics"]["map_voxels"] = mimic_summary(mimics)  # type: ignore[index]
+    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps, mimics=mimics)
+
+
+def _resample_case(
+    meta: dict[str, object], geometry: Geometry, image: np.ndarray, labels: np.ndarray, mimics: np.ndarray,
+    maps: dict[str, np.ndarray], oblique: dict[str, object],
+) -> tuple[Geometry, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The reconstructed case on its oblique / resampled grid (resample.py); the metadata's
+    geometry and lesion entries are brought up to date."""
+    grid, shape = oblique_geometry(geometry, image.shape, oblique)
+    image = resample(image, geometry, grid, shape, nearest=False)
+    moved = resample(labels, geometry, grid, shape, nearest=True)
+    mimics = resample(mimics, geometry, grid, shape, nearest=True)
+    maps = {k: resample(v.astype(np.float32, copy=False), geometry, grid, shape, nearest=False) for k, v in maps.items()}
+    to_index = np.linalg.inv(grid.ijk_to_lps())
+    lesions = meta["lesions"]  # type: ignore[assignment]
+    centres = {}
+    for lesion in lesions:  # type: ignore[union-attr]
+        ijk = to_index[:3, :3] @ np.asarray(lesion["centre_lps"]) + to_index[:3, 3]
+        centres[int(lesion["id"])] = ijk[::-1]
+    labels, mapping = tidy_labels(moved, centres)
+    mimics[labels > 0] = 0
+    counts = np.bincount(labels.ravel(), minlength=len(mapping) + 1)
+    kept = []
+    for lesion in lesions:  # type: ignore[union-attr]
+        old = int(lesion["id"])
+        if old not in mapping:
+            continue
+        new = mapping[old]
+        n = int(counts[new])
+        d_app = float(equivalent_diameter_mm(n, grid.spacing))
+        lesion.update({"id": new, "centre_ijk": [_r(v, 3) for v in centres[old][::-1]], "n_voxels": n,
+                       "apparent_diameter_mm": _r(d_app), "size_class": size_class(d_app)})
+        kept.append(lesion)
+    meta["lesions_lost_in_resampling"] = len(lesions) - len(kept)  # type: ignore[arg-type]
+    meta["lesions"] = kept
+    meta["n_lesions"] = len(kept)
+    meta["shape_kji"] = list(shape)
+    meta["spacing_mm"] = [_r(v, 5) for v in grid.spacing]
+    meta["geometry"] = {"origin_lps": [_r(v, 4) for v in grid.origin], "spacing_mm": [_r(v, 5) for v in grid.spacing],
+                        "direction": [_r(v, 8) for v in grid.direction],
+                        "slice_axis": "k (array axis 0), oblique: resampled after reconstruction",
+                        "b0_direction": "scanner z (the acquisition grid's k axis)",
+                        "acquisition_grid": meta["geometry"]}
+    meta["oblique"] = {k: ([_r(x, 5) for x in v] if isinstance(v, list) else _r(v)) for k, v in oblique.items()}  # type: ignore[arg-type]
+    return grid, image, labels, mimics, maps
 
 
 def _r(v: float, n: int = 4) -> float:
@@ -295,13 +484,16 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
         "susceptibility_ppm": _r(bleed.source.chi_ppm),
         "n_voxels": bleed.n_voxels,
         "label_level": _r(bleed.label_level, 3),
+        "lobes": len(bleed.source.lobes),
+        "lobes_mm": [[_r(v, 3) for v in lobe] for lobe in bleed.source.lobes],  # x, y, z offset, radius
+        "placement": bleed.placement,
     }
 
 
 def _meta(
     name: str, seed: int, index: int, control: bool, overrides: dict[str, object], acq: Acquisition,
     geometry: Geometry, props: TissueProperties, warp, veins, raster, calcs: list[Calcification],
-    bleeds: list[Microbleed], n_wanted: int, sigma: float, wm_signal: float,
+    bleeds: list[Microbleed], n_wanted: int, sigma: float, wm_signal: float, iron: dict[str, float],
 ) -> dict[str, object]:
     acquisition = acq.as_dict()
     acquisition["noise_sigma_relative"] = _r(sigma, 6)
@@ -315,6 +507,8 @@ def _meta(
             "centre_lps": [_r(v, 3) for v in geometry.index_to_lps(ijk)],
             "diameter_mm": _r(c.source.equivalent_diameter_mm),
             "susceptibility_ppm": _r(c.source.chi_ppm),
+            "lobes": len(c.source.lobes),
+            "lobes_mm": [[_r(v, 3) for v in lobe] for lobe in c.source.lobes],
         })
     shape = acq.shape
     origin = np.array(geometry.origin)
@@ -335,8 +529,11 @@ def _meta(
         "slice_thickness_mm": acq.slice_thickness_mm,
         "snr": _r(acq.snr, 3),
         "vendor": acq.vendor,
-        "vendor_curve": {"gamma": _r(acq.contrast_gamma), "wm_level": _r(acq.wm_level, 2),
+        "vendor_curve": {"curve": acq.contrast_curve, "params": {k: _r(v) for k, v in acq.curve_params.items()},
+                         "slope_at_wm": _r(curve_slope_at_wm(acq.contrast_curve, acq.curve_params)),
+                         "wm_level": _r(acq.wm_level, 2),
                          "phase_mask_power": acq.phase_mask_power, "highpass_fraction": _r(acq.highpass_fraction)},
+        "noise": {"type": acq.noise_type, "coils": acq.coils},
         "acquisition": acquisition,
         "geometry": {"origin_lps": [_r(v, 4) for v in geometry.origin], "spacing_mm": [_r(s, 5) for s in geometry.spacing],
                      "direction": list(geometry.direction), "slice_axis": "k (array axis 0), inferior to superior",
@@ -354,7 +551,7 @@ def _meta(
             "vein_voxels_over_half_blood": int((raster.fraction > 0.5).sum()),
             "calcifications": calc_entries,
             "air_cavities_near_slab": air_cavities_in_view(warp, origin, spacing, shape),
-            "iron_nuclei": [{"name": n.name, "iron_relative": n.iron, "centre_mni": list(n.centre),
+            "iron_nuclei": [{"name": n.name, "iron_relative": _r(iron[n.name]), "centre_mni": list(n.centre),
                              "semi_axes_mm": list(n.semi_axes)} for n in NUCLEI],
         },
     }

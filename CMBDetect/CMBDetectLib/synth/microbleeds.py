@@ -56,6 +56,7 @@ LEVEL_STEP = 0.025
 CHI_RANGE_PPM = (0.4, 1.6)
 MAX_SIZE_TRIES = 4
 MAX_PLACEMENT_TRIES = 30
+VEIN_RIM_MAX = 0.2  # blood fraction below the vein mimic's threshold: beside the vein, not in it
 # The protocol on which Table 2's size mix is reproduced: the middle of our 3 T draws (TE 16-30
 # ms, 1.0-2.5 mm slices) with the 0.5 mm pixels of the commonest Table 1 matrices (432, 512).
 REFERENCE_PROTOCOL = (3.0, 23.0, (1.8, 0.5, 0.5))  # B0 (T), TE (ms), voxel (k, j, i) mm
@@ -78,6 +79,7 @@ class Microbleed:
     label_level: float
     target_class: str
     extras: dict[str, float] = field(default_factory=dict)
+    placement: str = "tissue"  # tissue | vein (on a vein's rim) | cortex (at the cortical surface)
 
     @property
     def n_voxels(self) -> int:
@@ -97,14 +99,44 @@ def sample_target(rng: np.random.Generator) -> tuple[str, float]:
     return "large", float(5.3 + 4.2 * rng.beta(1.2, 2.5))
 
 
-def sample_source_shape(rng: np.random.Generator) -> tuple[str, np.ndarray, np.ndarray]:
-    """Shape name, semi-axis ratios normalised to unit geometric mean, rotation."""
-    if rng.random() < 0.65:
-        return "sphere", np.ones(3), np.eye(3)
+DEFAULT_SHAPES = (("sphere", 0.4), ("ellipsoid", 0.35), ("lobulated", 0.25))
+
+
+def sample_lobes(rng: np.random.Generator, n_range: tuple[int, int], size: tuple[float, float]) -> np.ndarray:
+    """Lobes for an irregular source, in units of its main radius: (n, 4) rows of an offset
+    (x, y, z; 0.55-0.95 of the radius, so each lobe overlaps the body) and a lobe radius
+    (`size` of the main radius)."""
+    n = int(rng.integers(n_range[0], n_range[1] + 1))
+    direction = rng.normal(size=(n, 3))
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-9)
+    distance = rng.uniform(0.55, 0.95, n)
+    radius = rng.uniform(*size, n)
+    return np.concatenate([direction * distance[:, None], radius[:, None]], 1)
+
+
+def sample_source_shape(
+    rng: np.random.Generator, shapes: tuple[tuple[str, float], ...] = DEFAULT_SHAPES
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Shape name, semi-axis ratios normalised to unit geometric mean, rotation, lobes (in
+    units of the mean radius; none for spheres and ellipsoids). Draws a fixed number of
+    numbers whatever the shape."""
+    names = [n for n, _ in shapes]
+    u = rng.random()
+    cumulative = np.cumsum([w for _, w in shapes]) / sum(w for _, w in shapes)
+    name = names[min(int(np.searchsorted(cumulative, u, side="right")), len(names) - 1)]
     ratios = np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)])
     ratios /= np.cbrt(np.prod(ratios))
     rotation = Rotation.from_quat(rng.normal(size=4)).as_matrix()
-    return "ellipsoid", ratios, rotation
+    lobes = sample_lobes(rng, (1, 3), (0.4, 0.75))
+    if name == "sphere":
+        return name, np.ones(3), np.eye(3), np.zeros((0, 4))
+    if name == "ellipsoid":
+        return name, ratios, rotation, np.zeros((0, 4))
+    return name, ratios, rotation, lobes
+
+
+def scaled_lobes(lobes: np.ndarray, radius_mm: float) -> tuple[tuple[float, float, float, float], ...]:
+    return tuple(tuple(float(v) * radius_mm for v in row) for row in lobes)  # type: ignore[misc]
 
 
 def outline(
@@ -162,20 +194,21 @@ class SourceDraw:
     source: Source
 
 
-def solve_source(rng: np.random.Generator) -> SourceDraw | None:
+def solve_source(rng: np.random.Generator, shapes: tuple[tuple[str, float], ...] = DEFAULT_SHAPES) -> SourceDraw | None:
     """Draw a target class and apparent diameter (Table 2 mix), a shape and a susceptibility,
     and find the source size whose outline on the reference protocol has that class and about
     that diameter. The true size is then a property of the bleed alone: on the case's own
     protocol it blooms more or less, and its class is whatever its outline there measures."""
     target_class, target_d = sample_target(rng)
-    shape_name, ratios, rotation = sample_source_shape(rng)
+    shape_name, ratios, rotation, lobes = sample_source_shape(rng, shapes)
     chi = float(np.exp(rng.uniform(*np.log(CHI_RANGE_PPM))))
     b0, te, spacing = REFERENCE_PROTOCOL
     rad_per_ppm = phase_per_ppm(b0, te)
     true_d = float(np.clip(target_d / bloom_guess(rad_per_ppm, chi), 0.6, 9.0))
     best = None
     for _ in range(MAX_SIZE_TRIES):
-        source = Source(tuple(float(v) for v in ratios * true_d / 2.0), rotation, chi, interior_signal=0.02)
+        source = Source(tuple(float(v) for v in ratios * true_d / 2.0), rotation, chi, interior_signal=0.02,
+                        lobes=scaled_lobes(lobes, true_d / 2.0))
         patch = simulate_source(source, np.zeros(3), spacing, b0, te)
         result = outline(visibility(patch.factor, REFERENCE_POWER), spacing)
         if result is None:
@@ -193,6 +226,21 @@ def solve_source(rng: np.random.Generator) -> SourceDraw | None:
     return SourceDraw(target_class, target_d, shape_name, best[0])
 
 
+def _near_vein_points(
+    vein_fraction: np.ndarray, template: Template, warp: Warp, origin: np.ndarray, spacing_ijk: np.ndarray,
+    rng: np.random.Generator, n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to n acquisition-grid points (k, j, i) just beside a vein (blood fraction 2-20 %:
+    the vein's partial-volume rim) in brain tissue, and their MNI positions."""
+    rim = np.flatnonzero((vein_fraction > 0.02) & (vein_fraction < VEIN_RIM_MAX))
+    pick = rim[rng.integers(0, len(rim), n)] if len(rim) else np.zeros(0, np.int64)
+    kji = np.stack(np.unravel_index(pick, vein_fraction.shape), -1).astype(float) + rng.uniform(-0.3, 0.3, (n, 3))[: len(pick)]
+    lps = np.asarray(origin) + kji[:, ::-1] * np.asarray(spacing_ijk)
+    mni = warp.scanner_to_mni(lps) if len(lps) else np.zeros((0, 3))
+    ok = template.sample(template.tissue, mni) > 0.8 if len(mni) else np.zeros(0, bool)
+    return kji[ok], mni[ok]
+
+
 def place_microbleeds(
     count: int,
     template: Template,
@@ -206,11 +254,18 @@ def place_microbleeds(
     occupied: np.ndarray,
     rng: np.random.Generator,
     clear: np.ndarray | None = None,
+    shapes: tuple[tuple[str, float], ...] = DEFAULT_SHAPES,
+    p_on_vein: float = 0.0,
+    p_on_cortex: float = 0.0,
+    vein_fraction: np.ndarray | None = None,
 ) -> list[Microbleed]:
     """Draw, place and outline `count` bleeds; `occupied` (bool volume) marks where a new
     outline may not reach and is updated with each bleed's outline, dilated by one voxel.
     `clear` (bool volume) marks where the background signal survives air-tissue dephasing:
-    a bleed's voxel and its six neighbours must all be clear."""
+    a bleed's voxel and its six neighbours must all be clear. With probability `p_on_vein` a
+    bleed is placed on a vein's rim (from `vein_fraction`), with `p_on_cortex` at the cortical
+    surface (lobar tissue with 55-92 % grey + white matter: it meets CSF); otherwise in solid
+    tissue of its MARS region."""
     spacing_kji = tuple(float(s) for s in np.asarray(spacing_ijk)[::-1])
     shape = np.array(shape_kji)
     margin = np.array([0.5, 2.0, 2.0])
@@ -219,16 +274,29 @@ def place_microbleeds(
     bleeds: list[Microbleed] = []
     for _ in range(count):
         region = names[int(rng.choice(len(names), p=prior))]
-        draw = solve_source(rng)
+        u_mode = rng.random()
+        mode = "vein" if u_mode < p_on_vein else ("cortex" if u_mode < p_on_vein + p_on_cortex else "tissue")
+        if mode == "vein" and vein_fraction is None:
+            mode = "tissue"
+        draw = solve_source(rng, shapes)
         subvoxel = rng.uniform(-0.5, 0.5, 3)
         bleed = None
         for attempt in range(MAX_PLACEMENT_TRIES):
             if draw is None:
-                draw = solve_source(rng)
+                draw = solve_source(rng, shapes)
                 continue
+            # Half the tries in the drawn place; then anywhere in solid tissue.
+            use_mode = mode if attempt < MAX_PLACEMENT_TRIES // 2 else "tissue"
             use_region = region if attempt < MAX_PLACEMENT_TRIES // 2 else names[int(rng.choice(len(names), p=prior))]
-            mni = _candidate_points(template, rng, use_region, 16)
-            kji = mni_to_voxel(warp, origin, spacing_ijk, mni)
+            if use_mode == "vein":
+                kji, mni = _near_vein_points(vein_fraction, template, warp, origin, spacing_ijk, rng, 16)  # type: ignore[arg-type]
+            else:
+                if use_mode == "cortex":
+                    use_region = "lobar"
+                mni = _candidate_points(template, rng, "cortex" if use_mode == "cortex" else use_region, 16)
+                kji = mni_to_voxel(warp, origin, spacing_ijk, mni)
+            if len(kji) == 0:
+                continue
             ok = np.all((kji >= margin) & (kji <= shape - 1 - margin), axis=1)
             nearest = np.clip(np.rint(kji), 0, shape - 1).astype(int)
             ok &= ~occupied[tuple(nearest.T)]
@@ -238,13 +306,17 @@ def place_microbleeds(
             if not ok.any():
                 continue
             pick = int(np.flatnonzero(ok)[0])
+            if use_mode == "vein":  # the region is wherever the vein led
+                code = int(template.sample(template.region, mni[pick][None], order=0)[0])
+                use_region = names[code - 1] if 1 <= code <= len(names) else "lobar"
             centre = np.rint(kji[pick]) + subvoxel * 0.999
             bleed, visible = _outline_here(draw, centre, mni[pick], use_region, spacing_kji, shape_kji,
                                            field_strength_t, te_ms, power, occupied)
             if bleed is not None:
+                bleed.placement = use_mode
                 break
             if not visible:
-                draw = solve_source(rng)  # too faint for this protocol anywhere: another bleed
+                draw = solve_source(rng, shapes)  # too faint for this protocol anywhere: another bleed
         if bleed is None:
             continue
         bleed.id = len(bleeds) + 1

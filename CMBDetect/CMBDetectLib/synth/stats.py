@@ -46,7 +46,9 @@ def thickness_bin(mm: float) -> str:
 def noise_sd(meta: dict) -> float:
     acq = meta["acquisition"]
     curve = meta["vendor_curve"]
-    return float(curve["wm_level"] * curve["gamma"] * acq["noise_sigma_relative"] / acq["wm_signal_relative"])
+    # The curve's slope at white matter scales the noise there; the k-space window filtered it.
+    return float(curve["wm_level"] * curve["slope_at_wm"] * acq["noise_sigma_relative"] / acq["wm_signal_relative"]
+                 * acq.get("noise_sd_factor_kspace", 1.0))
 
 
 def _shell(mask: np.ndarray, inner: int, outer: int) -> np.ndarray:

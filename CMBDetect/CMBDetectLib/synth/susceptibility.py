@@ -167,10 +167,19 @@ class Source:
     rotation: np.ndarray
     chi_ppm: float
     interior_signal: float = 0.02
+    # Extra spherical lobes (irregular, lobulated sources): (x, y, z offset from the centre in
+    # mm, scanner i, j, k frame; radius mm). The source is the union of the ellipsoid and lobes.
+    lobes: tuple[tuple[float, float, float, float], ...] = ()
 
     @property
     def equivalent_diameter_mm(self) -> float:
+        """Equivalent-sphere diameter of the main ellipsoid (lobes not counted)."""
         return 2.0 * float(np.cbrt(np.prod(self.semi_axes_mm)))
+
+    @property
+    def reach_mm(self) -> float:
+        """How far the source extends from its centre."""
+        return max([max(self.semi_axes_mm)] + [float(np.linalg.norm(l[:3])) + l[3] for l in self.lobes])
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,7 @@ class SourcePatch:
 def patch_radius_mm(source: Source, rad_per_ppm: float, spacing_kji: tuple[float, float, float]) -> float:
     """Half-width of the box that holds the visible bloom: out to where the dipole phase has
     fallen to ~0.2 rad, plus two voxels."""
-    a = max(source.semi_axes_mm)
+    a = source.reach_mm
     pole_phase = rad_per_ppm * abs(source.chi_ppm) * 2.0 / 3.0  # at the surface, along B0
     bloom = a * max(1.0, (pole_phase / 0.2) ** (1.0 / 3.0))
     return float(min(bloom + 2.0 * max(spacing_kji), 40.0))
@@ -216,6 +225,7 @@ def simulate_source(
     rad_per_ppm = phase_per_ppm(field_strength_t, te_ms)
     radius = patch_radius_mm(source, rad_per_ppm, tuple(spacing))
     half = np.ceil(radius / spacing).astype(int) + 1
+    # (lobes are at least 0.35 of the body's radius: the body's pitch resolves them well enough)
     pitch = float(np.clip(min(source.semi_axes_mm) / 3.0, 0.12, 0.4))
     # Keep the sub-voxel grid under ~1.5 M points (big voxels, big blooms): a coarser pitch
     # there costs little accuracy, the bloom being many sub-voxels wide.
@@ -243,6 +253,10 @@ def simulate_source(
     rho = np.sqrt(q)
     # Soft edge one sub-voxel wide, so the source's volume does not jump with grid alignment.
     inside = np.clip((1.0 - rho) * (semi.min() / min(hires_spacing)) + 0.5, 0.0, 1.0).astype(np.float32)
+    for dx, dy, dz, radius in source.lobes:
+        dist = np.sqrt(((ii - dx) ** 2 + (jj - dy) ** 2 + (kk - dz) ** 2).astype(np.float32))
+        lobe = np.clip((radius - dist) / min(hires_spacing) + 0.5, 0.0, 1.0)
+        np.maximum(inside, lobe.astype(np.float32), out=inside)
     field = field_ppm(inside * np.float32(source.chi_ppm), hires_spacing)
     phase = field * np.float32(-rad_per_ppm)
     signal = np.exp(1j * phase).astype(np.complex64)

@@ -105,16 +105,23 @@ def sample_tissue(rng: np.random.Generator, field_strength_t: float, t1_weightin
         iron_r2s=rng.uniform(26.0, 34.0) * b,
         iron_chi=rng.uniform(0.14, 0.2),
         blood_pd=0.9,
-        blood_r2s=(rng.uniform(45.0, 70.0) if field_strength_t > 2 else rng.uniform(12.0, 25.0)),
+        # 45-70 s^-1 at 3 T, rising about in proportion to B0 above it (7 T: 105-165)
+        blood_r2s=(rng.uniform(45.0, 70.0) * max(1.0, field_strength_t / 3.0) if field_strength_t > 2
+                   else rng.uniform(12.0, 25.0)),
         vein_chi=float(vein_chi),
         notes={"venous_saturation": float(saturation), "t1_weighting": float(w)},
     )
 
 
-def tissue_maps(channels: np.ndarray, props: TissueProperties, te_ms: float) -> tuple[np.ndarray, np.ndarray]:
+def tissue_maps(
+    channels: np.ndarray, props: TissueProperties, te_ms: float,
+    iron_scale: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Magnitude at TE and susceptibility (ppm) on a template-space crop.
 
-    `channels` is a (len(CHANNELS), ...) uint8 stack of fractions * 255."""
+    `channels` is a (len(CHANNELS), ...) uint8 stack of fractions * 255; `iron_scale`
+    (optional: flat indices and multipliers) scales the iron load there (the case's iron per
+    nucleus)."""
     te = te_ms * 1e-3
     scale = np.float32(1.0 / 255.0)
     magnitude = np.zeros(channels.shape[1:], np.float32)
@@ -128,6 +135,9 @@ def tissue_maps(channels: np.ndarray, props: TissueProperties, te_ms: float) -> 
         if props.chi[name]:
             chi += channels[index] * np.float32(props.chi[name] * scale)
     iron = channels[CHANNELS.index("iron")] * scale
+    if iron_scale is not None:
+        flat, factor = iron_scale
+        iron.ravel()[flat] *= factor
     magnitude *= np.exp(-te * props.iron_r2s * iron)
     chi += iron * np.float32(props.iron_chi)
     return magnitude, chi

@@ -142,7 +142,8 @@ def _walk(
     return [p[~np.isnan(p[:, 0])] for p in stacked]
 
 
-def pial_veins(template: Template, rng: np.random.Generator, count: int) -> list[Vein]:
+def pial_veins(template: Template, rng: np.random.Generator, count: int, calibre: float = 1.0,
+               tortuosity: float = 1.0) -> list[Vein]:
     """Cortical veins over the brain surface, draining up to the vertex or down and back."""
     if count <= 0:
         return []
@@ -175,17 +176,18 @@ def pial_veins(template: Template, rng: np.random.Generator, count: int) -> list
         return (dist < -2.0) | (dist > 8.0) | (np.abs(pos[:, 0]) < 3.0) | (pos[:, 2] < -45.0)
 
     lengths = rng.uniform(20.0, 70.0, count)
-    paths = _walk(rng, pick, start_dir, lengths / STEP_MM, steer, stop, turn=0.12)
+    paths = _walk(rng, pick, start_dir, lengths / STEP_MM, steer, stop, turn=0.12 * tortuosity)
     veins = []
     for p in paths:
         if len(p) < 6:
             continue
-        r = rng.uniform(0.45, 0.95) * np.linspace(0.75, 1.05, len(p))  # widening downstream
+        r = calibre * rng.uniform(0.45, 0.95) * np.linspace(0.75, 1.05, len(p))  # widening downstream
         veins.append(Vein("pial", "pial_vein", p, r))
     return veins
 
 
-def medullary_veins(template: Template, rng: np.random.Generator, count: int) -> list[Vein]:
+def medullary_veins(template: Template, rng: np.random.Generator, count: int, calibre: float = 1.0,
+                    tortuosity: float = 1.0) -> list[Vein]:
     """Deep medullary veins: straight-ish, radial from the lateral ventricles through white
     matter towards the cortex."""
     if count <= 0:
@@ -206,12 +208,12 @@ def medullary_veins(template: Template, rng: np.random.Generator, count: int) ->
         return template.sample_guide(template.hull_distance, pos) < 5.0
 
     lengths = rng.uniform(12.0, 40.0, count)
-    paths = _walk(rng, pick, start_dir, lengths / STEP_MM, steer, stop, turn=0.08)
+    paths = _walk(rng, pick, start_dir, lengths / STEP_MM, steer, stop, turn=0.08 * tortuosity)
     veins = []
     for p in paths:
         if len(p) < 8:
             continue
-        r = rng.uniform(0.25, 0.5) * np.linspace(1.15, 0.85, len(p))  # wider near the ventricle
+        r = calibre * rng.uniform(0.25, 0.5) * np.linspace(1.15, 0.85, len(p))  # wider near the ventricle
         veins.append(Vein("medullary", "medullary_vein", p, r))
     return veins
 
@@ -221,15 +223,17 @@ def template_guide_to_mni(kji: np.ndarray) -> np.ndarray:
     return index_to_mni(kji * float(GUIDE_STEP))
 
 
-def sample_veins(template: Template, rng: np.random.Generator, density: float = 1.0) -> list[Vein]:
+def sample_veins(template: Template, rng: np.random.Generator, density: float = 1.0, calibre: float = 1.0,
+                 tortuosity: float = 1.0) -> list[Vein]:
     """All veins of a case; `density` scales the number of pial and medullary veins (0: only
-    the named deep veins and the sinuses)."""
+    the named deep veins and the sinuses), `calibre` their radii, `tortuosity` how much their
+    course turns."""
     n_pial = int(round(rng.uniform(90, 150) * density))
     n_medullary = int(round(rng.uniform(70, 140) * density))
     return (
         named_veins(template, rng)
-        + pial_veins(template, rng, n_pial)
-        + medullary_veins(template, rng, n_medullary)
+        + pial_veins(template, rng, n_pial, calibre, tortuosity)
+        + medullary_veins(template, rng, n_medullary, calibre, tortuosity)
     )
 
 
