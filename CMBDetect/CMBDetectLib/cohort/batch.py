@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+import numpy as np
 from tqdm import tqdm
 
 from ..errors import CaseError
@@ -72,6 +73,20 @@ def expand_inputs(inputs: list[str | Path]) -> list[tuple[str, Path]]:
     return cases
 
 
+def read_phase(phase: str | Path, case: str, volume) -> "np.ndarray":
+    """The case's phase image (a file, or `<case>.*` in a folder), on the SWI image's grid."""
+    phase = Path(phase)
+    if phase.is_dir():
+        found = sorted(p for p in phase.iterdir() if p.is_file() and is_volume_file(p) and case_name(p) == case)
+        if not found:
+            raise CaseError(case, f"no phase image for this case in {phase} (expected {case}.nii.gz or similar)")
+        phase = found[0]
+    image = read_volume(phase, case)
+    if image.shape != volume.shape or not image.geometry.matches(volume.geometry):
+        raise CaseError(case, f"phase image {phase.name} is not on the SWI image's grid (shape {image.shape} vs {volume.shape}, or spacing/origin/direction differ)")
+    return image.array
+
+
 def detect_batch(
     inputs: list[str | Path],
     output_dir: str | Path,
@@ -80,6 +95,7 @@ def detect_batch(
     log: TextIO = sys.stderr,
     on_case: Callable[[CaseOutcome], None] | None = None,
     preview: bool = False,
+    phase: str | Path | None = None,
 ) -> list[CaseOutcome]:
     params = params or DetectionParams()
     cases = expand_inputs(inputs)
@@ -94,12 +110,13 @@ def detect_batch(
                 raise CaseError(case, f"two inputs have this case name ({seen[case]} and {path}); outputs would collide")
             seen[case] = path
             volume = read_volume(path, case)
+            phase_array = read_phase(phase, case, volume) if phase is not None else None
             with tqdm(total=100, desc=case, unit="%", leave=False, disable=not show_progress, file=log) as inner:
                 def progress(fraction: float, message: str) -> None:
                     inner.n = int(round(100 * fraction))
                     inner.set_postfix_str(message, refresh=True)
 
-                result = detect_volume(volume, params, progress=progress, case=case)
+                result = detect_volume(volume, params, progress=progress, case=case, phase=phase_array)
             write_case_outputs(result, Path(output_dir), case, image=volume.array if preview else None)
             s = result.summary()
             outcome = CaseOutcome(

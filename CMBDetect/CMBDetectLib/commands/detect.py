@@ -21,6 +21,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry id or a .safetensors file with its .json card (default: the registry's default)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 1 on CPU, 8 on CUDA)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
+    p.add_argument("--single-stage", action="store_true",
+                   help="the paper's pipeline: U-Net and --threshold only, no candidate stage (the default model 0.3.0 has a candidate classifier; 0.2.0 was single-stage)")
+    p.add_argument("--phase", type=Path, default=None, metavar="FILE_OR_FOLDER",
+                   help="optional high-pass phase image(s) on the SWI grid, radians (a file for one case, or a folder of <case>.nii.gz): the candidate stage uses it to tell bleeds from calcifications")
+    p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE",
+                   help="candidate classifier (registry id or .safetensors with its card); default: the one the detector's card names")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -34,13 +40,20 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.min_size <= args.max_size:
         print(f"error: --min-size {args.min_size} and --max-size {args.max_size} do not make a range", file=sys.stderr)
         return 2
-    params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
+    if args.phase is not None and not args.phase.exists():
+        print(f"error: --phase {args.phase} does not exist", file=sys.stderr)
+        return 2
+    params = DetectionParams(
+        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
+        single_stage=args.single_stage, candidate_model=args.candidate_model,
+    )  # fmt: skip
     try:
         from ..detection.inference import select_device
-        from ..detection.pipeline import get_model
+        from ..detection.pipeline import get_model, stage_two_classifier
 
         # Loaded once here, through the pipeline's cache, so a bad model fails before any case runs.
         model = get_model(args.model, select_device(args.device))
+        classifier = stage_two_classifier(params, model)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -51,11 +64,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    if args.phase is not None and classifier is None:
+        print("warning: --phase is used by the candidate stage only, and this run has none (--single-stage, or a model without a candidate classifier)", file=sys.stderr)
+
     def print_case(o) -> None:
         if o.ok:
             print(f"{o.case}: {o.n_lesions} microbleeds ({o.n_small} small, {o.n_large} large) in {o.seconds:.1f} s")
 
-    outcomes = detect_batch(args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview)
+    outcomes = detect_batch(args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview, phase=args.phase)
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1
