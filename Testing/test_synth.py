@@ -38,7 +38,7 @@ def dataset(tmp_path_factory):
 def test_same_seed_gives_the_same_bytes(dataset):
     a, b = dataset / "a", dataset / "b"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 3 * 3 + 1  # image, label, meta per case + cases.csv
+    assert len(files) == 4 * 3 + 1  # image, label, mimic map, meta per case + cases.csv
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 

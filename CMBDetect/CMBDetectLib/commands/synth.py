@@ -4,7 +4,8 @@
     cmbdetect synth --benchmark [--repeats 5]
 
 Layout of DIR: images/<case>.nii.gz (float32 SWI), labels/<case>.nii.gz (uint16, one id per
-microbleed), meta/<case>.json, cases.csv (one row per case, paths relative to DIR), and on
+microbleed), mimics/<case>.nii.gz (uint8: 1 vein, 2 calcification, 3 iron-rich nucleus,
+4 air-tissue edge; synth.MIMIC_CODES), meta/<case>.json, cases.csv (one row per case, paths relative to DIR), and on
 request phase/<case>.nii.gz, a montage PNG and a contrast statistics CSV.
 """
 
@@ -16,7 +17,7 @@ import sys
 HELP = "Generate synthetic SWI cases with microbleeds, mimics and labels (deterministic from a seed)."
 
 CSV_COLUMNS = (
-    "case", "image", "label", "meta", "control", "field_strength_t", "te_ms", "slice_thickness_mm",
+    "case", "image", "label", "meta", "mimics", "control", "field_strength_t", "te_ms", "slice_thickness_mm",
     "n_lesions", "n_small", "n_large", "vendor", "scanner_model", "matrix", "n_slices", "snr", "seed", "index",
 )
 

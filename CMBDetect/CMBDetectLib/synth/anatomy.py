@@ -370,3 +370,28 @@ def load_template() -> Template:
         ventricle_gradient=_unit_gradient(vdist, 1.0),
         candidates=candidates,
     )
+
+
+# Bits of the template-space mimic anatomy (see mimic_anatomy).
+NUCLEUS_BITS = 0x0F  # 0 none, i + 1 inside NUCLEI[i]
+AIR_BIT = 0x10  # air fraction >= 0.5 (inside a cavity)
+HEAD_BIT = 0x20  # inside the head (brain, CSF, bone, marrow, scalp or a cavity)
+
+
+@functools.lru_cache(maxsize=1)
+def mimic_anatomy() -> np.ndarray:
+    """Template-space (K, J, I) uint8 map of where the anatomical mimics are, for the mimic map:
+    the deep nucleus each voxel lies in (low four bits: i + 1 for NUCLEI[i], its ellipsoid
+    where there is tissue; the later one wins where two overlap), AIR_BIT in the air cavities,
+    HEAD_BIT inside the head. Nearest-neighbour sampling keeps the codes intact."""
+    template = load_template()
+    out = np.zeros(template.shape, np.uint8)
+    inside = np.zeros(template.shape, np.float32)
+    for i, nucleus in enumerate(NUCLEI):
+        inside[...] = 0.0
+        paint_ellipsoid(inside, nucleus, 1.0)
+        out[(inside >= 0.5) & (template.tissue > 0.3)] = i + 1
+    del inside
+    out[template.channel("air") >= 128] |= AIR_BIT
+    out[template.channels.sum(0, dtype=np.uint16) >= 128] |= HEAD_BIT
+    return out

@@ -39,9 +39,16 @@ from .acquisition import (
     validate_overrides,
     vendor_curve,
 )
-from .anatomy import HEAD_CENTRE_MNI, NUCLEI, load_template
+from .anatomy import AIR_BIT, HEAD_BIT, HEAD_CENTRE_MNI, NUCLEI, NUCLEUS_BITS, load_template, mimic_anatomy
 from .microbleeds import LABEL_LEVEL, Microbleed, place_microbleeds, sample_count
-from .mimics import Calcification, air_cavities_in_view, place_calcifications
+from .mimics import (
+    MIMIC_CODES,
+    Calcification,
+    air_cavities_in_view,
+    mimic_map,
+    mimic_summary,
+    place_calcifications,
+)
 from .susceptibility import (
     apply_patch,
     field_ppm,
@@ -73,7 +80,7 @@ LABEL_RULE = (
 @dataclass
 class SynthCase:
     """A generated case: SWI magnitude (float32, scanner units), label map (uint16, one id per
-    microbleed), metadata. `maps` holds extra volumes when asked for (keep_maps=True):
+    microbleed), mimic map (uint8, MIMIC_CODES), metadata. `maps` holds extra volumes when asked for (keep_maps=True):
     the high-pass phase (rad) and the venous blood fraction."""
 
     name: str
@@ -81,6 +88,9 @@ class SynthCase:
     labels: np.ndarray
     meta: dict[str, object]
     maps: dict[str, np.ndarray] = field(default_factory=dict)
+    # uint8, which mimic each voxel belongs to (MIMIC_CODES: 1 vein, 2 calcification,
+    # 3 iron-rich nucleus, 4 air-tissue edge; 0 none, and 0 wherever a microbleed is labelled)
+    mimics: np.ndarray | None = None
 
 
 def case_name(seed: int, index: int, control: bool = False) -> str:
@@ -126,20 +136,41 @@ def _coarse_axis(n: int, spacing: float, target_mm: float = INTERMEDIATE_SPACING
 
 
 def _sample_template(
-    volume: np.ndarray, warp, geometry: Geometry, k_axis: np.ndarray, j_axis: np.ndarray, i_axis: np.ndarray
+    volume: np.ndarray, warp, geometry: Geometry, k_axis: np.ndarray, j_axis: np.ndarray, i_axis: np.ndarray,
+    order: int = 1,
 ) -> np.ndarray:
-    """Trilinear samples of a template-space volume at acquisition grid points (0 outside)."""
+    """Samples of a template-space volume at acquisition grid points (0 outside), trilinear
+    (order 1) or nearest (order 0, for codes)."""
     coords = warp.template_coordinates(np.array(geometry.origin), np.array(geometry.spacing), k_axis, j_axis, i_axis)
+    if order == 0:
+        return ndimage.map_coordinates(volume, coords, order=0, mode="constant", cval=0)
     return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, output=np.float32)
+
+
+def _nearest_axis(a: np.ndarray, coarse: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Nearest-neighbour counterpart of _upsample_axis (for codes)."""
+    if len(coarse) == n:
+        return a
+    nearest = np.abs(np.arange(n)[:, None] - coarse[None, :]).argmin(1)
+    return np.take(a, nearest, axis=axis)
+
+
+@dataclass
+class _Grid:
+    """Tissue and mimic anatomy on the acquisition grid."""
+
+    magnitude: np.ndarray  # (K, J, I) noise-free magnitude, coil bias included
+    chi: np.ndarray  # (K + 2 pad, J, I) susceptibility, ppm
+    anatomy: np.ndarray  # (K, J, I) uint8 mimic anatomy bits (anatomy.mimic_anatomy)
 
 
 def _tissue_on_grid(
     acq: Acquisition, geometry: Geometry, warp, props: TissueProperties, pad: int, bias_rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Magnitude (K, J, I, coil bias included) and susceptibility (K + 2 pad, J, I) on the
-    acquisition grid. The magnitude is sampled from the template at about 1.2 mm in-plane, the
-    susceptibility (whose field is smooth at that scale) at about 2 mm; both are then
-    interpolated to the matrix."""
+) -> _Grid:
+    """Magnitude (K, J, I, coil bias included), susceptibility (K + 2 pad, J, I) and the mimic
+    anatomy on the acquisition grid. The magnitude and anatomy are sampled from the template at
+    about 1.2 mm in-plane, the susceptibility (whose field is smooth at that scale) at about
+    2 mm; all are then interpolated to the matrix."""
     template = load_template()
     rows, cols = acq.matrix
     k_axis = np.arange(acq.n_slices)
@@ -151,12 +182,14 @@ def _tissue_on_grid(
     magnitude_c = _sample_template(magnitude_t, warp, geometry, k_axis, j_axis, i_axis)
     chi_c = _sample_template(chi_t, warp, geometry, np.arange(-pad, acq.n_slices + pad), j_chi, i_chi)
     del magnitude_t, chi_t
+    anatomy_c = _sample_template(mimic_anatomy(), warp, geometry, k_axis, j_axis, i_axis, order=0)
     # The coil bias multiplies every later factor of the signal, so it can enter here, on the
     # coarse grid, before noise is added.
     magnitude_c *= bias_field(bias_rng, acq.shape, acq.bias_amplitude, at=(k_axis, j_axis, i_axis))
     magnitude = _upsample_axis(_upsample_axis(magnitude_c, i_axis, cols, axis=2), j_axis, rows, axis=1)
     chi = _upsample_axis(_upsample_axis(chi_c, i_chi, cols, axis=2), j_chi, rows, axis=1)
-    return magnitude, chi
+    anatomy = _nearest_axis(_nearest_axis(anatomy_c, i_axis, cols, axis=2), j_axis, rows, axis=1)
+    return _Grid(magnitude, chi, anatomy)
 
 
 def generate_case(seed: int, index: int, control: bool = False, **overrides: object) -> SynthCase:
@@ -191,7 +224,9 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     with stage("tissue"):
         props = sample_tissue(_rng(seed, index, control, "tissue"), b0, acq.t1_weighting)
         pad = int(np.clip(np.ceil(15.0 / acq.slice_thickness_mm), 3, 16))
-        magnitude, chi = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias"))
+        grid = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias"))
+        magnitude, chi, anatomy = grid.magnitude, grid.chi, grid.anatomy
+        del grid
 
     with stage("veins"):
         vein_rng = _rng(seed, index, control, "veins")
@@ -209,6 +244,7 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
         # Where the field's ramp (air-tissue edges) has wiped out half the signal nobody could
         # see, or outline, a bleed: they are not placed there.
         clear = dephasing >= 0.8
+        faded = ~clear  # for the mimic map's air-tissue edge
         signal_mag = dephasing * magnitude
         del dephasing
         field *= np.float32(-rad)  # now the phase
@@ -257,6 +293,11 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
             apply_patch(signal, bleed.patch)
             labels[bleed.label_slices][bleed.label_mask] = bleed.id
 
+    with stage("mimic_map"):
+        mimics = mimic_map(raster.fraction, anatomy & NUCLEUS_BITS, (anatomy & AIR_BIT) > 0,
+                           (anatomy & HEAD_BIT) > 0, faded, calcs, labels, spacing_kji, acq.phase_mask_power)
+        del anatomy, faded
+
     with stage("noise_and_swi"):
         wm_signal = props.signal("wm", te)
         sigma = wm_signal / acq.snr
@@ -269,7 +310,9 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     meta = _meta(name, seed, index, control, overrides, acq, geometry, props, warp, veins, raster, calcs, bleeds,
                  n_wanted, sigma, wm_signal)
     maps = {"phase": hp_phase, "vein_fraction": raster.fraction} if keep_maps else {}
-    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps)
+    meta["mimics"]["map_codes"] = dict(MIMIC_CODES)  # type: ignore[index]
+    meta["mimics"]["map_voxels"] = mimic_summary(mimics)  # type: ignore[index]
+    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps, mimics=mimics)
 
 
 def _r(v: float, n: int = 4) -> float:

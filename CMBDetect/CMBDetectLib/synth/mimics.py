@@ -21,9 +21,33 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .anatomy import AIR_CAVITIES, CALCIFICATION_SITES, ellipsoid_members
-from .susceptibility import Source, SourcePatch, simulate_source
+from scipy import ndimage
+
+from .anatomy import AIR_CAVITIES, CALCIFICATION_SITES, NUCLEI, ellipsoid_members
+from .susceptibility import Source, SourcePatch, overlap_slices, simulate_source, visibility
 from .warp import Warp, mni_to_voxel
+
+# The mimic map (uint8 on the image grid): which mimic each voxel belongs to. Written by
+# `cmbdetect synth` as mimics/<case>.nii.gz; the candidate stage labels its training
+# candidates from it. Where mimics overlap, the higher-priority code wins (calcification over
+# vein over nucleus over air edge); microbleed labels win over all of them (code 0 there).
+MIMIC_CODES: dict[str, int] = {"vein": 1, "calcification": 2, "nucleus": 3, "air_edge": 4}
+MIMIC_NAMES: dict[int, str] = {code: name for name, code in MIMIC_CODES.items()}
+# A vein voxel darkens the SWI image visibly once about a fifth of it is venous blood (tissue
+# and blood dephase in the vein's field: at 3 T, TE 20 ms the signal falls by about 40 %).
+VEIN_FRACTION_MIN = 0.2
+# Iron-rich nuclei: those at least 0.4 of the globus pallidus's iron (the thalamus, at 0.2,
+# is not dark on SWI and is not marked).
+NUCLEUS_IRON_MIN = 0.4
+# A calcification's body: the voxels it leaves at most this fraction of their SWI signal
+# (the microbleed label level), connected to its darkest voxel, plus the voxel at its centre.
+CALCIFICATION_BODY_LEVEL = 0.6
+# Air-tissue edge: the air cavities (air fraction >= 0.5), a band AIR_EDGE_MM wide around them,
+# and further out, up to AIR_ARTEFACT_MM, wherever the cavities' field ramp has taken at least a
+# fifth of the signal (the dark artefact at the orbitofrontal cortex and temporal poles); all
+# inside the head. The cavities sit in 4 mm of bone, so the band alone seldom reaches the brain.
+AIR_EDGE_MM = 5.0
+AIR_ARTEFACT_MM = 25.0
 
 CALCIFICATION_DIAMETER_MM = {"pineal": (3.0, 8.0), "choroid_plexus": (3.0, 8.0), "basal_ganglia": (1.5, 4.0)}
 CALCIFICATION_CHI_PPM = (-1.2, -0.3)
@@ -84,3 +108,68 @@ def air_cavities_in_view(
                 side = "" if not cavity.paired else ("_right" if centre[0] > 0 else "_left")
                 out.append({"name": cavity.name + side, "centre_kji": [round(float(v), 2) for v in kji]})
     return out
+
+
+def calcification_body(calc: Calcification, shape_kji: tuple[int, int, int], power: float) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The calcification's body on the image grid: (volume slices, bool mask over them)."""
+    vol_sl, patch_sl = overlap_slices(shape_kji, calc.patch.lo, calc.patch.factor.shape)
+    vis = visibility(calc.patch.factor[patch_sl], power)
+    body = np.zeros(vis.shape, bool)
+    if vis.size == 0:
+        return vol_sl, body
+    dark = vis <= CALCIFICATION_BODY_LEVEL
+    darkest = np.unravel_index(int(np.argmin(vis)), vis.shape)
+    if dark[darkest]:
+        parts, _ = ndimage.label(dark, structure=np.ones((3, 3, 3), bool))
+        body |= parts == parts[darkest]
+    centre = np.rint(calc.centre_kji).astype(int) - np.array([s.start for s in vol_sl])
+    if np.all(centre >= 0) and np.all(centre < np.array(body.shape)):
+        body[tuple(centre)] = True
+    return vol_sl, body
+
+
+def mimic_map(
+    vein_fraction: np.ndarray,
+    nucleus_index: np.ndarray,
+    air: np.ndarray,
+    head: np.ndarray,
+    faded: np.ndarray,
+    calcifications: list[Calcification],
+    labels: np.ndarray,
+    spacing_kji: tuple[float, float, float],
+    power: float,
+    nucleus_iron: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Which mimic each voxel belongs to (MIMIC_CODES; 0 none), on the image grid.
+
+    vein_fraction: venous blood fraction; nucleus_index: 0 or 1 + index into NUCLEI; air: the
+    cavities' voxels; head: voxels inside the head; faded: where the smooth field's ramp has
+    taken at least a fifth of the signal; labels: microbleed labels, which win over every
+    mimic (a bleed drawn against a vein stays a bleed). `nucleus_iron` gives the case's iron
+    per nucleus (default: the anatomy's)."""
+    out = np.zeros(labels.shape, np.uint8)
+    # Lowest priority first; later codes overwrite.
+    if air.any():
+        reach = [int(np.ceil(AIR_ARTEFACT_MM / s)) + 1 for s in spacing_kji]
+        box = tuple(slice(max(int(a.min()) - m, 0), int(a.max()) + m + 1) for a, m in zip(np.nonzero(air), reach))
+        distance = ndimage.distance_transform_edt(~air[box], sampling=spacing_kji)
+        edge = (distance <= AIR_EDGE_MM) | ((distance <= AIR_ARTEFACT_MM) & faded[box])
+        out[box][edge & head[box]] = MIMIC_CODES["air_edge"]
+    iron = nucleus_iron or {n.name: n.iron for n in NUCLEI}
+    lookup = np.zeros(256, bool)
+    for i, nucleus in enumerate(NUCLEI):
+        lookup[i + 1] = iron[nucleus.name] >= NUCLEUS_IRON_MIN
+    out[lookup[nucleus_index]] = MIMIC_CODES["nucleus"]
+    out[vein_fraction >= VEIN_FRACTION_MIN] = MIMIC_CODES["vein"]
+    for calc in calcifications:
+        vol_sl, body = calcification_body(calc, labels.shape, power)
+        out[vol_sl][body] = MIMIC_CODES["calcification"]
+    out[labels > 0] = 0
+    return out
+
+
+def mimic_summary(mimics: np.ndarray) -> dict[str, int]:
+    """Voxel count per mimic code name, for the case's metadata."""
+    counts = np.bincount(mimics.ravel(), minlength=max(MIMIC_CODES.values()) + 1)
+    return {name: int(counts[code]) for name, code in MIMIC_CODES.items()}
+

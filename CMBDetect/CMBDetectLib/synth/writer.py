@@ -1,4 +1,5 @@
-"""Writing synthetic cases to disk: volumes, labels, metadata JSON and the cases.csv index.
+"""Writing synthetic cases to disk: volumes, labels, mimic maps, metadata JSON and the cases.csv
+index.
 
 Every file is written atomically (a temporary file renamed into place), so an interrupted run
 leaves only complete files; rerunning with the same seed rewrites identical bytes.
@@ -46,8 +47,12 @@ def write_case(case: SynthCase, out: Path, fmt: str = "nifti", with_phase: bool 
     image = Path("images") / f"{case.name}{suffix}"
     label = Path("labels") / f"{case.name}{suffix}"
     meta = Path("meta") / f"{case.name}.json"
+    mimics = Path("mimics") / f"{case.name}{suffix}"
+    if case.mimics is None:
+        raise ValueError(f"{case.name}: the case has no mimic map")
     write_volume(case.image.array.astype(np.float32, copy=False), case.image.geometry, out / image)
     write_volume(case.labels.astype(np.uint16, copy=False), case.image.geometry, out / label)
+    write_volume(case.mimics.astype(np.uint8, copy=False), case.image.geometry, out / mimics)
     if with_phase:
         if "phase" not in case.maps:
             raise ValueError("the case was generated without keep_maps=True: no phase to write")
@@ -61,6 +66,7 @@ def write_case(case: SynthCase, out: Path, fmt: str = "nifti", with_phase: bool 
         "image": image.as_posix(),
         "label": label.as_posix(),
         "meta": meta.as_posix(),
+        "mimics": mimics.as_posix(),
         "control": int(bool(m["control"])),
         "field_strength_t": m["field_strength_t"],
         "te_ms": m["te_ms"],
