@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "evaluate": "CMBDetectLib.commands.evaluate",
     "train": "CMBDetectLib.commands.train",
     "benchmark": "CMBDetectLib.commands.benchmark",
+    "train-candidates": "CMBDetectLib.commands.train_candidates",
 }
 
 

@@ -4,8 +4,11 @@ The U-Net's probability map is thresholded low (sensitivity first); each 3D conn
 component in the size range is a *candidate*. For each candidate, a patch centred on its
 centroid is resampled to isotropic voxels in patient space (axes along L, P, S, so an
 oblique or anisotropic scan gives the classifier the same view as an axial isotropic one),
-with channels: SWI magnitude scaled to the white-matter peak, the U-Net probability, and the
-high-pass phase when the user gives one (with a flag channel saying whether it is there).
+with channels: SWI magnitude scaled to the white-matter peak and the high-pass phase when the
+user gives one (with a flag channel saying whether it is there). The U-Net's probability is
+not a channel: it is saturated near 1 on true and false candidates alike (issue 11), and
+leaving it out lets the classifier be trained on candidates from any proposer (see
+training/candidates.py).
 The classifier (classifier.py) gives P(microbleed) and, for the rest, the mimic it most
 resembles: vein, calcification, iron-rich nucleus, air-tissue edge or other.
 
@@ -135,25 +138,23 @@ def patch_index_coordinates(geometry: Geometry, centre_lps: np.ndarray, config: 
 
 
 def sample_patches(
-    channels: list[np.ndarray | None], geometry: Geometry, centres_lps: np.ndarray, config: ClassifierConfig
+    magnitude: np.ndarray, phase: np.ndarray | None, geometry: Geometry, centres_lps: np.ndarray, config: ClassifierConfig
 ) -> np.ndarray:
-    """(N, 4, S, S, S) float32 patches: magnitude, probability, phase, phase-present flag.
+    """(N, 3, S, S, S) float32 patches: magnitude, phase, phase-present flag.
 
-    `channels` = [magnitude scaled to the WM peak, U-Net probability, phase or None], each
-    (k, j, i) on `geometry`'s grid. Linear interpolation; outside the volume is 0.
+    `magnitude` (scaled to the WM peak) and `phase` (radians, or None) are (k, j, i) on
+    `geometry`'s grid. Linear interpolation; outside the volume is 0.
     """
-    magnitude, probability, phase = channels
     n, s = len(centres_lps), config.patch_size
-    out = np.zeros((n, 4, s, s, s), np.float32)
+    out = np.zeros((n, 3, s, s, s), np.float32)
     for row, centre in enumerate(np.asarray(centres_lps, float).reshape(-1, 3)):
         coords = patch_index_coordinates(geometry, centre, config)
         out[row, 0] = ndimage.map_coordinates(magnitude, coords, order=1, mode="constant", cval=0.0)
-        out[row, 1] = ndimage.map_coordinates(probability, coords, order=1, mode="constant", cval=0.0)
         if phase is not None:
-            out[row, 2] = ndimage.map_coordinates(phase, coords, order=1, mode="constant", cval=0.0)
-            out[row, 3] = 1.0
-    np.clip(out[:, 2], -np.pi, np.pi, out=out[:, 2])
-    out[:, 2] *= np.float32(1.0 / PHASE_SCALE_RAD)
+            out[row, 1] = ndimage.map_coordinates(phase, coords, order=1, mode="constant", cval=0.0)
+            out[row, 2] = 1.0
+    np.clip(out[:, 1], -np.pi, np.pi, out=out[:, 1])
+    out[:, 1] *= np.float32(1.0 / PHASE_SCALE_RAD)
     return out
 
 
@@ -224,7 +225,7 @@ def run_candidate_stage(
     cand_labels, cands = find_candidates(probability, geometry, settings)
     if cands:
         centres = np.array([c.centroid_lps for c in cands])
-        patches = sample_patches([scaled_magnitude(image), probability, phase], geometry, centres, classifier.network.config)
+        patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.network.config)
         probs = classify_patches(classifier.network, patches)
     else:
         probs = np.zeros((0, len(CLASSES)), np.float32)

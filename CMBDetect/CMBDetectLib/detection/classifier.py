@@ -27,7 +27,7 @@ MICROBLEED = 0
 class ClassifierConfig:
     """Everything needed to rebuild the network and its input; saved in the model card."""
 
-    in_channels: int = 4  # SWI magnitude, U-Net probability, phase, phase-present flag
+    in_channels: int = 3  # SWI magnitude, phase, phase-present flag
     width: int = 12
     blocks: int = 3
     patch_size: int = 24  # voxels per side
