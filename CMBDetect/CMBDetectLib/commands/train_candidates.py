@@ -33,6 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-patience", type=int, default=d.stop_patience, help="epochs without a lower validation loss before stopping")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop after this many minutes of training (0: no limit)")
     p.add_argument("--width", type=int, default=d.width, help=f"channels of the first block (default {d.width})")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help=f"patch side in voxels of {d.patch_spacing_mm} mm (default {d.patch_size})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-id", default="cmbdetect-candidates-custom")
     p.add_argument("--model-version", default=None, help="version in the card (default: today's date)")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     config = CandidateTrainConfig(
         epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, learning_rate=args.lr,
         stop_patience=args.stop_patience, max_minutes=args.max_minutes, width=args.width, seed=args.seed,
-        max_per_class=args.max_per_class,
+        max_per_class=args.max_per_class, patch_size=args.patch_size,
     )  # fmt: skip
     net = ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

@@ -60,7 +60,7 @@ Progress = Callable[[str], None]
 @dataclass
 class CandidateTrainConfig:
     epochs: int = 60
-    samples_per_epoch: int = 768  # drawn class-balanced each epoch
+    samples_per_epoch: int = 256  # drawn class-balanced each epoch
     batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -69,8 +69,8 @@ class CandidateTrainConfig:
     phase_dropout: float = 0.5  # share of training samples shown without their phase
     max_minutes: float = 0.0  # 0: no limit
     seed: int = 0
-    width: int = 12
-    patch_size: int = 24
+    width: int = 8
+    patch_size: int = 16
     patch_spacing_mm: float = 0.75
     max_per_class: int = 25  # dark-spot candidates per mimic class per case
 
@@ -191,7 +191,14 @@ def case_candidates(
     cached = cache_dir / f"{files.name}.npz"
     if cached.is_file():
         with np.load(cached) as z:
-            return {k: z[k] for k in z.files}
+            item = {k: z[k] for k in z.files}
+        size = item["patches"].shape[-1]
+        if size >= config.patch_size and (size - config.patch_size) % 2 == 0:
+            # Same spacing, same centre: the central part of a larger cached patch is exactly
+            # the smaller patch (sample_patches centres its voxel grid on the candidate).
+            m = (size - config.patch_size) // 2
+            item["patches"] = item["patches"][..., m : size - m, m : size - m, m : size - m]
+            return item
     volume = read_volume(files.image, files.name)
     truth = read_volume(files.label, files.name)
     mimics = read_volume(files.mimics, files.name)
@@ -417,7 +424,7 @@ def train_classifier(
             loss = loss_fn(network(x), y)
             loss.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         network.eval()
         with torch.no_grad():
             # Validation without phase and with it (where the case has one): both uses count.
