@@ -67,6 +67,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/commands/review.py",
         "CMBDetectLib/commands/synth.py",
         "CMBDetectLib/commands/train.py",
+        "CMBDetectLib/commands/train_candidates.py",
         "CMBDetectLib/evaluation/",
         "CMBDetectLib/synth/",
         "CMBDetectLib/training/",

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "benchmark": "CMBDetectLib.commands.benchmark",
     "cohort-benchmark": "CMBDetectLib.commands.cohort_benchmark",
     "review": "CMBDetectLib.commands.review",
+    "train-candidates": "CMBDetectLib.commands.train_candidates",
 }
 
 

@@ -75,6 +75,8 @@ _COLUMN_INFO: dict[str, tuple[str, str, str]] = {
     "n_voxels": ("Voxels", "", "voxels in the lesion"),
     "mean_probability": ("Mean p", "", "mean network probability over the lesion"),
     "max_probability": ("Max p", "", "highest network probability in the lesion"),
+    "p_microbleed": ("P(CMB)", "", "candidate stage: the classifier's probability that this is a microbleed"),
+    "certainty": ("Certainty", "", "candidate stage: definite (P >= 0.8) or possible"),
     **{f"centroid_{a}": (a.upper(), "", f"centroid, voxel index (0-based) along {a}") for a in "ijk"},
     **{f"centroid_{a}": (f"{a.upper()} (mm)", "mm", f"centroid, RAS (Slicer's patient coordinates) {a.upper()}") for a in "ras"},
     **{
@@ -378,7 +380,7 @@ def _fill_table(table_node: Any, lesions: list[Lesion]) -> None:
         table_node.RemoveAllColumns()
         table = table_node.GetTable()
         for name in LESION_COLUMNS:
-            if name == "size_class":
+            if name in ("size_class", "certainty"):
                 column = vtk.vtkStringArray()
             elif name in ("id", "n_voxels"):
                 column = vtk.vtkIntArray()
@@ -387,7 +389,9 @@ def _fill_table(table_node: Any, lesions: list[Lesion]) -> None:
             column.SetName(name)
             column.SetNumberOfValues(len(rows))
             for r, row in enumerate(rows):
-                column.SetValue(r, row[name])
+                value = row[name]
+                # Stage-2 columns are empty in the single-stage pipeline: NaN in a number column.
+                column.SetValue(r, float("nan") if value == "" and name not in ("size_class", "certainty") else value)
             table.AddColumn(column)
         for name, (title, unit, description) in _COLUMN_INFO.items():
             if name not in LESION_COLUMNS:

@@ -76,12 +76,13 @@ def _absolute_model(spec: str | None) -> str | None:
     return spec
 
 
-def _run_fingerprint(params: DetectionParams) -> tuple[str, dict]:
+def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, dict]:
     from ..detection.inference import select_device
     from ..detection.pipeline import get_model
 
     model = get_model(params.model, select_device(params.device))  # cached: the command loaded it already
     described = fingerprint_fields(params, model.id, model.version, weights_sha256(model.path))
+    described["phase_given"] = phase_given  # the candidate stage decides with the phase when it has one
     return fingerprint(described), described
 
 
@@ -97,10 +98,12 @@ def detect_batch(
     force: bool = False,
     workers: int = 1,
     scheduler=None,
+    phase: str | Path | None = None,
 ) -> list[CaseOutcome]:
     """Detect every case; returns one outcome per case, in input order.
 
-    `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
+    `phase`: a phase image (one case) or a folder of `<case>.*` phase images, for the candidate
+    stage. `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
     address, or a `distributed.Client`) sends them to a Dask cluster instead.
     """
     if workers < 1:
@@ -131,7 +134,7 @@ def detect_batch(
     debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
     if debris:
         tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)
-    fp, described = _run_fingerprint(params)
+    fp, described = _run_fingerprint(params, phase is not None)
     tasks: dict[int, CaseTask] = {}
     for i in accepted:
         case, path = cases[i]
@@ -143,7 +146,8 @@ def detect_batch(
             ))  # fmt: skip
             continue
         remove_case_outputs(out_dir, case)  # failed, changed or interrupted: start clean
-        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described)
+        phase_path = str(Path(phase).absolute()) if phase is not None else None
+        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described, phase_path)
 
     index = {task.case: i for i, task in tasks.items()}
     bar = tqdm(total=len(tasks), desc="cases", unit="case", disable=not show_progress or len(tasks) < 2, file=log)

@@ -19,7 +19,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from ..detection.pipeline import DetectionParams
+from ..errors import CaseError
+from ..io import Volume, case_name, is_volume_file, read_volume
 
 # Test-only hook: "CASE:MARKER" makes the worker that starts CASE die at once (os._exit)
 # the first time, leaving MARKER behind so that the rerun elsewhere succeeds. It lets the
@@ -56,6 +60,21 @@ class CaseTask:
     preview: bool = False
     fingerprint: str = ""
     fingerprint_of: dict = field(default_factory=dict)
+    phase: str | None = None  # a phase image, or a folder of `<case>.*` phase images
+
+
+def read_phase(phase: str | Path, case: str, volume: Volume) -> np.ndarray:
+    """The case's phase image (a file, or `<case>.*` in a folder), on the SWI image's grid."""
+    phase = Path(phase)
+    if phase.is_dir():
+        found = sorted(p for p in phase.iterdir() if p.is_file() and is_volume_file(p) and case_name(p) == case)
+        if not found:
+            raise CaseError(case, f"no phase image for this case in {phase} (expected {case}.nii.gz or similar)")
+        phase = found[0]
+    image = read_volume(phase, case)
+    if image.shape != volume.shape or not image.geometry.matches(volume.geometry):
+        raise CaseError(case, f"phase image {phase.name} is not on the SWI image's grid (shape {image.shape} vs {volume.shape}, or spacing/origin/direction differ)")
+    return image.array
 
 
 def cpu_cores() -> int:
@@ -100,7 +119,8 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
             raise CaseError(case, reason or "its outputs would land outside the output folder")
         _die_if_asked(case)
         volume = read_volume(Path(task.source), case)
-        result = detect_volume(volume, task.params, progress=progress, case=case)
+        phase = read_phase(task.phase, case, volume) if task.phase else None
+        result = detect_volume(volume, task.params, progress=progress, case=case, phase=phase)
         if task.fingerprint:
             result = FingerprintedResult.of(result, task.fingerprint, task.fingerprint_of)
         write_case_outputs(result, Path(task.out_dir), case, image=volume.array if task.preview else None)

@@ -24,6 +24,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="what runs the network: auto (default) takes onnxruntime on CPU when installed (about 2x eager), torch on CUDA")
     p.add_argument("--dense", action="store_true", help="run the network over the whole plane of every slice, not only the head's box (same lesions, slower)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
+    p.add_argument("--single-stage", action="store_true",
+                   help="the paper's pipeline: U-Net and --threshold only, no candidate stage (the default model 0.3.0 has a candidate classifier; 0.2.0 was single-stage)")
+    p.add_argument("--phase", type=Path, default=None, metavar="FILE_OR_FOLDER",
+                   help="optional high-pass phase image(s) on the SWI grid, radians (a file for one case, or a folder of <case>.nii.gz): the candidate stage uses it to tell bleeds from calcifications")
+    p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE",
+                   help="candidate classifier (registry id or .safetensors with its card); default: the one the detector's card names")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cohort = p.add_argument_group("cohorts", "resume, local worker processes, Dask clusters (README: Cohorts)")
     cohort.add_argument("--force", action="store_true", help="redo every case, even those already done in OUT with the same model and parameters")
@@ -55,16 +61,21 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if args.phase is not None and not args.phase.exists():
+        print(f"error: --phase {args.phase} does not exist", file=sys.stderr)
+        return 2
     params = DetectionParams(
-        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model, engine=args.engine, head_only=not args.dense
-    )
+        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
+        engine=args.engine, head_only=not args.dense, single_stage=args.single_stage, candidate_model=args.candidate_model,
+    )  # fmt: skip
     try:
         from ..detection.inference import select_device
-        from ..detection.pipeline import get_engine, get_model
+        from ..detection.pipeline import get_engine, get_model, stage_two_classifier
 
         # Loaded once here, through the pipeline's cache, so a bad model or engine fails before any case runs.
         model = get_model(args.model, select_device(args.device))
         get_engine(args.model, select_device(args.device), args.engine)
+        classifier = stage_two_classifier(params, model)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    if args.phase is not None and classifier is None:
+        print("warning: --phase is used by the candidate stage only, and this run has none (--single-stage, or a model without a candidate classifier)", file=sys.stderr)
+
     def print_case(o) -> None:
         if o.status == "skipped":
             print(f"{o.case}: skipped, done earlier with the same model and parameters ({o.n_lesions} microbleeds)")
@@ -83,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     outcomes = detect_batch(
         args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
-        force=args.force, workers=args.workers, scheduler=args.scheduler,
+        force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
     )  # fmt: skip
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<case>_lesions.nii.gz`
 (label map), `<case>_prob.nii.gz` (probability map, stored compactly: see `write_probability`),
-`<case>_lesions.csv`, on request
-`<case>_preview.png` (preview.py), and `<case>_summary.json`. Everything is written into a
+`<case>_lesions.csv`, on request `<case>_preview.png` (preview.py), and `<case>_summary.json`.
+With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
+down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
+P(microbleed). Everything is written into a
 hidden folder first and moved into place only when every file exists, the summary last, so a
 failed case leaves nothing behind.
 """
@@ -22,6 +24,8 @@ import nrrd
 import numpy as np
 
 from ..io import Geometry, atomic_path, write_volume
+from .candidates import Candidate
+from .classifier import CLASSES
 from .lesions import CLASS_COLORS, Lesion
 from .preview import write_preview
 
@@ -42,10 +46,22 @@ LESION_COLUMNS = [
     "centroid_r", "centroid_a", "centroid_s",
     "centroid_l", "centroid_p", "centroid_s_lps",
     "mean_probability", "max_probability",
+    # Stage 2 (candidates.py); empty in the single-stage pipeline.
+    "p_microbleed", "certainty",
+]  # fmt: skip
+
+# `<case>_rejected.csv`: the candidates stage 2 turned down, with the reason (the most likely mimic).
+REJECTED_COLUMNS = [
+    "id", "reason", "p_microbleed", *(f"p_{c}" for c in CLASSES[1:]),
+    "diameter_mm", "volume_mm3", "n_voxels",
+    "centroid_i", "centroid_j", "centroid_k",
+    "centroid_r", "centroid_a", "centroid_s",
+    "centroid_l", "centroid_p", "centroid_s_lps",
+    "mean_probability", "max_probability",
 ]  # fmt: skip
 
 
-def output_paths(out_dir: Path, case: str, preview: bool = False) -> dict[str, Path]:
+def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool = False) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {
         "segmentation": out_dir / f"{case}.seg.nrrd",
@@ -53,6 +69,8 @@ def output_paths(out_dir: Path, case: str, preview: bool = False) -> dict[str, P
         "probability": out_dir / f"{case}_prob.nii.gz",
         "lesions_csv": out_dir / f"{case}_lesions.csv",
     }
+    if rejected:
+        paths["rejected_csv"] = out_dir / f"{case}_rejected.csv"
     if preview:
         paths["preview"] = out_dir / f"{case}_preview.png"
     paths["summary"] = out_dir / f"{case}_summary.json"  # last: its presence means the case is complete
@@ -66,8 +84,31 @@ def lesion_row(lesion: Lesion) -> dict[str, object]:
     values = [
         lesion.id, lesion.size_class, lesion.diameter_mm, lesion.volume_mm3, lesion.n_voxels,
         i, j, k, r, a, s, l_, p, s2, lesion.mean_probability, lesion.max_probability,
+        getattr(lesion, "p_microbleed", ""), getattr(lesion, "certainty", ""),
     ]  # fmt: skip
+    if not isinstance(lesion, Candidate):
+        values[-2:] = ["", ""]
     return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(LESION_COLUMNS, values)}
+
+
+def rejected_row(candidate: Candidate) -> dict[str, object]:
+    i, j, k = candidate.centroid_ijk
+    r, a, s = candidate.centroid_ras
+    l_, p, s2 = candidate.centroid_lps
+    values = [
+        candidate.id, candidate.reason, candidate.p_microbleed,
+        *(candidate.class_probabilities.get(c, 0.0) for c in CLASSES[1:]),
+        candidate.diameter_mm, candidate.volume_mm3, candidate.n_voxels,
+        i, j, k, r, a, s, l_, p, s2, candidate.mean_probability, candidate.max_probability,
+    ]  # fmt: skip
+    return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(REJECTED_COLUMNS, values)}
+
+
+def write_rejected_csv(path: Path, rejected: list[Candidate]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=REJECTED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rejected_row(c) for c in rejected)
 
 
 def write_lesion_csv(path: Path, lesions: list[Lesion]) -> None:
@@ -86,6 +127,9 @@ def segment_tags(lesion: Lesion) -> str:
         "CMBDetect.MeanProbability": f"{lesion.mean_probability:.3f}",
         "CMBDetect.MaxProbability": f"{lesion.max_probability:.3f}",
     }
+    if isinstance(lesion, Candidate):
+        tags["CMBDetect.PMicrobleed"] = f"{lesion.p_microbleed:.3f}"
+        tags["CMBDetect.Certainty"] = lesion.certainty
     return "".join(f"{k}:{v}|" for k, v in tags.items())
 
 
@@ -171,17 +215,23 @@ def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | Non
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = output_paths(out_dir, case, preview=image is not None)
+    two_stage = getattr(result, "candidate_stage", None) is not None
+    final = output_paths(out_dir, case, preview=image is not None, rejected=two_stage)
     staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=out_dir))
     moved: list[Path] = []
     try:
-        staged = output_paths(staging, case, preview=image is not None)
+        staged = output_paths(staging, case, preview=image is not None, rejected=two_stage)
         write_segmentation_nrrd(staged["segmentation"], result.labels, result.lesions, result.geometry)
         write_volume(result.labels, result.geometry, staged["labels"])
         write_probability(staged["probability"], result.probability, result.geometry)
         write_lesion_csv(staged["lesions_csv"], result.lesions)
+        if two_stage:
+            write_rejected_csv(staged["rejected_csv"], result.rejected)
         if image is not None:
-            write_preview(image, result.labels, result.lesions, result.geometry, staged["preview"], case)
+            write_preview(
+                image, result.labels, result.lesions, result.geometry, staged["preview"], case,
+                rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
+            )  # fmt: skip
         summary = {"case": case, **result.summary(), "files": {k: v.name for k, v in final.items()}}
         staged["summary"].write_text(json.dumps(summary, indent=2) + "\n")
         for key, path in staged.items():

@@ -20,7 +20,8 @@ from .head import HALO_PX, head_boxes
 from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
 from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_candidate_classifier, load_model
+from .candidates import LoadedClassifier, run_candidate_stage
 from .preprocess import preprocess, restore
 
 __all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_engine", "get_model"]
@@ -38,6 +39,10 @@ class DetectionParams:
     model: str | None = None  # registry id or .safetensors path; None = the registry's default
     engine: str = "auto"  # "auto" | "torch" | "onnxruntime" (engines.py); auto: onnxruntime on CPU if installed
     head_only: bool = True  # run the network only over the head's box per slice (head.py); False: dense pass
+    # Stage 2 (candidates.py): on when the detector's card names a candidate classifier (or one
+    # is given here); single_stage=True is the paper's pipeline, U-Net and threshold alone.
+    single_stage: bool = False
+    candidate_model: str | None = None  # registry id or .safetensors path; None = the detector card's
 
 
 @dataclass
@@ -53,6 +58,10 @@ class DetectionResult:
     params: DetectionParams = field(default_factory=DetectionParams)
     engine: str = ""  # the engine that ran the network, e.g. "onnxruntime"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
+    # Two-stage only: the rejected candidates (with their reason), their label map, and what ran.
+    rejected: list = field(default_factory=list)
+    rejected_labels: np.ndarray | None = None
+    candidate_stage: dict | None = None
 
     def summary(self) -> dict[str, object]:
         small = sum(l.size_class == "small" for l in self.lesions)
@@ -69,6 +78,8 @@ class DetectionResult:
             "threshold": self.params.threshold,
             "size_range_mm": [self.params.min_diameter_mm, self.params.max_diameter_mm],
             "cmbdetect_version": __version__,
+            "stages": 1 if self.candidate_stage is None else 2,
+            **({} if self.candidate_stage is None else {"candidate_stage": self.candidate_stage}),
         }
 
 
@@ -94,6 +105,17 @@ def get_engine(spec: str | None, device: torch.device, engine: str = "auto") -> 
     if key not in _ENGINE_CACHE:
         _ENGINE_CACHE[key] = make_engine(get_model(spec, device).network, device, engine)
     return _ENGINE_CACHE[key]
+_CLASSIFIER_CACHE: dict[str, LoadedClassifier] = {}
+def get_classifier(spec: str) -> LoadedClassifier:
+    if spec not in _CLASSIFIER_CACHE:
+        _CLASSIFIER_CACHE[spec] = load_candidate_classifier(spec)
+    return _CLASSIFIER_CACHE[spec]
+def stage_two_classifier(params: DetectionParams, model: LoadedModel) -> LoadedClassifier | None:
+    """The candidate classifier this run uses, or None for the single-stage pipeline."""
+    if params.single_stage:
+        return None
+    spec = params.candidate_model or model.card.get("candidate_classifier")
+    return get_classifier(str(spec)) if spec else None
 
 
 def detect_volume(
@@ -102,8 +124,13 @@ def detect_volume(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     case: str = "volume",
+    phase: np.ndarray | None = None,
 ) -> DetectionResult:
-    """Probability map, lesion label map and lesion list for one SWI volume, on its own grid."""
+    """Probability map, lesion label map and lesion list for one SWI volume, on its own grid.
+
+    With a candidate classifier (the default model has one), the U-Net's components are
+    candidates that stage 2 keeps or rejects; `phase` (k, j, i, on the volume's grid, radians)
+    is optional and used by stage 2 only. The probability map is then P(microbleed)."""
     params = params or DetectionParams()
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
@@ -142,6 +169,27 @@ def detect_volume(
     except ValueError as exc:
         raise CaseError(case, str(exc)) from None
     lap("lesions")
+    # Stage 2, kept apart from stage 1 above: candidates in, kept lesions and rejections out.
+    rejected, rejected_labels, stage_info = [], None, None
+    classifier = stage_two_classifier(params, model)
+    if classifier is not None:
+        report(0.97, "examining candidates")
+        try:
+            stage = run_candidate_stage(volume.array, probability, volume.geometry, classifier, phase)
+        except ValueError as exc:
+            raise CaseError(case, str(exc)) from None
+        labels, lesions, probability = stage.labels, stage.lesions, stage.probability
+        rejected, rejected_labels = stage.rejected, stage.rejected_labels
+        stage_info = {
+            "classifier_id": classifier.id,
+            "classifier_version": classifier.version,
+            **classifier.settings.as_dict(),
+            "phase_used": phase is not None,
+            "n_candidates": stage.n_candidates,
+            "n_rejected": len(rejected),
+            "seconds": round(stage.seconds, 3),
+        }
+        lap("candidates")
     report(1.0, f"{len(lesions)} microbleeds")
     return DetectionResult(
         probability=probability,
@@ -155,4 +203,7 @@ def detect_volume(
         params=params,
         engine=engine.name,
         timings=timings,
+        rejected=rejected,
+        rejected_labels=rejected_labels,
+        candidate_stage=stage_info,
     )

@@ -1,0 +1,312 @@
+"""Stage 2: the candidate stage. The U-Net proposes, a small 3D classifier decides, and says why.
+
+The U-Net's probability map is thresholded low (sensitivity first); each 3D connected
+component in the size range is a *candidate*. For each candidate, a patch centred on its
+centroid is resampled to isotropic voxels in patient space (axes along L, P, S, so an
+oblique or anisotropic scan gives the classifier the same view as an axial isotropic one),
+with channels: SWI magnitude scaled to the white-matter peak and the high-pass phase when the
+user gives one (with a flag channel saying whether it is there). The U-Net's probability is
+not a channel: it is saturated near 1 on true and false candidates alike (issue 11), and
+leaving it out lets the classifier be trained on candidates from any proposer (see
+training/candidates.py).
+The classifier (classifier.py) gives P(microbleed) and, for the rest, the mimic it most
+resembles: vein, calcification, iron-rich nucleus, air-tissue edge or other.
+
+A candidate with P(microbleed) >= `keep_at` (0.5 unless the classifier's card says
+otherwise) is kept as a microbleed, graded *definite* when P >= `definite_at` (0.8) and
+*possible* otherwise, after the MARS scale's two grades of certainty. Everything else is
+rejected with its reason. The stage works on patches, not voxels: its cost is proportional
+to the number of candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+
+from ..io import Geometry
+from .classifier import CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
+from .lesions import Lesion, extract_lesions
+from .preprocess import white_matter_peak
+
+CANDIDATE_THRESHOLD = 0.15  # the U-Net threshold for candidates (the paper's 0.4 is stage 1 alone)
+CANDIDATE_MIN_MM = 2.0
+CANDIDATE_MAX_MM = 10.0
+KEEP_AT = 0.5
+DEFINITE_AT = 0.8
+PHASE_SCALE_RAD = 1.0  # phase enters the network in radians, clipped to +-pi
+CERTAINTIES = ("definite", "possible")
+
+
+@dataclass
+class Candidate(Lesion):
+    """A candidate after stage 2: a Lesion plus the classifier's verdict."""
+
+    p_microbleed: float = 0.0
+    certainty: str = ""  # kept: "definite" | "possible"; rejected: ""
+    reason: str = ""  # rejected: the most likely mimic (CLASSES[1:]); kept: ""
+    class_probabilities: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> bool:
+        return not self.reason
+
+    @property
+    def name(self) -> str:
+        return f"CMB {self.id}" if self.kept else f"Rejected {self.id}"
+
+
+@dataclass
+class StageSettings:
+    """How candidates are found and decided; saved in (and read from) the classifier's card."""
+
+    candidate_threshold: float = CANDIDATE_THRESHOLD
+    min_diameter_mm: float = CANDIDATE_MIN_MM
+    max_diameter_mm: float = CANDIDATE_MAX_MM
+    keep_at: float = KEEP_AT
+    definite_at: float = DEFINITE_AT
+
+    @classmethod
+    def from_card(cls, card: dict) -> "StageSettings":
+        data = card.get("stage", {})
+        return cls(**{k: float(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class LoadedClassifier:
+    network: CandidateNet
+    card: dict
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return str(self.card.get("id", self.path.stem))
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "unknown"))
+
+    @property
+    def settings(self) -> StageSettings:
+        return StageSettings.from_card(self.card)
+
+
+@dataclass
+class StageResult:
+    labels: np.ndarray  # uint16, kept lesions 1..N
+    lesions: list[Candidate]
+    rejected_labels: np.ndarray  # uint16, rejected candidates 1..M
+    rejected: list[Candidate]
+    probability: np.ndarray  # P(microbleed) map (see microbleed_probability_map)
+    seconds: float
+    n_candidates: int
+
+
+# ---------------------------------------------------------------------------- patches
+
+
+def patch_offsets_mm(config: ClassifierConfig) -> np.ndarray:
+    """(S,) offsets from the centre, mm, of an isotropic patch's voxel centres along one axis."""
+    s = config.patch_size
+    return (np.arange(s, dtype=float) - (s - 1) / 2.0) * config.patch_spacing_mm
+
+
+def patch_index_coordinates(geometry: Geometry, centre_lps: np.ndarray, config: ClassifierConfig) -> np.ndarray:
+    """(3, S, S, S) continuous (k, j, i) indices of a patch's voxels.
+
+    The patch's axes run along patient S, P, L (array order, like the scan's k, j, i for an
+    axial scan), so the classifier sees the anatomy the same way whatever the grid's
+    direction and spacing; B0 is along S, which keeps the dipole pattern of the phase upright.
+    """
+    o = patch_offsets_mm(config)
+    ds, dp, dl = np.meshgrid(o, o, o, indexing="ij")
+    lps = np.stack([dl, dp, ds], axis=-1) + np.asarray(centre_lps, float)  # (S, S, S, 3)
+    m = geometry.ijk_to_lps()
+    ijk = (lps - m[:3, 3]) @ np.linalg.inv(m[:3, :3]).T
+    return np.moveaxis(ijk[..., ::-1], -1, 0)  # (k, j, i) first
+
+
+def sample_patches(
+    magnitude: np.ndarray, phase: np.ndarray | None, geometry: Geometry, centres_lps: np.ndarray, config: ClassifierConfig
+) -> np.ndarray:
+    """(N, 3, S, S, S) float32 patches: magnitude, phase, phase-present flag.
+
+    `magnitude` (scaled to the WM peak) and `phase` (radians, or None) are (k, j, i) on
+    `geometry`'s grid. Linear interpolation; outside the volume is 0.
+    """
+    n, s = len(centres_lps), config.patch_size
+    out = np.zeros((n, 3, s, s, s), np.float32)
+    for row, centre in enumerate(np.asarray(centres_lps, float).reshape(-1, 3)):
+        coords = patch_index_coordinates(geometry, centre, config)
+        out[row, 0] = ndimage.map_coordinates(magnitude, coords, order=1, mode="constant", cval=0.0)
+        if phase is not None:
+            out[row, 1] = ndimage.map_coordinates(phase, coords, order=1, mode="constant", cval=0.0)
+            out[row, 2] = 1.0
+    np.clip(out[:, 1], -np.pi, np.pi, out=out[:, 1])
+    out[:, 1] *= np.float32(1.0 / PHASE_SCALE_RAD)
+    return out
+
+
+def scaled_magnitude(image: np.ndarray) -> np.ndarray:
+    """SWI magnitude divided by its white-matter peak: scanner units cancel, WM is about 1."""
+    peak = white_matter_peak(image)
+    return (np.asarray(image, np.float32) / np.float32(peak if peak > 0 else 1.0)).astype(np.float32, copy=False)
+
+
+def check_phase(phase: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
+    if phase is None:
+        return
+    if phase.shape != tuple(image_shape):
+        raise ValueError(f"phase image has shape {phase.shape} but the SWI image {tuple(image_shape)}; it must lie on the same grid")
+    if not np.isfinite(phase).all():
+        raise ValueError("phase image contains NaN or infinite values")
+
+
+# ---------------------------------------------------------------------------- classifier
+
+
+@torch.inference_mode()
+def classify_patches(network: CandidateNet, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, n_classes) softmax probabilities."""
+    network.eval()
+    out = []
+    for start in range(0, len(patches), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size]))
+        out.append(torch.softmax(network(x), dim=1).numpy())
+    if not out:
+        return np.zeros((0, network.config.n_classes), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def find_candidates(probability: np.ndarray, geometry: Geometry, settings: StageSettings) -> tuple[np.ndarray, list[Lesion]]:
+    """Connected components of the U-Net probability at the candidate threshold, in size range."""
+    return extract_lesions(probability, geometry, settings.candidate_threshold, settings.min_diameter_mm, settings.max_diameter_mm)
+
+
+def microbleed_probability_map(probability: np.ndarray, candidates: np.ndarray, p_microbleed: np.ndarray, threshold: float) -> np.ndarray:
+    """P(microbleed) per voxel: the classifier's P inside each candidate; elsewhere the U-Net's
+    probability, capped below the candidate threshold (nothing outside a candidate was called)."""
+    out = np.minimum(probability, np.float32(np.nextafter(np.float32(threshold), np.float32(0))))
+    inside = candidates > 0
+    lut = np.concatenate([[0.0], np.asarray(p_microbleed, np.float32)]).astype(np.float32)
+    out[inside] = lut[candidates[inside]]
+    return out.astype(np.float32, copy=False)
+
+
+def _renumber(candidates: np.ndarray, ids: list[int]) -> np.ndarray:
+    lut = np.zeros(int(candidates.max(initial=0)) + 1, np.uint16)
+    for new, old in enumerate(ids, start=1):
+        lut[old] = new
+    return lut[candidates]
+
+
+def run_candidate_stage(
+    image: np.ndarray,
+    probability: np.ndarray,
+    geometry: Geometry,
+    classifier: LoadedClassifier,
+    phase: np.ndarray | None = None,
+) -> StageResult:
+    """Find candidates in the U-Net's probability map and keep or reject each one."""
+    start = time.perf_counter()
+    check_phase(phase, image.shape)
+    settings = classifier.settings
+    cand_labels, cands = find_candidates(probability, geometry, settings)
+    if cands:
+        centres = np.array([c.centroid_lps for c in cands])
+        patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.network.config)
+        probs = classify_patches(classifier.network, patches)
+    else:
+        probs = np.zeros((0, len(CLASSES)), np.float32)
+    kept: list[Candidate] = []
+    rejected: list[Candidate] = []
+    kept_ids: list[int] = []
+    rejected_ids: list[int] = []
+    for cand, p in zip(cands, probs):
+        p_mb = float(p[MICROBLEED])
+        verdict = {name: round(float(v), 4) for name, v in zip(CLASSES, p)}
+        fields = {k: getattr(cand, k) for k in Lesion.__dataclass_fields__}
+        if p_mb >= settings.keep_at:
+            fields["id"] = len(kept) + 1
+            certainty = "definite" if p_mb >= settings.definite_at else "possible"
+            kept.append(Candidate(**fields, p_microbleed=p_mb, certainty=certainty, class_probabilities=verdict))
+            kept_ids.append(cand.id)
+        else:
+            fields["id"] = len(rejected) + 1
+            mimic = CLASSES[1 + int(np.argmax(p[1:]))]
+            rejected.append(Candidate(**fields, p_microbleed=p_mb, reason=mimic, class_probabilities=verdict))
+            rejected_ids.append(cand.id)
+    p_map = microbleed_probability_map(probability, cand_labels, probs[:, MICROBLEED], settings.candidate_threshold)
+    return StageResult(
+        labels=_renumber(cand_labels, kept_ids),
+        lesions=kept,
+        rejected_labels=_renumber(cand_labels, rejected_ids),
+        rejected=rejected,
+        probability=p_map,
+        seconds=time.perf_counter() - start,
+        n_candidates=len(cands),
+    )
+
+
+# ---------------------------------------------------------------------------- weights and card
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_classifier(network: CandidateNet, path: Path, card: dict) -> dict:
+    """Weights (safetensors) and card `<same name>.json`; the card gains config, size, sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(path))
+    path.chmod(0o644)
+    card = dict(card)
+    card["kind"] = "candidate-classifier"
+    card["classes"] = list(CLASSES)
+    card["network"] = network.config.as_dict()
+    card["file"] = path.name
+    card["size_bytes"] = path.stat().st_size
+    card["sha256"] = _sha256(path)
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def load_classifier_file(path: Path, expected_sha256: str | None = None) -> LoadedClassifier:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"candidate classifier weights missing: {path}")
+    if expected_sha256 is not None:
+        actual = _sha256(path)
+        if actual != expected_sha256:
+            raise ValueError(
+                f"candidate classifier {path.name} is corrupt or changed: sha256 {actual[:12]}..., registry says {expected_sha256[:12]}..."
+            )
+    card_file = path.with_suffix(".json")
+    if not card_file.is_file():
+        raise FileNotFoundError(f"candidate classifier card missing: {card_file}")
+    card = json.loads(card_file.read_text())
+    if card.get("kind") != "candidate-classifier":
+        raise ValueError(f"{path.name} is not a candidate classifier (its card's kind is {card.get('kind')!r})")
+    if list(card.get("classes", [])) != list(CLASSES):
+        raise ValueError(f"{path.name} was trained for classes {card.get('classes')}, this version knows {list(CLASSES)}")
+    network = CandidateNet(ClassifierConfig.from_dict(card["network"]))
+    network.load_state_dict(load_file(str(path)))
+    network.eval()
+    return LoadedClassifier(network, card, path)
