@@ -7,7 +7,6 @@ its card `<same name>.json` beside it; nothing is ever downloaded and no pickle 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .detection.network import NetworkConfig, ResUNet
+from .io import sha256_of
 
 MODELS_DIR_ENV = "CMBDETECT_MODELS_DIR"
 
@@ -27,13 +27,6 @@ def models_dir() -> Path:
         return Path(override)
     return Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_registry(directory: Path | None = None) -> dict:

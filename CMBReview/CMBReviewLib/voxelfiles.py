@@ -9,7 +9,6 @@ each file's sha256; reading checks it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import tempfile
@@ -21,18 +20,11 @@ from scipy import ndimage
 
 from CMBDetectLib.detection.lesions import Lesion, equivalent_diameter_mm, size_class
 from CMBDetectLib.detection.outputs import write_segmentation_nrrd
-from CMBDetectLib.io import Geometry, Volume
+from CMBDetectLib.io import Geometry, Volume, sha256_of
 from CMBDetectLib.labels import read_label
 
 from .store import StudyError
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe(labels: np.ndarray, geometry: Geometry, probability: np.ndarray | None = None) -> list[Lesion]:

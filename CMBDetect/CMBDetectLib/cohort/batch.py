@@ -23,10 +23,10 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from ..io import case_name, is_volume_file
+from ..io import case_name, is_volume_file, sha256_of
 from ..detection.pipeline import DetectionParams
 from .names import printable, refuse_unsafe_and_duplicates
-from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris, weights_sha256
+from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
 from .workers import CaseOutcome, CaseTask, run_case, run_in_processes
 
 __all__ = ["CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
@@ -81,7 +81,7 @@ def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, d
     from ..detection.pipeline import get_model
 
     model = get_model(params.model, select_device(params.device))  # cached: the command loaded it already
-    described = fingerprint_fields(params, model.id, model.version, weights_sha256(model.path))
+    described = fingerprint_fields(params, model.id, model.version, sha256_of(model.path))
     described["phase_given"] = phase_given  # the candidate stage decides with the phase when it has one
     return fingerprint(described), described
 

@@ -26,13 +26,6 @@ STAGING_PREFIX = ".cmbdetect-"
 EXECUTION_ONLY = ("device", "batch_size", "model")  # the model enters by id, version and sha256
 
 
-def weights_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def fingerprint_fields(params: DetectionParams, model_id: str, model_version: str, model_sha256: str) -> dict:
     """What the fingerprint is made of, kept in the summary so a reader sees why a case was redone."""

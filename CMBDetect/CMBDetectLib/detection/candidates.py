@@ -21,7 +21,6 @@ to the number of candidates.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
-from ..io import Geometry
+from ..io import Geometry, sha256_of
 from .classifier import CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
@@ -262,13 +261,6 @@ def run_candidate_stage(
 # ---------------------------------------------------------------------------- weights and card
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def save_classifier(network: CandidateNet, path: Path, card: dict) -> dict:
     """Weights (safetensors) and card `<same name>.json`; the card gains config, size, sha256."""
@@ -283,7 +275,7 @@ def save_classifier(network: CandidateNet, path: Path, card: dict) -> dict:
     card["network"] = network.config.as_dict()
     card["file"] = path.name
     card["size_bytes"] = path.stat().st_size
-    card["sha256"] = _sha256(path)
+    card["sha256"] = sha256_of(path)
     path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card
 
@@ -293,7 +285,7 @@ def load_classifier_file(path: Path, expected_sha256: str | None = None) -> Load
     if not path.is_file():
         raise FileNotFoundError(f"candidate classifier weights missing: {path}")
     if expected_sha256 is not None:
-        actual = _sha256(path)
+        actual = sha256_of(path)
         if actual != expected_sha256:
             raise ValueError(
                 f"candidate classifier {path.name} is corrupt or changed: sha256 {actual[:12]}..., registry says {expected_sha256[:12]}..."
