@@ -36,9 +36,10 @@ def read_registry(directory: Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-@dataclass
-class LoadedModel:
-    network: ResUNet
+class CardIdentity:
+    """Id and version of loaded weights, read from their model card (the detector's and the
+    candidate classifier's alike)."""
+
     card: dict
     path: Path
 
@@ -49,6 +50,13 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return str(self.card.get("version", "unknown"))
+
+
+@dataclass
+class LoadedModel(CardIdentity):
+    network: ResUNet
+    card: dict
+    path: Path
 
     @property
     def trained(self) -> bool:

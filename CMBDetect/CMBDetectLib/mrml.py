@@ -50,7 +50,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .detection import outputs
-from .detection.lesions import CLASS_COLORS, Lesion
+from .detection.lesions import CLASS_COLORS, DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion
 from .detection.outputs import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
 from .detection.rethreshold import LesionMap, lesions_from_probability
 from .io import LPS_TO_RAS, Geometry, Volume, write_volume
@@ -510,9 +510,9 @@ class DetectionJob:
         work_dir: str | Path | None = None,
         python: str | None = None,
         env: dict | None = None,
-        threshold: float = 0.4,
-        min_diameter_mm: float = 2.0,
-        max_diameter_mm: float = 10.0,
+        threshold: float = DEFAULT_THRESHOLD,
+        min_diameter_mm: float = MIN_DIAMETER_MM,
+        max_diameter_mm: float = MAX_DIAMETER_MM,
         device: str = "cpu",
         model: str | None = None,
         batch_size: int | None = None,

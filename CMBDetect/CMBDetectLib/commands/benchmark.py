@@ -149,7 +149,9 @@ def _synthetic_case(shape: list[int], folder: Path) -> tuple[Path, str]:
     from ..synth.case import generate_case
 
     slices, rows, cols = shape
-    case = generate_case(2022, 0, n_slices=slices, matrix=(rows, cols))
+    # Pinned where the generator would otherwise draw (an oblique resampled grid changes the
+    # shape asked for): a plain axial 3 T head, 1.5 mm slices, 211 mm field of view.
+    case = generate_case(2022, 0, n_slices=slices, matrix=(rows, cols), oblique=False, slice_thickness_mm=1.5, fov_mm=211.0, field_strength_t=3.0)
     path = folder / "benchmark.nii.gz"
     write_volume(case.image.array, case.image.geometry, path)
     return path, f"synthetic head (synth seed 2022), spacing {tuple(round(s, 2) for s in case.image.geometry.spacing)} mm"

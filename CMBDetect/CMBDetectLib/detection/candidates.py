@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from ..io import Geometry, sha256_of
+from ..models import CardIdentity
 from .classifier import CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
@@ -83,18 +84,10 @@ class StageSettings:
 
 
 @dataclass
-class LoadedClassifier:
+class LoadedClassifier(CardIdentity):
     network: CandidateNet
     card: dict
     path: Path
-
-    @property
-    def id(self) -> str:
-        return str(self.card.get("id", self.path.stem))
-
-    @property
-    def version(self) -> str:
-        return str(self.card.get("version", "unknown"))
 
     @property
     def settings(self) -> StageSettings:

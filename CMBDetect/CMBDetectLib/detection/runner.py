@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import Volume, read_volume
+from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
 from .worker import PROBABILITY_FILE, RESULT_FILE
 
 # States of a run.
@@ -59,9 +60,9 @@ def worker_arguments(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     case: str = "input",
-    threshold: float = 0.4,
-    min_diameter_mm: float = 2.0,
-    max_diameter_mm: float = 10.0,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_diameter_mm: float = MIN_DIAMETER_MM,
+    max_diameter_mm: float = MAX_DIAMETER_MM,
     device: str = "cpu",
     model: str | None = None,
     batch_size: int | None = None,
