@@ -151,3 +151,14 @@ def extract_lesions(
             )
         )
     return labels, lesions
+
+
+def lesion_counts(lesions: list[Lesion]) -> dict[str, object]:
+    """The counts every summary reports: lesions, small, large, total volume (mm3)."""
+    small = sum(lesion.size_class == "small" for lesion in lesions)
+    return {
+        "n_lesions": len(lesions),
+        "n_small": small,
+        "n_large": len(lesions) - small,
+        "total_volume_mm3": round(float(sum(lesion.volume_mm3 for lesion in lesions)), 3),
+    }

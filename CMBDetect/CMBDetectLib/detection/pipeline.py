@@ -19,7 +19,7 @@ from .engines import Engine, make_engine
 from .head import HALO_PX, head_boxes
 from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
 from ..io import Geometry, Volume
-from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions
+from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
 from ..models import LoadedModel, load_candidate_classifier, load_model
 from .candidates import LoadedClassifier, run_candidate_stage
 from .preprocess import preprocess, restore
@@ -64,12 +64,8 @@ class DetectionResult:
     candidate_stage: dict | None = None
 
     def summary(self) -> dict[str, object]:
-        small = sum(l.size_class == "small" for l in self.lesions)
         return {
-            "n_lesions": len(self.lesions),
-            "n_small": small,
-            "n_large": len(self.lesions) - small,
-            "total_volume_mm3": round(float(sum(l.volume_mm3 for l in self.lesions)), 3),
+            **lesion_counts(self.lesions),
             "seconds": round(self.seconds, 2),
             "model_id": self.model_id,
             "model_version": self.model_version,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..io import Geometry
-from .lesions import Lesion, extract_lesions
+from .lesions import Lesion, extract_lesions, lesion_counts
 
 
 @dataclass
@@ -37,13 +37,9 @@ class LesionMap:
 
     def summary(self) -> dict[str, object]:
         """The keys of pipeline.DetectionResult.summary(), counts and parameters recomputed."""
-        small = sum(lesion.size_class == "small" for lesion in self.lesions)
         return {
             **self.run,
-            "n_lesions": len(self.lesions),
-            "n_small": small,
-            "n_large": len(self.lesions) - small,
-            "total_volume_mm3": round(float(sum(lesion.volume_mm3 for lesion in self.lesions)), 3),
+            **lesion_counts(self.lesions),
             "threshold": float(self.threshold),
             "size_range_mm": [float(self.min_diameter_mm), float(self.max_diameter_mm)],
         }
