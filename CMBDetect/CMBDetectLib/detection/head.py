@@ -16,6 +16,13 @@ so that inside the head the cropped pass equals the dense one:
 
 Slices without head tissue are skipped (probability 0), as are the neighbours' rows and columns
 outside the box; the two neighbour slices are still read as the 2.5D input of each slice run.
+
+One box per slice, not a tissue-shaped layout: horizontal bands following the head's outline
+(each band widened by the halo, adjacent bands merged where that computes fewer pixels) were
+counted on the benchmark's synthetic 100 x 384 x 384 head and computed 67.7 % of the dense
+pixels against 68.6 % for one box per slice: every cut between two bands computes 2 x HALO_PX
+rows twice, and a head is nearly as wide as the plane over most of its height. Not worth the
+extra network calls.
 """
 
 from __future__ import annotations
