@@ -349,3 +349,33 @@ def test_truth_as_seg_nrrd_cropped_to_its_segments(tmp_path):
     assert not ev.errors
     touch = ev.summary()["lesion"]["rules"]["touch"]
     assert (touch["n_truth"], touch["tp_truth"], touch["n_pred"]) == (2, 1, 1)
+
+
+def test_false_positives_named_by_the_mimic_map_they_lie_on(tmp_path):
+    """With TRUTH/mimics/ (as `cmbdetect synth` writes), each false positive under the paper's
+    rule is named by the mimic most of its voxels lie on; true positives are not counted."""
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    t, p, mimics = zeros(), zeros(), zeros(np.uint8)
+    t[2, 4:7, 4:7] = 1  # found: not a false positive
+    p[2, 4:7, 4:7] = 1
+    p[1:3, 0:2, 10:12] = 2  # on a vein (3 of 8 voxels calcification: the vein wins)
+    mimics[1:3, 0:2, 10:12] = 1
+    mimics[1, 0, 10:12] = 2
+    mimics[1, 1, 10] = 2
+    p[4, 10:12, 20:22] = 3  # on a calcification
+    mimics[4, 10:12, 20:22] = 2
+    p[5, 14:16, 0:2] = 4  # on nothing
+    t[3, 10:16, 2:8] = 2  # a large true lesion (36 voxels) ...
+    p[3, 10:11, 2:4] = 5  # ... touched by a 2-voxel fragment: under 40 %, so a false positive
+    write_volume(t, GEOM, truth_dir / "labels" / "x.nii.gz")
+    write_volume(mimics, GEOM, truth_dir / "mimics" / "x.nii.gz")
+    write_volume(p, GEOM, pred_dir / "x_lesions.nii.gz")
+    lesion = evaluate_folders(pred_dir, truth_dir, Settings(n_bootstrap=0), progress=False).summary()["lesion"]
+    assert lesion["rules"]["overlap"]["fp"] == 4
+    assert lesion["false_positives_by_mimic"] == {
+        "vein": 1, "calcification": 1, "nucleus": 0, "air_edge": 0, "other": 1, "on_microbleed": 1,
+    }
+    # Without mimic maps the figure is absent, not zero.
+    (truth_dir / "mimics" / "x.nii.gz").unlink()
+    (truth_dir / "mimics").rmdir()
+    assert evaluate_folders(pred_dir, truth_dir, Settings(n_bootstrap=0), progress=False).summary()["lesion"]["false_positives_by_mimic"] is None

@@ -22,6 +22,13 @@ from ..io import Geometry, Volume, case_name, is_volume_file, read_volume
 from ..labels import read_label_file, read_label
 from ..detection.lesions import CONNECTIVITY, DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, extract_lesions
 
+# Where a false positive lies, from the synthetic engine's mimic map (synth/mimics.py codes
+# 1-4): the mimic most of its voxels lie on; "on_microbleed" if it touches a true lesion
+# (a fragment, or one the paper's overlap rule did not accept); "other" if on neither.
+FP_PLACES = ("vein", "calcification", "nucleus", "air_edge", "other", "on_microbleed")
+MIMIC_NAMES = {1: "vein", 2: "calcification", 3: "nucleus", 4: "air_edge"}
+MIMICS_FOLDER = "mimics"
+
 LESIONS_SUFFIX = "_lesions"
 PROBABILITY_SUFFIX = "_prob"
 GRID_TOLERANCE = 1e-4
@@ -60,6 +67,7 @@ class CaseResult:
     matchings: dict[str, M.Matching]
     class_detection: dict[str, dict[str, int]]
     notes: list[str] = field(default_factory=list)
+    fp_places: dict[str, int] | None = None  # false positives by mimic (FP_PLACES), with a mimic map
 
     @property
     def has_probability(self) -> bool:
@@ -103,6 +111,9 @@ class CaseResult:
                 c[f"{cls}_{key}"] = value
         for outcome in ("TP", "FN", "FP", "TN"):
             c[f"patient_{outcome.lower()}"] = int(self.patient == outcome)
+        c["cases_with_mimic_map"] = int(self.fp_places is not None)
+        for place in FP_PLACES:
+            c[f"fp_on_{place}"] = (self.fp_places or {}).get(place, 0)
         return c
 
     def row(self) -> dict[str, object]:
@@ -157,10 +168,12 @@ def evaluate_arrays(
     settings: Settings = Settings(),
     control: bool | None = None,
     prediction_kind: str = "lesions",
+    mimics: np.ndarray | None = None,
 ) -> CaseResult:
     """Score one case. Arrays are (k, j, i) on one grid; nonzero = lesion.
 
     `control` comes from the cohort's case list; when unknown, a case with empty truth is a control.
+    `mimics` (the synthetic engine's mimic map, same grid) names where each false positive lies.
     """
     truth = np.asarray(truth)
     prediction = np.asarray(prediction)
@@ -189,6 +202,11 @@ def evaluate_arrays(
     n_out = int(table.truth_outside_size_range.sum())
     if n_out:
         notes.append(f"{n_out} true lesions outside {MIN_DIAMETER_MM:g}-{MAX_DIAMETER_MM:g} mm (counted in their nearest size class)")
+    fp_places = None
+    if mimics is not None:
+        if np.shape(mimics) != truth.shape:
+            raise CaseError(case, f"mimic map has shape {np.shape(mimics)} but the truth {truth.shape}")
+        fp_places = false_positive_places(p_inst, t_inst, np.asarray(mimics), matchings["overlap"])
     return CaseResult(
         case=case,
         control=bool(control),
@@ -199,7 +217,31 @@ def evaluate_arrays(
         matchings=matchings,
         class_detection=M.class_detection_counts(table, matchings["overlap"]),
         notes=notes,
+        fp_places=fp_places,
     )
+
+
+def false_positive_places(p_inst: np.ndarray, t_inst: np.ndarray, mimics: np.ndarray, matching: M.Matching) -> dict[str, int]:
+    """Count the false positives of `matching` (kept, not correct) by where they lie (FP_PLACES)."""
+    out = dict.fromkeys(FP_PLACES, 0)
+    false = np.flatnonzero(matching.kept & ~matching.correct) + 1  # instance ids
+    if false.size == 0:
+        return out
+    inside = p_inst > 0
+    ids = p_inst[inside].astype(np.int64)
+    n = int(matching.correct.size)
+    codes = np.clip(mimics[inside].astype(np.int64), 0, 4)
+    votes = np.zeros((n + 1, 5), np.int64)
+    np.add.at(votes, (ids, codes), 1)
+    on_truth = np.bincount(ids, weights=t_inst[inside] > 0, minlength=n + 1) > 0
+    for p in false:
+        if on_truth[p]:
+            out["on_microbleed"] += 1
+        elif votes[p, 1:].any():
+            out[MIMIC_NAMES[1 + int(np.argmax(votes[p, 1:]))]] += 1
+        else:
+            out["other"] += 1
+    return out
 
 
 # --------------------------------------------------------------------------- files
@@ -213,6 +255,7 @@ class CasePair:
     probability: Path | None = None
     prediction_kind: str = "lesions"
     control: bool | None = None
+    mimics: Path | None = None  # the synthetic engine's mimic map, where the truth folder has one
 
 
 def read_controls(path: Path) -> dict[str, bool]:
@@ -247,7 +290,8 @@ def discover(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[CasePair
     """Pair prediction and truth files by case name; every unpaired case becomes an error.
 
     Truth: TRUTH/labels/<case>.* when TRUTH/labels exists (the synthetic engine's layout,
-    with TRUTH/cases.csv giving the controls), else TRUTH/<case>.*. Prediction, in order of
+    with TRUTH/cases.csv giving the controls and TRUTH/mimics/<case>.* the mimic maps that
+    name where false positives lie), else TRUTH/<case>.*. Prediction, in order of
     preference: <case>_lesions.* (cmbdetect detect), <case>.* (any tool's mask), or only
     <case>_prob.*, thresholded here; <case>_prob.* also feeds the ROC and FROC.
     """
@@ -260,6 +304,9 @@ def discover(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[CasePair
     errors: list[CaseError] = []
     if (truth_dir / "cases.csv").is_file():
         controls = read_controls(truth_dir / "cases.csv")
+    mimic_maps: dict[str, Path] = {}
+    if label_dir != truth_dir and (truth_dir / MIMICS_FOLDER).is_dir():
+        mimic_maps = {case_name(p): p for p in _volume_files(truth_dir / MIMICS_FOLDER)}
 
     truths: dict[str, list[Path]] = {}
     for p in _volume_files(label_dir, segmentations=True):
@@ -286,7 +333,7 @@ def discover(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[CasePair
         if case not in truths:
             errors.append(CaseError(case, f"prediction found but no ground truth {case}.nii.gz / {case}.nrrd / {case}.seg.nrrd in {label_dir}"))
             continue
-        pair = CasePair(case, truth=truths[case][0], control=controls.get(case))
+        pair = CasePair(case, truth=truths[case][0], control=controls.get(case), mimics=mimic_maps.get(case))
         pair.probability = probs[case][0] if case in probs else None
         if case in lesions:
             pair.prediction, pair.prediction_kind = lesions[case][0], "lesions"
@@ -357,7 +404,12 @@ def score_pair(pair: CasePair, settings: Settings = Settings()) -> tuple[CaseRes
         except ValueError as exc:
             raise CaseError(case, f"cannot threshold the probability map: {exc}") from None
         notes.append(f"no lesion map: probability map thresholded at {settings.threshold:g}, lesions kept at {MIN_DIAMETER_MM:g}-{MAX_DIAMETER_MM:g} mm")
-    result = evaluate_arrays(case, truth.array, prediction, truth.geometry, probability, settings, pair.control, pair.prediction_kind)
+    mimics = None
+    if pair.mimics is not None:
+        mimic_volume = read_volume(pair.mimics, case)
+        check_same_grid(case, truth, mimic_volume, f"mimic map {pair.mimics.name}")
+        mimics = mimic_volume.array
+    result = evaluate_arrays(case, truth.array, prediction, truth.geometry, probability, settings, pair.control, pair.prediction_kind, mimics)
     result.notes[:0] = notes
     histograms = M.probability_histograms(probability, truth.array) if probability is not None else None
     return result, histograms
@@ -539,6 +591,9 @@ def summarize(ev: Evaluation) -> dict:
         },
         "roc": lesion_roc,
         "froc": _froc(ev),
+        # Only with the synthetic engine's mimic maps (TRUTH/mimics): None otherwise.
+        "false_positives_by_mimic": {place: int(sums[f"fp_on_{place}"]) for place in FP_PLACES}
+        if sums["cases_with_mimic_map"] else None,
     }
 
     rates = M.patient_rates(sums["patient_tp"], sums["patient_fn"], sums["patient_fp"], sums["patient_tn"])

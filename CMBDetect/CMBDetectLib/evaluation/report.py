@@ -161,6 +161,9 @@ def summary_text(summary: dict) -> str:
         pix_auc = (summary["pixel"]["roc"] or {}).get("auc")
         les_auc = (les["roc"] or {}).get("auc")
         lines.append(f"AUC: pixel {fmt(pix_auc)}, lesion {fmt(les_auc)}")
+        by_mimic = les.get("false_positives_by_mimic")
+        if by_mimic:
+            lines.append("false positives (paper's rule) by mimic: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in by_mimic.items()))
     for e in c["errors"]:
         lines.append(f"error: {e['case']}: {e['problem']}")
     return "\n".join(lines)
@@ -338,6 +341,10 @@ def render_html(summary: dict) -> str:
     cd = les["count_difference"]
     parts.append(f"<p class='note'>Count difference per case (predicted - true lesions): mean {fmt(cd['mean'], 2)}, mean absolute {fmt(cd['mean_absolute'], 2)}. "
                  f"True lesions outside 2-10 mm: {les['truth_outside_2_10mm']}.</p>")
+    by_mimic = les.get("false_positives_by_mimic")
+    if by_mimic:
+        parts.append("<h3>Where the false positives lie (paper's rule; from the synthetic engine's mimic maps)</h3>")
+        parts.append(_table([k.replace("_", " ") for k in by_mimic], [list(by_mimic.values())]))
 
     p = s["patient"]
     parts.append("<h2>Patient level (at least one correct lesion)</h2>")

@@ -527,20 +527,3 @@ def restage(
         write_case_outputs(result, Path(out), name)
         rows.append({"case": name, **info})
     return rows
-
-
-def false_positives_by_mimic(pred: Path, truth: Path) -> dict[str, int]:
-    """Reported lesions touching no labelled microbleed, named by the mimic most of their voxels
-    lie on (the training labels' rule, candidate_classes), summed over a folder of results."""
-    counts = {c: 0 for c in CLASSES[1:]}
-    truth = Path(truth)
-    labels, mimics = _volumes(truth / "labels"), _volumes(truth / "mimics")
-    for name, path in sorted(_volumes(Path(pred)).items()):
-        if not name.endswith("_lesions"):
-            continue
-        case = name[: -len("_lesions")]
-        lesions = read_volume(path, case).array.astype(np.int64)  # ids 1..N, one per lesion
-        classes = candidate_classes(lesions, int(lesions.max(initial=0)), read_volume(labels[case], case).array, read_volume(mimics[case], case).array)
-        for c in classes[classes != MICROBLEED]:
-            counts[CLASSES[c]] += 1
-    return counts
