@@ -329,11 +329,12 @@ def test_with_phase_a_diamagnetic_calcification_is_rejected_as_calcification(shi
 def test_single_stage_reproduces_the_0_2_0_lesion_csv(tmp_path):
     """Testing/data/single_stage_golden_0.2.0.csv was written by the pipeline of commit a76d2ee
     (model 0.2.0, before the candidate stage existed) on Testing/data/single_stage_case.nii.gz
-    (cmbdetect synth seed 7, 160x160x14). --single-stage with the default model must give the
-    same bytes in every column that existed then."""
+    (cmbdetect synth seed 7, 160x160x14). --single-stage with model 0.2.0 (kept in the registry
+    as cmbdetect-synth-c16-v0.2.0) must give the same bytes in every column that existed then:
+    the two-stage code path changed nothing of the paper's pipeline."""
     golden = list(csv.reader(open(DATA / "single_stage_golden_0.2.0.csv")))
     assert len(golden) > 2  # the case has lesions to compare
-    code = detect_main([str(DATA / "single_stage_case.nii.gz"), "-o", str(tmp_path / "out"), "--single-stage", "-q"])
+    code = detect_main([str(DATA / "single_stage_case.nii.gz"), "-o", str(tmp_path / "out"), "--single-stage", "--model", "cmbdetect-synth-c16-v0.2.0", "-q"])
     assert code == 0
     rows = list(csv.reader(open(tmp_path / "out" / "single_stage_case_lesions.csv")))
     old = len(golden[0])

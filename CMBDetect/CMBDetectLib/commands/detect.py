@@ -25,7 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense", action="store_true", help="run the network over the whole plane of every slice, not only the head's box (same lesions, slower)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
     p.add_argument("--single-stage", action="store_true",
-                   help="the paper's pipeline: U-Net and --threshold only, no candidate stage (the default model 0.3.0 has a candidate classifier; 0.2.0 was single-stage)")
+                   help="the paper's pipeline: U-Net and --threshold only, no candidate stage (the default model has a candidate classifier; cmbdetect-synth-c16-v0.2.0 is the single-stage model of the paper's design)")
     p.add_argument("--phase", type=Path, default=None, metavar="FILE_OR_FOLDER",
                    help="optional high-pass phase image(s) on the SWI grid, radians (a file for one case, or a folder of <case>.nii.gz): the candidate stage uses it to tell bleeds from calcifications")
     p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE",

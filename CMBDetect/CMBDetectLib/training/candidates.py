@@ -67,6 +67,7 @@ class CandidateTrainConfig:
     stop_patience: int = 10  # epochs without a lower validation loss
     val_fraction: float = 0.2
     phase_dropout: float = 0.5  # share of training samples shown without their phase
+    black_level_p: float = 0.5  # share of training samples given a random black level (augment)
     max_minutes: float = 0.0  # 0: no limit
     seed: int = 0
     width: int = 8
@@ -299,9 +300,12 @@ def collect(
 # ---------------------------------------------------------------------------- training
 
 
-def augment(batch: np.ndarray, has_phase: np.ndarray, rng: np.random.Generator, phase_dropout: float) -> np.ndarray:
+def augment(
+    batch: np.ndarray, has_phase: np.ndarray, rng: np.random.Generator, phase_dropout: float, black_level_p: float = 0.5
+) -> np.ndarray:
     """Flips on every axis, 90-degree turns about S (the B0 axis: the phase's dipole pattern
-    stays upright), magnitude gain and gamma, and phase withheld from some samples."""
+    stays upright), a random black level, magnitude gain and gamma, and phase withheld from
+    some samples."""
     out = batch.astype(np.float32, copy=True)
     for n in range(len(out)):
         x = out[n]
@@ -311,6 +315,12 @@ def augment(batch: np.ndarray, has_phase: np.ndarray, rng: np.random.Generator, 
         x = np.rot90(x, k=int(rng.integers(4)), axes=(2, 3))
         x = np.ascontiguousarray(x)
         mag = np.clip(x[0], 0.0, None)
+        if rng.random() < black_level_p:
+            # A random black level: everything below it turns black. Veins, nuclei and air edges
+            # then look as dark as a bleed does (at 7 T or a long TE they do), so the network
+            # must tell them apart by shape and phase, not by how dark they are.
+            lo = rng.uniform(0.0, 0.6)
+            mag = np.clip((mag - lo) / (1.0 - lo), 0.0, None)
         x[0] = rng.uniform(0.85, 1.15) * mag ** rng.uniform(0.8, 1.25)
         if not has_phase[n] or rng.random() < phase_dropout:
             x[1:] = 0.0
@@ -418,7 +428,7 @@ def train_classifier(
         losses = []
         for b in range(0, len(chosen), config.batch_size):
             idx = chosen[b : b + config.batch_size]
-            x = torch.from_numpy(augment(data.patches[idx], data.has_phase[idx], rng, config.phase_dropout))
+            x = torch.from_numpy(augment(data.patches[idx], data.has_phase[idx], rng, config.phase_dropout, config.black_level_p))
             y = torch.from_numpy(data.labels[idx].astype(np.int64))
             optimiser.zero_grad()
             loss = loss_fn(network(x), y)
