@@ -128,3 +128,13 @@ def test_case_name_strips_volume_suffixes(tmp_path):
     assert case_name(tmp_path / "sub-01_swi.nii.gz") == "sub-01_swi"
     assert case_name(tmp_path / "a.seg.nrrd") == "a.seg"
     assert case_name(tmp_path / "dicomdir") == "dicomdir"
+
+
+def test_hidden_files_are_never_volumes(tmp_path):
+    """A folder being written by `cmbdetect synth` holds ".tmp-..." files (atomic writes) until
+    each is renamed; detect, evaluate and training must not take them for cases."""
+    from CMBDetectLib.io import is_volume_file
+
+    assert is_volume_file(tmp_path / "case.nii.gz")
+    assert not is_volume_file(tmp_path / ".tmp-abc123-case.nii.gz")
+    assert not is_volume_file(tmp_path / "._case.nrrd")

@@ -107,8 +107,10 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def is_volume_file(path: Path) -> bool:
+    """A volume by its suffix; hidden files never are: a ".tmp-..." file is another process's
+    write in progress (atomic_path), and "._x.nii.gz" is a macOS resource fork."""
     name = path.name.lower()
-    return any(name.endswith(s) for s in VOLUME_SUFFIXES)
+    return not name.startswith(".") and any(name.endswith(s) for s in VOLUME_SUFFIXES)
 
 
 def case_name(path: Path) -> str:
