@@ -106,6 +106,36 @@ def test_collect_refuses_a_case_without_mimic_map(tmp_path):
         collect([tmp_path], tmp_path / "run", StageSettings(), ClassifierConfig())
 
 
+def test_epoch_sampling_gives_microbleeds_their_share():
+    from CMBDetectLib.training.candidates import _balanced_indices
+
+    labels = np.array([0] * 10 + [1] * 500 + [2] * 5 + [5] * 300)
+    rng = np.random.default_rng(0)
+    even = labels[_balanced_indices(labels, 6000, rng)]
+    assert abs((even == 0).mean() - 1 / 4) < 0.03 and abs((even == 2).mean() - 1 / 4) < 0.03
+    tilted = labels[_balanced_indices(labels, 6000, rng, microbleed_share=0.4)]
+    assert abs((tilted == 0).mean() - 0.4) < 0.03 and abs((tilted == 1).mean() - 0.2) < 0.03
+
+
+def test_cartoon_augmentation_keeps_the_shape_and_drops_the_texture():
+    """A cartoon patch has two flat levels (plus a little noise): the dark structure keeps its
+    outline, while its grey edge profile and the tissue texture are gone."""
+    from CMBDetectLib.training.candidates import augment
+
+    s = 12
+    kk, jj, ii = np.mgrid[0:s, 0:s, 0:s] - (s - 1) / 2
+    r = np.sqrt(kk**2 + jj**2 + ii**2)
+    mag = np.clip(r / 4.0, 0, 1) * 1.0  # a dark ball with a soft edge in tissue at 1
+    batch = np.zeros((1, 3, s, s, s), np.float16)
+    batch[0, 0] = mag + np.random.default_rng(1).normal(0, 0.05, mag.shape)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        out = augment(batch, np.array([False]), rng, phase_dropout=0.0, black_level_p=0.0, cartoon_p=1.0)[0, 0]
+        inner, outer = out[r < 1.0], out[r > 4.5]
+        assert inner.max() < 0.45 and outer.min() > 0.45  # two levels, the ball where it was
+        assert inner.std() < 0.1 and outer.std() < 0.1  # flat, whatever texture there was
+
+
 # ------------------------------------------------------------------ patches in patient space
 
 

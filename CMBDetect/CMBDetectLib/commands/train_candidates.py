@@ -34,6 +34,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop after this many minutes of training (0: no limit)")
     p.add_argument("--width", type=int, default=d.width, help=f"channels of the first block (default {d.width})")
     p.add_argument("--patch-size", type=int, default=d.patch_size, help=f"patch side in voxels of {d.patch_spacing_mm} mm (default {d.patch_size})")
+    p.add_argument("--microbleed-share", type=float, default=d.microbleed_share,
+                   help="share of each epoch's samples that are microbleeds, the rest even over the mimics (default 0: every class equally likely)")
+    p.add_argument("--cartoon", type=float, default=d.cartoon_p,
+                   help="share of samples drawn as a two-level cartoon, so that shape rather than texture decides (default 0)")
+    p.add_argument("--black-level", type=float, default=d.black_level_p, help=f"share of samples given a random black level (default {d.black_level_p:g})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-id", default="cmbdetect-candidates-custom")
     p.add_argument("--model-version", default=None, help="version in the card (default: today's date)")
@@ -48,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import CaseError
     from ..training.candidates import CandidateTrainConfig, collect, train_classifier
 
+    if not (0 <= args.microbleed_share < 1 and 0 <= args.cartoon <= 1 and 0 <= args.black_level <= 1):
+        print("error: --microbleed-share must lie in [0, 1), --cartoon and --black-level in [0, 1]", file=sys.stderr)
+        return 2
     if not 0 < args.candidate_threshold < 1 or not 0 <= args.min_size <= args.max_size:
         print("error: --candidate-threshold must lie in (0, 1) and --min-size/--max-size make a range", file=sys.stderr)
         return 2
@@ -55,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     config = CandidateTrainConfig(
         epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, learning_rate=args.lr,
         stop_patience=args.stop_patience, max_minutes=args.max_minutes, width=args.width, seed=args.seed,
-        max_per_class=args.max_per_class, patch_size=args.patch_size,
+        max_per_class=args.max_per_class, patch_size=args.patch_size, microbleed_share=args.microbleed_share,
+        cartoon_p=args.cartoon, black_level_p=args.black_level,
     )  # fmt: skip
     net = ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

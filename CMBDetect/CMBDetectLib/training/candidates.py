@@ -68,6 +68,12 @@ class CandidateTrainConfig:
     val_fraction: float = 0.2
     phase_dropout: float = 0.5  # share of training samples shown without their phase
     black_level_p: float = 0.5  # share of training samples given a random black level (augment)
+    cartoon_p: float = 0.0  # share of training samples drawn as a two-level cartoon (augment)
+    # Share of each epoch's samples that are microbleeds (the rest spread evenly over the
+    # mimic classes); 0: every class equally likely. Above 1/6 it tilts a candidate that the
+    # magnitude alone cannot settle (a round dark dot without phase: bleed or calcification?)
+    # towards a bleed, as microbleeds are far commoner than calcifications among candidates.
+    microbleed_share: float = 0.0
     max_minutes: float = 0.0  # 0: no limit
     seed: int = 0
     width: int = 8
@@ -301,11 +307,16 @@ def collect(
 
 
 def augment(
-    batch: np.ndarray, has_phase: np.ndarray, rng: np.random.Generator, phase_dropout: float, black_level_p: float = 0.5
+    batch: np.ndarray,
+    has_phase: np.ndarray,
+    rng: np.random.Generator,
+    phase_dropout: float,
+    black_level_p: float = 0.5,
+    cartoon_p: float = 0.0,
 ) -> np.ndarray:
     """Flips on every axis, 90-degree turns about S (the B0 axis: the phase's dipole pattern
-    stays upright), a random black level, magnitude gain and gamma, and phase withheld from
-    some samples."""
+    stays upright), a two-level cartoon of the magnitude or a random black level, magnitude
+    gain and gamma, and phase withheld from some samples."""
     out = batch.astype(np.float32, copy=True)
     for n in range(len(out)):
         x = out[n]
@@ -315,7 +326,14 @@ def augment(
         x = np.rot90(x, k=int(rng.integers(4)), axes=(2, 3))
         x = np.ascontiguousarray(x)
         mag = np.clip(x[0], 0.0, None)
-        if rng.random() < black_level_p:
+        if rng.random() < cartoon_p:
+            # A cartoon of the patch: dark structures and tissue as two flat levels with fresh
+            # noise, as a hand-made phantom or another simulator may draw them. Edge profiles and
+            # texture then say nothing, and shape (and phase) must carry the decision.
+            cut = rng.uniform(0.35, 0.7)
+            mag = np.where(mag < cut, rng.uniform(0.0, 0.15), rng.uniform(0.8, 1.2)).astype(np.float32)
+            mag = np.clip(mag + rng.normal(0.0, rng.uniform(0.0, 0.05), mag.shape).astype(np.float32), 0.0, None)
+        elif rng.random() < black_level_p:
             # A random black level: everything below it turns black. Veins, nuclei and air edges
             # then look as dark as a bleed does (at 7 T or a long TE they do), so the network
             # must tell them apart by shape and phase, not by how dark they are.
@@ -339,11 +357,16 @@ def split_by_case(cases: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return ~val, val
 
 
-def _balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n indices drawn so that every present class is equally likely."""
+def _balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator, microbleed_share: float = 0.0) -> np.ndarray:
+    """n indices drawn so that every present class is equally likely, or microbleeds with
+    probability `microbleed_share` and the other classes evenly."""
     present = np.unique(labels)
     per_class = {c: np.flatnonzero(labels == c) for c in present}
-    classes = rng.choice(present, size=n)
+    weights = np.full(len(present), 1.0 / len(present))
+    others = present != MICROBLEED
+    if microbleed_share > 0 and others.any() and (~others).any():
+        weights = np.where(others, (1.0 - microbleed_share) / others.sum(), microbleed_share)
+    classes = rng.choice(present, size=n, p=weights)
     return np.array([rng.choice(per_class[c]) for c in classes], int)
 
 
@@ -424,11 +447,11 @@ def train_classifier(
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         network.train()
-        chosen = train_idx[_balanced_indices(data.labels[train_idx], config.samples_per_epoch, rng)]
+        chosen = train_idx[_balanced_indices(data.labels[train_idx], config.samples_per_epoch, rng, config.microbleed_share)]
         losses = []
         for b in range(0, len(chosen), config.batch_size):
             idx = chosen[b : b + config.batch_size]
-            x = torch.from_numpy(augment(data.patches[idx], data.has_phase[idx], rng, config.phase_dropout, config.black_level_p))
+            x = torch.from_numpy(augment(data.patches[idx], data.has_phase[idx], rng, config.phase_dropout, config.black_level_p, config.cartoon_p))
             y = torch.from_numpy(data.labels[idx].astype(np.int64))
             optimiser.zero_grad()
             loss = loss_fn(network(x), y)
