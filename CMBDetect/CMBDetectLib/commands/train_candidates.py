@@ -35,9 +35,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=d.width, help=f"channels of the first block (default {d.width})")
     p.add_argument("--patch-size", type=int, default=d.patch_size, help=f"patch side in voxels of {d.patch_spacing_mm} mm (default {d.patch_size})")
     p.add_argument("--microbleed-share", type=float, default=d.microbleed_share,
-                   help="share of each epoch's samples that are microbleeds, the rest even over the mimics (default 0: every class equally likely)")
+                   help=f"share of each epoch's samples that are microbleeds, the rest even over the mimics; 0: every class equally likely (default {d.microbleed_share:g})")
     p.add_argument("--cartoon", type=float, default=d.cartoon_p,
-                   help="share of samples drawn as a two-level cartoon, so that shape rather than texture decides (default 0)")
+                   help=f"share of samples drawn as a two-level cartoon, so that shape rather than texture decides (default {d.cartoon_p:g})")
     p.add_argument("--black-level", type=float, default=d.black_level_p, help=f"share of samples given a random black level (default {d.black_level_p:g})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-id", default="cmbdetect-candidates-custom")

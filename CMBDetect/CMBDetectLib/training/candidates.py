@@ -59,25 +59,27 @@ Progress = Callable[[str], None]
 
 @dataclass
 class CandidateTrainConfig:
+    """Defaults: the recipe of the shipped classifier (0.4.0), but for --max-minutes."""
+
     epochs: int = 60
-    samples_per_epoch: int = 256  # drawn class-balanced each epoch
+    samples_per_epoch: int = 2048  # drawn per epoch (see microbleed_share)
     batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    stop_patience: int = 10  # epochs without a lower validation loss
+    stop_patience: int = 8  # epochs without a lower validation loss
     val_fraction: float = 0.2
     phase_dropout: float = 0.5  # share of training samples shown without their phase
     black_level_p: float = 0.5  # share of training samples given a random black level (augment)
-    cartoon_p: float = 0.0  # share of training samples drawn as a two-level cartoon (augment)
+    cartoon_p: float = 0.3  # share of training samples drawn as a two-level cartoon (augment)
     # Share of each epoch's samples that are microbleeds (the rest spread evenly over the
     # mimic classes); 0: every class equally likely. Above 1/6 it tilts a candidate that the
     # magnitude alone cannot settle (a round dark dot without phase: bleed or calcification?)
     # towards a bleed, as microbleeds are far commoner than calcifications among candidates.
-    microbleed_share: float = 0.0
+    microbleed_share: float = 0.3
     max_minutes: float = 0.0  # 0: no limit
     seed: int = 0
     width: int = 8
-    patch_size: int = 16
+    patch_size: int = 20
     patch_spacing_mm: float = 0.75
     max_per_class: int = 25  # dark-spot candidates per mimic class per case
 
