@@ -224,23 +224,11 @@ def evaluate_arrays(
 def false_positive_places(p_inst: np.ndarray, t_inst: np.ndarray, mimics: np.ndarray, matching: M.Matching) -> dict[str, int]:
     """Count the false positives of `matching` (kept, not correct) by where they lie (FP_PLACES)."""
     out = dict.fromkeys(FP_PLACES, 0)
-    false = np.flatnonzero(matching.kept & ~matching.correct) + 1  # instance ids
-    if false.size == 0:
-        return out
-    inside = p_inst > 0
-    ids = p_inst[inside].astype(np.int64)
     n = int(matching.correct.size)
-    codes = np.clip(mimics[inside].astype(np.int64), 0, 4)
-    votes = np.zeros((n + 1, 5), np.int64)
-    np.add.at(votes, (ids, codes), 1)
-    on_truth = np.bincount(ids, weights=t_inst[inside] > 0, minlength=n + 1) > 0
-    for p in false:
-        if on_truth[p]:
-            out["on_microbleed"] += 1
-        elif votes[p, 1:].any():
-            out[MIMIC_NAMES[1 + int(np.argmax(votes[p, 1:]))]] += 1
-        else:
-            out["other"] += 1
+    code, _ = M.instance_majority(p_inst, n, mimics, 5)
+    _, on_truth = M.instance_majority(p_inst, n, t_inst > 0, 2)
+    for p in np.flatnonzero(matching.kept & ~matching.correct):
+        out["on_microbleed" if on_truth[p] else MIMIC_NAMES.get(int(code[p]), "other")] += 1
     return out
 
 

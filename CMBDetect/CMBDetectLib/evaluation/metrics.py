@@ -846,3 +846,18 @@ def as_float_list(values: Iterable[float], digits: int = 6) -> list[float | None
         v = float(v)
         out.append(None if not np.isfinite(v) else round(v, digits))
     return out
+
+
+def instance_majority(instances: np.ndarray, n: int, codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """For instances 1..n of a label map: the most frequent non-zero code (1..n_codes-1) inside
+    each (0 where none), and whether each touches any non-zero voxel of `codes` at all.
+    (Used to name candidates and false positives by the synthetic engine's mimic map.)"""
+    inside = instances > 0
+    ids = instances[inside].astype(np.int64)
+    values = np.clip(codes[inside].astype(np.int64), 0, n_codes - 1)
+    votes = np.zeros((n + 1, n_codes), np.int64)
+    np.add.at(votes, (ids, values), 1)
+    votes = votes[1:, 1:]
+    has = votes.sum(axis=1) > 0
+    return np.where(has, 1 + np.argmax(votes, axis=1), 0), has
+

@@ -47,6 +47,7 @@ from ..detection.candidates import (
 )
 from ..detection.classifier import CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from ..errors import CaseError
+from ..evaluation.metrics import instance_majority
 from ..io import Volume, case_name, is_volume_file, read_volume
 
 PATCHES = "patches"
@@ -138,6 +139,10 @@ def candidate_classes(candidates: np.ndarray, n: int, truth: np.ndarray, mimics:
     out = np.full(n, CLASSES.index("other"), int)
     if n == 0:
         return out
+    code, has_mimic = instance_majority(candidates, n, mimics, 5)
+    out[has_mimic] = code[has_mimic]
+    out[instance_majority(candidates, n, truth > 0, 2)[1]] = MICROBLEED
+    return out
     inside = candidates > 0
     ids = candidates[inside].astype(np.int64)
     on_bleed = np.bincount(ids, weights=(truth[inside] > 0), minlength=n + 1)[1:] > 0
