@@ -236,7 +236,7 @@ def test_a_batch_killed_half_way_finishes_only_the_missing_cases(tmp_path, cohor
     assert {c for c in cases if rows[c]["status"] == "skipped"} == done_before
     assert {c for c in cases if rows[c]["status"] == "done"} == set(cases) - done_before
     assert {c: output_paths(out, c)["summary"].stat().st_mtime_ns for c in done_before} == stamps
-    assert no_debris(out)
+    assert no_debris(out), sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     for case in cases:
         assert_same_outputs(out, root / "serial", case)
 
@@ -262,7 +262,7 @@ def test_local_workers_match_the_serial_run_and_survive_a_dead_worker(tmp_path, 
     for case in ("c0", "c1"):
         assert_same_outputs(out, root / "serial", case)
     assert_same_outputs(out, root / "serial", "victim", "c2")
-    assert no_debris(out)
+    assert no_debris(out), sorted(p.name for p in out.iterdir() if p.name.startswith("."))
 
 
 # --- a real Dask cluster ----------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_dask_cluster_gives_the_serial_outputs_and_a_failing_case_stops_nothing(
     assert all(by_case[c]["status"] == "done" for c in CASES)
     for case in CASES:
         assert_same_outputs(out, root / "serial", case)
-    assert no_debris(out)
+    assert no_debris(out), sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     # The same batch again, through a client object: skipped from the summaries, junk tried again.
     again = detect_batch([root / "in"], out, DetectionParams(model=model), show_progress=False, scheduler=client)
     assert [o.status for o in again] == ["skipped"] * 4 + ["failed"]
@@ -327,4 +327,4 @@ def test_dask_case_whose_worker_dies_is_rerun_on_another_and_completes(tmp_path,
     assert [(o.case, o.status) for o in outcomes] == [("c3", "done"), ("victim", "done")]
     assert_same_outputs(out, root / "serial", "victim", "c1")
     assert_same_outputs(out, root / "serial", "c3")
-    assert no_debris(out)
+    assert no_debris(out), sorted(p.name for p in out.iterdir() if p.name.startswith("."))

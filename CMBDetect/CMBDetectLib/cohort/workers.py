@@ -163,6 +163,13 @@ def run_in_processes(tasks: Iterable[CaseTask], n_workers: int, on_done: Callabl
     pending = list(tasks)
     attempts: dict[str, int] = {}
     while pending:
+        if attempts:
+            # The broken pool terminated its other workers mid-case: their staging folders are
+            # dead now (the pool has shut down), and the retried cases must not inherit them.
+            from .resume import remove_staging_debris
+
+            for out_dir in {t.out_dir for t in pending}:
+                remove_staging_debris(Path(out_dir), {t.case for t in pending if t.out_dir == out_dir})
         first = pending[0]
         ctx = get_context("spawn")  # fork would copy torch's thread pools and locks: unsafe
         with ProcessPoolExecutor(
