@@ -95,6 +95,8 @@ class CMBDetect(ScriptedLoadableModule):
 class CMBDetectParameterNode:
     """
     inputVolume - the SWI magnitude volume.
+    phaseVolume - optional: its high-pass filtered phase (radians, same grid); the candidate
+        stage then tells paramagnetic bleeds from diamagnetic calcifications.
     threshold - probability threshold (the paper's operating point is 0.4).
     sizeRange - kept lesion sizes, equivalent diameter in mm (2-10 in the paper).
     useGpu - run the network on CUDA (CPU otherwise).
@@ -102,6 +104,7 @@ class CMBDetectParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
+    phaseVolume: vtkMRMLScalarVolumeNode
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.4
     sizeRange: Annotated[FloatRange, RangeBounds(0.0, 20.0), Default(FloatRange(2.0, 10.0))]
     useGpu: bool = False
@@ -268,6 +271,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 minDiameterMm=p.sizeRange.minimum,
                 maxDiameterMm=p.sizeRange.maximum,
                 useGpu=p.useGpu,
+                phaseVolume=p.phaseVolume,
             )
         except Exception as exc:  # noqa: BLE001
             slicer.util.errorDisplay(_("Microbleed detection could not start.") + "\n\n" + str(exc), windowTitle=_("Cerebral Microbleed Detection"))
@@ -447,6 +451,13 @@ def _summaryText(summary: dict) -> str:
         model=summary.get("model_id"),
         version=summary.get("model_version"),
     )
+    stage = summary.get("candidate_stage")
+    if stage:
+        text += "<br>" + _("{n} candidates examined, {rejected} rejected as mimics; {phase}").format(
+            n=stage.get("n_candidates"),
+            rejected=stage.get("n_rejected"),
+            phase=_("phase used.") if stage.get("phase_used") else _("no phase: a calcification-like spot is kept as a possible microbleed."),
+        )
     if not summary.get("model_trained", False):
         text += "<br><b style='color:#c62828'>" + _("Untrained model: these detections mean nothing.") + "</b>"
     return text
@@ -589,8 +600,10 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         maxDiameterMm: float = 10.0,
         useGpu: bool = False,
         model: Optional[str] = None,
+        phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
     ):
-        """Start detecting in a child process; returns the running CMBDetectLib.mrml.DetectionJob."""
+        """Start detecting in a child process; returns the running CMBDetectLib.mrml.DetectionJob.
+        phaseVolume (optional, on inputVolume's grid) goes to the candidate stage."""
         if not inputVolume:
             raise ValueError(_("Input volume is invalid"))
         from CMBDetectLib import mrml
@@ -606,6 +619,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             max_diameter_mm=maxDiameterMm,
             device="cuda" if useGpu else "cpu",
             model=model,
+            phase_volume_node=phaseVolume,
         )
         logging.info(f"CMBDetect: detecting in {inputVolume.GetName()} on {'cuda' if useGpu else 'cpu'}")
         try:
@@ -632,6 +646,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         useGpu: bool = False,
         reuseForeign: bool = False,
         progressCallback: Optional[Callable[[float, str], None]] = None,
+        phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
     ):
         """Detect microbleeds in inputVolume and wait for the result; for scripts and tests.
 
@@ -640,7 +655,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         segmentation, table, markups); the lesion map's summary() says which model ran and
         whether it is trained.
         """
-        job = self.startDetection(inputVolume, threshold, minDiameterMm, maxDiameterMm, useGpu)
+        job = self.startDetection(inputVolume, threshold, minDiameterMm, maxDiameterMm, useGpu, phaseVolume=phaseVolume)
         try:
             while not job.run.finished:
                 job.poll()

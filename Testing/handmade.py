@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
+from CMBDetectLib.detection.candidates import save_classifier
+from CMBDetectLib.detection.classifier import CLASSES, CandidateNet, ClassifierConfig
 from CMBDetectLib.io import Geometry
 from CMBDetectLib.models import save_model
 from CMBDetectLib.detection.network import NetworkConfig, ResUNet, ResidualBlock
@@ -46,14 +48,30 @@ def dark_spot_network(base_channels: int = 4) -> ResUNet:
     return net.eval()
 
 
-def save_dark_spot_model(path: Path, base_channels: int = 4) -> Path:
+def save_dark_spot_model(path: Path, base_channels: int = 4, candidate_classifier: Path | None = None) -> Path:
     card = {
         "id": "test-dark-spot",
         "version": "test",
         "trained": False,
         "description": "hand-wired test network: probability is high where the centre slice is dark",
     }
+    if candidate_classifier is not None:
+        card["candidate_classifier"] = str(candidate_classifier)
     save_model(dark_spot_network(base_channels), path, card)
+    return path
+
+
+def constant_classifier(path: Path, keep_at: float, favourite: str | None = None) -> Path:
+    """A classifier whose answer does not depend on the patch: all weights zero, the head's bias
+    alone sets the softmax (uniform, or one class favoured). For plumbing tests only."""
+    torch.manual_seed(0)
+    net = CandidateNet(ClassifierConfig(width=4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        if favourite is not None:
+            net.head.bias[CLASSES.index(favourite)] = 3.0
+    save_classifier(net, path, {"id": "test-constant", "version": "test", "stage": {"keep_at": keep_at}})
     return path
 
 

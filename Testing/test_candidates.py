@@ -17,30 +17,15 @@ from CMBDetectLib.detection.candidates import (
     patch_index_coordinates,
     run_candidate_stage,
     sample_patches,
-    save_classifier,
 )
-from CMBDetectLib.detection.classifier import CLASSES, CandidateNet, ClassifierConfig
+from CMBDetectLib.detection.classifier import CLASSES, ClassifierConfig
 from CMBDetectLib.detection.outputs import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
 from CMBDetectLib.io import Geometry, read_volume, write_volume
 from CMBDetectLib.models import load_candidate_classifier
 from CMBDetectLib.training.candidates import candidate_classes, collect
-from handmade import oblique_geometry, phantom, save_dark_spot_model
+from handmade import constant_classifier, oblique_geometry, phantom, save_dark_spot_model
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def constant_classifier(path: Path, keep_at: float, favourite: str | None = None) -> Path:
-    """A classifier whose answer does not depend on the patch: all weights zero, the head's bias
-    alone sets the softmax (uniform, or one class favoured). For plumbing tests only."""
-    torch.manual_seed(0)
-    net = CandidateNet(ClassifierConfig(width=4))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        if favourite is not None:
-            net.head.bias[CLASSES.index(favourite)] = 3.0
-    save_classifier(net, path, {"id": "test-constant", "version": "test", "stage": {"keep_at": keep_at}})
-    return path
 
 
 # ------------------------------------------------------------------ training labels
@@ -240,11 +225,32 @@ def test_kept_lesions_carry_p_microbleed_and_certainty(tmp_path, dark_spot_model
     paths = output_paths(tmp_path / "out", "obl", rejected=True)
     rows = list(csv.DictReader(open(paths["lesions_csv"])))
     assert len(rows) == 2 and list(rows[0]) == LESION_COLUMNS
-    p = float(np.exp(3.0) / (np.exp(3.0) + 5))  # softmax of the hand-set bias
+    # Softmax of the hand-set bias; with no phase, P(microbleed) includes P(calcification).
+    p = float((np.exp(3.0) + 1) / (np.exp(3.0) + 5))
     assert all(abs(float(r["p_microbleed"]) - p) < 1e-3 and r["certainty"] == "definite" for r in rows)
     assert list(csv.DictReader(open(paths["rejected_csv"]))) == []
     header = open(tmp_path / "out" / "obl.seg.nrrd", "rb").read(4000).decode("latin-1")
     assert "CMBDetect.Certainty:definite" in header and "CMBDetect.PMicrobleed:" in header
+
+
+def test_without_phase_a_calcification_like_candidate_is_kept_as_possible(tmp_path, dark_spot_model):
+    """Magnitude cannot tell calcium from iron: with no phase, a candidate the classifier calls a
+    calcification is kept as a possible microbleed; given a phase image, it is rejected as one."""
+    array, geometry, _ = phantom()
+    write_volume(array, geometry, tmp_path / "in" / "obl.nii.gz")
+    write_volume(np.zeros_like(array), geometry, tmp_path / "phase" / "obl.nii.gz")
+    calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
+    common = ["--model", dark_spot_model, "--candidate-model", str(calc), "-q"]
+    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "no-phase"), *common]) == 0
+    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "phase"), "--phase", str(tmp_path / "phase"), *common]) == 0
+    p_calc = float(np.exp(3.0) / (np.exp(3.0) + 5))
+    kept = list(csv.DictReader(open(tmp_path / "no-phase" / "obl_lesions.csv")))
+    assert len(kept) == 2
+    assert all(r["certainty"] == "possible" and abs(float(r["p_microbleed"]) - p_calc - 1 / (np.exp(3.0) + 5)) < 1e-3 for r in kept)
+    assert list(csv.DictReader(open(tmp_path / "no-phase" / "obl_rejected.csv"))) == []
+    rejected = list(csv.DictReader(open(tmp_path / "phase" / "obl_rejected.csv")))
+    assert [r["reason"] for r in rejected] == ["calcification", "calcification"]
+    assert list(csv.DictReader(open(tmp_path / "phase" / "obl_lesions.csv"))) == []
 
 
 def test_phase_on_another_grid_is_refused_naming_the_case(tmp_path, dark_spot_model):
@@ -258,6 +264,20 @@ def test_phase_on_another_grid_is_refused_naming_the_case(tmp_path, dark_spot_mo
     assert not (tmp_path / "out" / "obl_summary.json").exists()  # nothing partial
     batch = list(csv.DictReader(open(tmp_path / "out" / "cmbdetect_batch.csv")))
     assert "obl" in batch[0]["error"] and "phase" in batch[0]["error"]
+
+
+def test_phase_in_scanner_units_is_refused_naming_the_case(tmp_path, dark_spot_model):
+    array, geometry, _ = phantom()
+    write_volume(array, geometry, tmp_path / "in" / "obl.nii.gz")
+    rng = np.random.default_rng(0)
+    write_volume(rng.uniform(-4096, 4096, array.shape).astype(np.float32), geometry, tmp_path / "phase" / "obl.nii.gz")
+    clf = constant_classifier(tmp_path / "c.safetensors", keep_at=0.5)
+    code = detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", dark_spot_model,
+                        "--candidate-model", str(clf), "--phase", str(tmp_path / "phase"), "-q"])  # fmt: skip
+    assert code != 0
+    assert not (tmp_path / "out" / "obl_summary.json").exists()  # nothing partial
+    error = list(csv.DictReader(open(tmp_path / "out" / "cmbdetect_batch.csv")))[0]["error"]
+    assert "obl" in error and "radians" in error and "4096" in error
 
 
 def test_classifier_registry_entry_is_checked(tmp_path):
@@ -322,15 +342,9 @@ def shipped_classifier():
     return load_candidate_classifier(detector["candidate_classifier"])
 
 
-# An acceptance point of issue 11 that the shipped classifier does NOT meet (measured with 0.4.0:
-# it now rejects the phantom's vein as a vein, P 0.93, but rejects the clean 4 mm sphere beside
-# it as a calcification, P 0.998: without phase and without the synthetic cases' texture and
-# blooming, a sharp black ball looks to it like a calcification). strict: the suite fails the
-# day it passes, so the mark cannot outlive the problem.
-NOT_MET = "the shipped 0.4.0 candidate classifier fails this acceptance point; see docs/candidates.md"
-
-
-@pytest.mark.xfail(reason=NOT_MET, strict=True)
+# Issue 11's acceptance point, with no phase image. The sphere is kept because, without phase,
+# the stage folds calcification into microbleed (candidates.without_phase): the classifier
+# alone calls a plain black sphere a calcification, which magnitude cannot show.
 def test_shipped_classifier_rejects_a_vein_as_vein_and_keeps_the_bleed_beside_it(shipped_classifier):
     array, geometry, bleed_ijk, vein_ijk = vein_and_bleed_phantom()
     # Stage 1 is the hand-wired dark-spot network (every dark voxel is a candidate), so the

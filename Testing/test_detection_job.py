@@ -31,7 +31,7 @@ from CMBDetectLib.detection.outputs import output_paths  # noqa: E402
 from CMBDetectLib.detection.rethreshold import LesionMap  # noqa: E402
 from CMBDetectLib.detection.runner import CANCELLED, FAILED, RUNNING, SUCCEEDED, parse_line  # noqa: E402
 from CMBDetectLib.detection.worker import HOLD_ENV, STAGES  # noqa: E402
-from handmade import phantom, save_dark_spot_model  # noqa: E402
+from handmade import constant_classifier, phantom, save_dark_spot_model  # noqa: E402
 
 STAGE_TIMEOUT_S = 180  # generous: the machine is shared; a hang fails instead of blocking
 
@@ -162,3 +162,36 @@ def test_a_failing_worker_reports_its_error(mrml, tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         job.finish()
     job.cleanup()
+
+
+def test_a_phase_volume_reaches_the_candidate_stage(mrml, tmp_path):
+    """The module's optional phase input: a candidate the classifier calls a calcification is
+    kept as a possible microbleed without phase (magnitude cannot tell), rejected with it."""
+    calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
+    two_stage = str(save_dark_spot_model(tmp_path / "two-stage.safetensors", candidate_classifier=calc))
+    node, _ = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
+    geometry = adapter.geometry_of_node(node)
+    phase = slicer.util.addVolumeFromArray(np.zeros((6, 120, 140), np.float32), geometry.ijk_to_ras(), "phase")
+    results = {}
+    for name, phase_node in (("magnitude only", None), ("with phase", phase)):
+        job = adapter.DetectionJob(node, tmp_path / name, model=two_stage, phase_volume_node=phase_node)
+        job.start()
+        assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
+        results[name] = job.finish()
+        job.cleanup()
+    kept, seg = results["magnitude only"][0], results["magnitude only"][1]
+    assert len(kept.lesions) == 2 and adapter.summary_of(seg)["candidate_stage"]["phase_used"] is False
+    summary = adapter.summary_of(results["with phase"][1])
+    assert len(results["with phase"][0].lesions) == 0
+    assert summary["candidate_stage"]["phase_used"] is True and summary["candidate_stage"]["n_rejected"] == 2
+
+
+def test_a_phase_volume_on_another_grid_is_refused_before_anything_runs(mrml, tmp_path, model):
+    node, _ = phantom_node((3, 60, 70), name="swi")
+    other = slicer.util.addVolumeFromArray(np.zeros((3, 60, 71), np.float32), adapter.geometry_of_node(node).ijk_to_ras(), "phase")
+    before = scene_state(mrml.scene)
+    with pytest.raises(ValueError, match=r"phase volume 'phase' is not on the grid of 'swi'"):
+        adapter.DetectionJob(node, tmp_path / "work", model=model, phase_volume_node=other)
+    with pytest.raises(ValueError, match="both the SWI and the phase"):
+        adapter.DetectionJob(node, tmp_path / "work2", model=model, phase_volume_node=node)
+    assert scene_state(mrml.scene) == before and not (tmp_path / "work").exists()

@@ -516,12 +516,24 @@ class DetectionJob:
         device: str = "cpu",
         model: str | None = None,
         batch_size: int | None = None,
+        phase_volume_node: Any = None,
     ) -> None:
         from .detection.runner import WorkerRun, worker_arguments
 
         volume = volume_from_node(input_volume_node)
         if input_volume_node.GetScene() is None:
             raise ValueError(f"volume '{input_volume_node.GetName()}' is not in a scene")
+        phase = None
+        if phase_volume_node is not None:
+            if phase_volume_node is input_volume_node:
+                raise ValueError(f"volume '{input_volume_node.GetName()}' is both the SWI and the phase image")
+            phase = volume_from_node(phase_volume_node)
+            if phase.shape != volume.shape or not phase.geometry.matches(volume.geometry):
+                raise ValueError(
+                    f"phase volume '{phase_volume_node.GetName()}' is not on the grid of '{input_volume_node.GetName()}' "
+                    f"(shape {phase.shape} vs {volume.shape}, or spacing, origin or direction differ); "
+                    "the candidate stage needs the phase of the same acquisition"
+                )
         self.input_volume_node = input_volume_node
         self.input_id = input_volume_node.GetID()
         self.scene = input_volume_node.GetScene()
@@ -530,8 +542,13 @@ class DetectionJob:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         input_path = self.work_dir / "input.nrrd"
         write_volume(volume.array, volume.geometry, input_path, compress=False)  # fast; read at once
+        phase_path = None
+        if phase is not None:
+            phase_path = self.work_dir / "phase.nrrd"
+            write_volume(phase.array, phase.geometry, phase_path, compress=False)
         arguments = worker_arguments(
-            input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size
+            input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size,
+            phase_path,
         )
         self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
 

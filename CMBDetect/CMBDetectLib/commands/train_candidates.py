@@ -39,6 +39,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cartoon", type=float, default=d.cartoon_p,
                    help=f"share of samples drawn as a two-level cartoon, so that shape rather than texture decides (default {d.cartoon_p:g})")
     p.add_argument("--black-level", type=float, default=d.black_level_p, help=f"share of samples given a random black level (default {d.black_level_p:g})")
+    p.add_argument("--plant", type=float, default=d.plant_p,
+                   help=f"share of the bleed, no-mimic and nucleus samples given a simple planted bleed (sphere, ellipsoid or Gaussian blob) and labelled microbleed (default {d.plant_p:g})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-id", default="cmbdetect-candidates-custom")
     p.add_argument("--model-version", default=None, help="version in the card (default: today's date)")
@@ -53,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import CaseError
     from ..training.candidates import CandidateTrainConfig, collect, train_classifier
 
-    if not (0 <= args.microbleed_share < 1 and 0 <= args.cartoon <= 1 and 0 <= args.black_level <= 1):
-        print("error: --microbleed-share must lie in [0, 1), --cartoon and --black-level in [0, 1]", file=sys.stderr)
+    if not (0 <= args.microbleed_share < 1 and 0 <= args.cartoon <= 1 and 0 <= args.black_level <= 1 and 0 <= args.plant <= 1):
+        print("error: --microbleed-share must lie in [0, 1), --cartoon, --black-level and --plant in [0, 1]", file=sys.stderr)
         return 2
     if not 0 < args.candidate_threshold < 1 or not 0 <= args.min_size <= args.max_size:
         print("error: --candidate-threshold must lie in (0, 1) and --min-size/--max-size make a range", file=sys.stderr)
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, learning_rate=args.lr,
         stop_patience=args.stop_patience, max_minutes=args.max_minutes, width=args.width, seed=args.seed,
         max_per_class=args.max_per_class, patch_size=args.patch_size, microbleed_share=args.microbleed_share,
-        cartoon_p=args.cartoon, black_level_p=args.black_level,
+        cartoon_p=args.cartoon, black_level_p=args.black_level, plant_p=args.plant,
     )  # fmt: skip
     net = ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from ..io import Geometry, sha256_of
 from ..models import CardIdentity
-from .classifier import CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
+from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
 
@@ -43,6 +43,9 @@ CANDIDATE_MAX_MM = 10.0
 KEEP_AT = 0.5
 DEFINITE_AT = 0.8
 PHASE_SCALE_RAD = 1.0  # phase enters the network in radians, clipped to +-pi
+# Beyond this the image is not phase in radians (scanner units such as +-4096, or unfiltered
+# unwrapped phase): refused rather than clipped into nonsense.
+PHASE_LIMIT_RAD = 2.0 * np.pi
 CERTAINTIES = ("definite", "possible")
 
 
@@ -163,6 +166,12 @@ def check_phase(phase: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
         raise ValueError(f"phase image has shape {phase.shape} but the SWI image {tuple(image_shape)}; it must lie on the same grid")
     if not np.isfinite(phase).all():
         raise ValueError("phase image contains NaN or infinite values")
+    peak = float(np.abs(phase).max(initial=0.0))
+    if peak > PHASE_LIMIT_RAD:
+        raise ValueError(
+            f"phase image values reach {peak:.4g}: the candidate stage expects high-pass filtered phase in radians "
+            "(within -pi..pi); rescale it first (scanner units of -4096..4096 are value x pi/4096)"
+        )
 
 
 # ---------------------------------------------------------------------------- classifier
@@ -179,6 +188,22 @@ def classify_patches(network: CandidateNet, patches: np.ndarray, batch_size: int
     if not out:
         return np.zeros((0, network.config.n_classes), np.float32)
     return np.concatenate(out).astype(np.float32)
+
+
+def without_phase(probabilities: np.ndarray) -> np.ndarray:
+    """The classifier's verdicts when no phase image was given: calcification folded into
+    microbleed.
+
+    On SWI magnitude a calcification and a bleed are both dark, round and blooming; only the
+    sign of the phase tells diamagnetic calcium from paramagnetic iron. Whatever separates them
+    in magnitude alone is a property of the generator the classifier was trained on (on a sharp
+    black sphere, with no phase, it answered "calcification" at 0.998), so without phase a
+    calcification-like candidate is kept, as a *possible* microbleed at most (the certainty rule
+    in run_candidate_stage), rather than rejected for a reason the image cannot show."""
+    merged = np.array(probabilities, np.float32, copy=True)
+    merged[:, MICROBLEED] += merged[:, CALCIFICATION]
+    merged[:, CALCIFICATION] = 0.0
+    return merged
 
 
 def find_candidates(probability: np.ndarray, geometry: Geometry, settings: StageSettings) -> tuple[np.ndarray, list[Lesion]]:
@@ -218,20 +243,23 @@ def run_candidate_stage(
     if cands:
         centres = np.array([c.centroid_lps for c in cands])
         patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.network.config)
-        probs = classify_patches(classifier.network, patches)
+        raw = classify_patches(classifier.network, patches)
     else:
-        probs = np.zeros((0, len(CLASSES)), np.float32)
+        raw = np.zeros((0, len(CLASSES)), np.float32)
+    probs = raw if phase is not None else without_phase(raw)
     kept: list[Candidate] = []
     rejected: list[Candidate] = []
     kept_ids: list[int] = []
     rejected_ids: list[int] = []
-    for cand, p in zip(cands, probs):
+    for cand, p, p_raw in zip(cands, probs, raw):
         p_mb = float(p[MICROBLEED])
         verdict = {name: round(float(v), 4) for name, v in zip(CLASSES, p)}
         fields = {k: getattr(cand, k) for k in Lesion.__dataclass_fields__}
         if p_mb >= settings.keep_at:
             fields["id"] = len(kept) + 1
-            certainty = "definite" if p_mb >= settings.definite_at else "possible"
+            # Definite needs the network's own P(microbleed): one kept only because calcification
+            # was folded in (no phase) stays possible.
+            certainty = "definite" if float(p_raw[MICROBLEED]) >= settings.definite_at else "possible"
             kept.append(Candidate(**fields, p_microbleed=p_mb, certainty=certainty, class_probabilities=verdict))
             kept_ids.append(cand.id)
         else:

@@ -22,6 +22,7 @@ from torch import nn
 
 CLASSES = ("microbleed", "vein", "calcification", "nucleus", "air_edge", "other")
 MICROBLEED = 0
+CALCIFICATION = CLASSES.index("calcification")
 
 
 @dataclass(frozen=True)

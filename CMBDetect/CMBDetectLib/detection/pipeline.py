@@ -101,11 +101,17 @@ def get_engine(spec: str | None, device: torch.device, engine: str = "auto") -> 
     if key not in _ENGINE_CACHE:
         _ENGINE_CACHE[key] = make_engine(get_model(spec, device).network, device, engine)
     return _ENGINE_CACHE[key]
+
+
 _CLASSIFIER_CACHE: dict[str, LoadedClassifier] = {}
+
+
 def get_classifier(spec: str) -> LoadedClassifier:
     if spec not in _CLASSIFIER_CACHE:
         _CLASSIFIER_CACHE[spec] = load_candidate_classifier(spec)
     return _CLASSIFIER_CACHE[spec]
+
+
 def stage_two_classifier(params: DetectionParams, model: LoadedModel) -> LoadedClassifier | None:
     """The candidate classifier this run uses, or None for the single-stage pipeline."""
     if params.single_stage:

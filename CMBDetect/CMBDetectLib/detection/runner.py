@@ -66,6 +66,7 @@ def worker_arguments(
     device: str = "cpu",
     model: str | None = None,
     batch_size: int | None = None,
+    phase_path: str | os.PathLike | None = None,
 ) -> list[str]:
     args = ["--input", str(input_path), "--out", str(out_dir), "--case", case, "--threshold", repr(float(threshold)),
             "--min-size", repr(float(min_diameter_mm)), "--max-size", repr(float(max_diameter_mm)), "--device", device]  # fmt: skip
@@ -73,6 +74,8 @@ def worker_arguments(
         args += ["--model", str(model)]
     if batch_size:
         args += ["--batch-size", str(int(batch_size))]
+    if phase_path:
+        args += ["--phase", str(phase_path)]
     return args
 
 

@@ -2,7 +2,7 @@
 
     python -m CMBDetectLib.detection.worker --input IN.nrrd --out DIR [--case NAME]
         [--threshold 0.4] [--min-size 2] [--max-size 10] [--device cpu|cuda|auto]
-        [--model ID_OR_FILE] [--batch-size N]
+        [--model ID_OR_FILE] [--batch-size N] [--phase PHASE.nrrd]
 
 Inside Slicer the Python is `PythonSlicer` (runner.py starts it), so the GUI process never
 imports torch, never blocks, and a Cancel is a kill of this process at whatever stage it is.
@@ -61,12 +61,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--phase", type=Path, default=None, help="high-pass phase (radians) on the input's grid, for the candidate stage")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
     _stage("model-load")
     _say("PROGRESS 0.00 loading the model")
+    from ..cohort.workers import read_phase
     from ..io import read_volume, write_volume
     from .inference import select_device
     from .outputs import write_case_outputs
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
 
     _stage("preprocessing")
     volume = read_volume(args.input, args.case)
+    phase = read_phase(args.phase, args.case, volume) if args.phase else None
     stage = ["preprocessing"]
 
     def progress(fraction: float, message: str) -> None:
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
             _stage(now)
         _say(f"PROGRESS {0.9 * fraction:.4f} {message}")  # the last 10 % are the files
 
-    result = detect_volume(volume, params, progress=progress, case=args.case)
+    result = detect_volume(volume, params, progress=progress, case=args.case, phase=phase)
 
     _stage("writing")
     _say("PROGRESS 0.90 writing the results")

@@ -19,8 +19,9 @@
    interrupted run starts where it stopped.
 4. The classifier is trained with class-balanced sampling and augmentation (flips, 90-degree
    turns about the S axis, magnitude gain and gamma, phase withheld from half the samples so
-   one network serves scans with and without phase), with early stopping on a validation
-   split made by case. The best model is written as weights plus card.
+   one network serves scans with and without phase, simple bleeds planted into some samples,
+   planted.py), with early stopping on a validation split made by case. The best model is
+   written as weights plus card.
 """
 
 from __future__ import annotations
@@ -49,8 +50,13 @@ from ..detection.classifier import CLASSES, MICROBLEED, CandidateNet, Classifier
 from ..errors import CaseError
 from ..evaluation.metrics import instance_majority
 from ..io import Volume, case_name, is_volume_file, read_volume
+from .planted import plant
 
 PATCHES = "patches"
+# Planted bleeds go onto bleeds, into candidates on no mimic and into the deep nuclei (where
+# hypertensive bleeds sit), never onto a vein, a calcification or an air edge: that would
+# teach the classifier that those are bleeds.
+PLANT_INTO = (MICROBLEED, CLASSES.index("other"), CLASSES.index("nucleus"))
 PROBABILITIES = "probabilities"
 BEST = "best.safetensors"
 LOG = "training_log.csv"
@@ -72,6 +78,9 @@ class CandidateTrainConfig:
     phase_dropout: float = 0.5  # share of training samples shown without their phase
     black_level_p: float = 0.5  # share of training samples given a random black level (augment)
     cartoon_p: float = 0.3  # share of training samples drawn as a two-level cartoon (augment)
+    # Share of the microbleed, "other" and nucleus samples that get a simple bleed planted at
+    # their centre and become microbleeds (planted.py): a bleed's look must not be one renderer's.
+    plant_p: float = 0.4
     # Share of each epoch's samples that are microbleeds (the rest spread evenly over the
     # mimic classes); 0: every class equally likely. Above 1/6 it tilts a candidate that the
     # magnitude alone cannot settle (a round dark dot without phase: bleed or calcification?)
@@ -320,13 +329,18 @@ def augment(
     phase_dropout: float,
     black_level_p: float = 0.5,
     cartoon_p: float = 0.0,
+    planted: np.ndarray | None = None,
+    spacing_mm: float = 0.75,
 ) -> np.ndarray:
     """Flips on every axis, 90-degree turns about S (the B0 axis: the phase's dipole pattern
     stays upright), a two-level cartoon of the magnitude or a random black level, magnitude
-    gain and gamma, and phase withheld from some samples."""
+    gain and gamma, and phase withheld from some samples. Samples marked in `planted` get a
+    simple bleed at their centre (planted.py) and no phase."""
     out = batch.astype(np.float32, copy=True)
     for n in range(len(out)):
         x = out[n]
+        if planted is not None and planted[n]:
+            x[0] = plant(np.clip(x[0], 0.0, None), spacing_mm, rng)
         for axis in (1, 2, 3):
             if rng.random() < 0.5:
                 x = np.flip(x, axis=axis)
@@ -347,7 +361,7 @@ def augment(
             lo = rng.uniform(0.0, 0.6)
             mag = np.clip((mag - lo) / (1.0 - lo), 0.0, None)
         x[0] = rng.uniform(0.85, 1.15) * mag ** rng.uniform(0.8, 1.25)
-        if not has_phase[n] or rng.random() < phase_dropout:
+        if not has_phase[n] or rng.random() < phase_dropout or (planted is not None and planted[n]):
             x[1:] = 0.0
         out[n] = x
     return out
@@ -458,8 +472,12 @@ def train_classifier(
         losses = []
         for b in range(0, len(chosen), config.batch_size):
             idx = chosen[b : b + config.batch_size]
-            x = torch.from_numpy(augment(data.patches[idx], data.has_phase[idx], rng, config.phase_dropout, config.black_level_p, config.cartoon_p))
-            y = torch.from_numpy(data.labels[idx].astype(np.int64))
+            labels = data.labels[idx].astype(np.int64)
+            planted = np.isin(labels, PLANT_INTO) & (rng.random(len(idx)) < config.plant_p)
+            labels[planted] = MICROBLEED
+            x = torch.from_numpy(augment(data.patches[idx], data.has_phase[idx], rng, config.phase_dropout, config.black_level_p,
+                                         config.cartoon_p, planted, config.patch_spacing_mm))  # fmt: skip
+            y = torch.from_numpy(labels)
             optimiser.zero_grad()
             loss = loss_fn(network(x), y)
             loss.backward()
