@@ -11,8 +11,11 @@ At `--points` white-matter points per control (at least 12 mm from any mimic), b
 simplest kinds another simulator might draw are planted on the scan's own grid: spheres with
 partial-volume edges (3^3 sub-samples per voxel) and Gaussian blobs, of 2, 3, 4 and 6 mm, with
 50 % and 80 % signal loss at the core. Each is one candidate at its centre. Printed: for each
-variant and classifier, the share kept as a microbleed (P(microbleed) >= keep_at), with the
-candidate stage's rule for scans without phase, and the share of each verdict.
+variant and classifier, the share kept as a microbleed (P(microbleed) >= keep_at) by the
+candidate stage without phase (calcification counted as microbleed, candidates.without_phase)
+and, in brackets, by the classifier's own P(microbleed); and the stage's verdicts for the
+first classifier. The planted kinds resemble those of the training augmentation
+(training/planted.py) but are drawn on the scan's grid, not the patch's, in held-out brains.
 """
 
 from __future__ import annotations
@@ -85,19 +88,23 @@ def main() -> None:
                 planted = scaled_magnitude(plant(volume.array, volume.geometry, ijk, v[1], v[2], v[0]))
                 for n, clf in enumerate(loaded):
                     patch = sample_patches(planted, None, volume.geometry, centre, clf.network.config)
-                    verdicts[v][n].append(without_phase(classify_patches(clf.network, patch))[0])
+                    verdicts[v][n].append(classify_patches(clf.network, patch)[0])
     n_points = len(verdicts[variants[0]][0])
-    print(f"{len(controls)} controls, {n_points} planted points per variant; kept = P(microbleed) >= keep_at, no phase")
+    print(f"{len(controls)} controls, {n_points} planted points per variant; kept without phase: by the stage (by the classifier alone)")
     names = [f"{c.id} {c.version}" for c in loaded]
-    print(f"| variant | " + " | ".join(f"kept, {n}" for n in names) + f" | verdicts of {names[0]} ({'/'.join(c[:5] for c in CLASSES)}) |")
+    print("| variant | " + " | ".join(f"kept, {n}" for n in names) + f" | stage's verdicts, {names[0]} ({'/'.join(c[:5] for c in CLASSES)}) |")
     print("|---" * (len(names) + 2) + "|")
-    for v in variants:
-        kept = [np.mean([p[MICROBLEED] >= clf.settings.keep_at for p in verdicts[v][n]]) for n, clf in enumerate(loaded)]
-        share = np.bincount([int(np.argmax(p)) for p in verdicts[v][0]], minlength=len(CLASSES)) / n_points
-        print(f"| {v[0]} {v[1]:g} mm, loss {v[2]:g} | " + " | ".join(f"{k:.2f}" for k in kept) + " | " + " / ".join(f"{s:.2f}" for s in share) + " |")
-    overall = [np.mean([p[MICROBLEED] >= clf.settings.keep_at for v in variants for p in verdicts[v][n]]) for n, clf in enumerate(loaded)]
-    print("| all | " + " | ".join(f"**{k:.2f}**" for k in overall) + " | |")
 
+    def kept(probs: list[np.ndarray], keep_at: float) -> tuple[float, float]:
+        raw = np.array(probs)
+        return float(np.mean(without_phase(raw)[:, MICROBLEED] >= keep_at)), float(np.mean(raw[:, MICROBLEED] >= keep_at))
+
+    for v in variants:
+        cells = [kept(verdicts[v][n], clf.settings.keep_at) for n, clf in enumerate(loaded)]
+        share = np.bincount(np.argmax(without_phase(np.array(verdicts[v][0])), axis=1), minlength=len(CLASSES)) / n_points
+        print(f"| {v[0]} {v[1]:g} mm, loss {v[2]:g} | " + " | ".join(f"{a:.2f} ({b:.2f})" for a, b in cells) + " | " + " / ".join(f"{x:.2f}" for x in share) + " |")
+    overall = [kept([p for v in variants for p in verdicts[v][n]], clf.settings.keep_at) for n, clf in enumerate(loaded)]
+    print("| all | " + " | ".join(f"**{a:.2f}** ({b:.2f})" for a, b in overall) + " | |")
 
 if __name__ == "__main__":
     main()

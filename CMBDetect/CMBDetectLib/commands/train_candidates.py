@@ -40,7 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"share of samples drawn as a two-level cartoon, so that shape rather than texture decides (default {d.cartoon_p:g})")
     p.add_argument("--black-level", type=float, default=d.black_level_p, help=f"share of samples given a random black level (default {d.black_level_p:g})")
     p.add_argument("--plant", type=float, default=d.plant_p,
-                   help=f"share of the bleed, no-mimic and nucleus samples given a simple planted bleed (sphere, ellipsoid or Gaussian blob) and labelled microbleed (default {d.plant_p:g})")
+                   help=f"share of the bleed and no-mimic samples given a simple planted bleed (sphere, ellipsoid or Gaussian blob) and labelled microbleed (default {d.plant_p:g})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-id", default="cmbdetect-candidates-custom")
     p.add_argument("--model-version", default=None, help="version in the card (default: today's date)")

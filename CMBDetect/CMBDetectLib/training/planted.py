@@ -3,7 +3,7 @@
 Every bleed the classifier sees in training comes from one renderer (cmbdetect synth's dipole
 simulation), and a network learns that renderer's look: the 0.4.0 classifier rejected a
 plain dark sphere, or a Gaussian dark blob of 3 mm, planted in a synthetic brain, as a
-calcification or a nucleus nearly every time (README "The candidate stage"). Another
+calcification or a nucleus 86% of the time (README "The default model"). Another
 simulator, or a scanner, draws bleeds otherwise. So some training samples get a bleed of the
 simplest kinds planted at their centre and are labelled microbleed: a sphere or ellipsoid
 with partial-volume edges, or a Gaussian blob, of 2-8 mm, 35-95 % signal loss, blurred as a
