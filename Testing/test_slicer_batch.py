@@ -57,6 +57,7 @@ def test_input_option_becomes_the_positional_inputs():
     assert to_argv(["--output", "out", "-i", "a", "--model", "m"]) == ["a", "--output", "out", "--model", "m"]
     assert to_argv(["--input=a.nrrd", "-o", "out"]) == ["a.nrrd", "-o", "out"]
     assert to_argv(["a.nrrd", "-o", "out"]) == ["a.nrrd", "-o", "out"]  # the cmbdetect form works too
+    assert to_argv(["-i", "a", "b", "--phase", "ph", "-o", "out"]) == ["a", "b", "--phase", "ph", "-o", "out"]
 
 
 def run_script(*args: str, cwd: Path, block: tuple[str, ...] = (), fail: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
