@@ -164,26 +164,41 @@ def test_a_failing_worker_reports_its_error(mrml, tmp_path):
     job.cleanup()
 
 
-def test_a_phase_volume_reaches_the_candidate_stage(mrml, tmp_path):
+def test_a_phase_volume_reaches_the_candidate_stage_and_rejections_are_shown(mrml, tmp_path):
     """The module's optional phase input: a candidate the classifier calls a calcification is
-    kept as a possible microbleed without phase (magnitude cannot tell), rejected with it."""
+    rejected with phase (and shown as a grey point named "calcification"), kept as a possible
+    microbleed without it (magnitude cannot tell); a re-run empties the rejected points."""
     calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
     two_stage = str(save_dark_spot_model(tmp_path / "two-stage.safetensors", candidate_classifier=calc))
-    node, _ = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
+    node, spheres = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
     geometry = adapter.geometry_of_node(node)
     phase = slicer.util.addVolumeFromArray(np.zeros((6, 120, 140), np.float32), geometry.ijk_to_ras(), "phase")
-    results = {}
-    for name, phase_node in (("magnitude only", None), ("with phase", phase)):
+
+    def run(name, phase_node, segmentation=None):
         job = adapter.DetectionJob(node, tmp_path / name, model=two_stage, phase_volume_node=phase_node)
         job.start()
         assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
-        results[name] = job.finish()
-        job.cleanup()
-    kept, seg = results["magnitude only"][0], results["magnitude only"][1]
-    assert len(kept.lesions) == 2 and adapter.summary_of(seg)["candidate_stage"]["phase_used"] is False
-    summary = adapter.summary_of(results["with phase"][1])
-    assert len(results["with phase"][0].lesions) == 0
+        try:
+            return job.finish(segmentation)
+        finally:
+            job.cleanup()
+
+    result, seg, _, _ = run("with phase", phase)
+    summary = adapter.summary_of(seg)
+    assert len(result.lesions) == 0 and seg.GetSegmentation().GetNumberOfSegments() == 0
     assert summary["candidate_stage"]["phase_used"] is True and summary["candidate_stage"]["n_rejected"] == 2
+    rejected = seg.GetNodeReference(adapter.REJECTED_ROLE)
+    assert rejected is not None and rejected.GetNumberOfControlPoints() == 2
+    assert {rejected.GetNthControlPointLabel(i) for i in range(2)} == {"calcification"}
+    sphere_ras = [geometry.ijk_to_ras() @ np.array([*centre[::-1], 1.0]) for centre, _ in spheres]
+    for i in range(2):  # each grey point on one of the spheres
+        point = np.array(rejected.GetNthControlPointPositionWorld(i))
+        assert min(np.linalg.norm(point - c[:3]) for c in sphere_ras) < 1.0
+
+    result, seg2, _, _ = run("magnitude only", None, seg)  # the same segmentation, reused
+    assert seg2 is seg and len(result.lesions) == 2
+    assert adapter.summary_of(seg)["candidate_stage"]["phase_used"] is False
+    assert seg.GetNodeReference(adapter.REJECTED_ROLE) is rejected and rejected.GetNumberOfControlPoints() == 0
 
 
 def test_a_phase_volume_on_another_grid_is_refused_before_anything_runs(mrml, tmp_path, model):

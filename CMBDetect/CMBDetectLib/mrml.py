@@ -37,6 +37,7 @@ one whose input was deleted meanwhile, leaves the scene as it was.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import tempfile
@@ -60,11 +61,13 @@ TABLE_ROLE = "CMBDetectLesionTable"
 MARKUPS_ROLE = "CMBDetectLesionCentroids"
 INPUT_ROLE = "CMBDetectInputVolume"
 PROBABILITY_ROLE = "CMBDetectProbabilityMap"
+REJECTED_ROLE = "CMBDetectRejectedCandidates"
 ATTRIBUTE_PREFIX = "CMBDetect."
 SUMMARY_ATTRIBUTE = ATTRIBUTE_PREFIX + "Summary"  # JSON of DetectionResult.summary()
 CREATED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Created"  # "1" on every node CMBDetect made: only those are reused
 
 CENTROID_COLOR = (1.0, 0.55, 0.0)  # orange markups: visible on dark SWI, distinct from the segments
+REJECTED_COLOR = (0.55, 0.55, 0.55)  # grey: what stage 2 turned down, never to be taken for a finding
 
 # Column titles, units and meanings shown by Slicer's table view (the names stay the CSV's).
 _COLUMN_INFO: dict[str, tuple[str, str, str]] = {
@@ -442,6 +445,54 @@ def _fill_markups(markups_node: Any, volume_node: Any, lesions: list[Lesion]) ->
         markups_node.EndModify(was_modifying)
 
 
+def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[dict]) -> Any:
+    """The candidates stage 2 rejected, as locked grey points labelled with their reason, so
+    that a reader sees why a dark dot was not called a bleed.
+
+    `rejected`: rows of `<case>_rejected.csv` (outputs.REJECTED_COLUMNS). The node is linked
+    from the segmentation (REJECTED_ROLE) and refilled by the next run on it; a run without
+    rejections empties it, and none is made until there is something to show. Returns the node
+    or None. The live threshold leaves it alone: the rejections belong to the run.
+    """
+    node = _own(segmentation_node.GetNodeReference(REJECTED_ROLE))
+    if node is None and not rejected:
+        return None
+    if node is None:
+        node = segmentation_node.GetScene().AddNewNodeByClass(
+            "vtkMRMLMarkupsFiducialNode", f"{volume_node.GetName()} rejected candidates"
+        )
+        node.SetAttribute(CREATED_ATTRIBUTE, "1")
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    ijk_to_ras = ijk_to_ras_of(volume_node)
+    was_modifying = node.StartModify()
+    try:
+        node.SetLocked(False)
+        node.SetFixedNumberOfControlPoints(False)
+        node.RemoveAllControlPoints()
+        for row in rejected:
+            ijk = [float(row[f"centroid_{a}"]) for a in "ijk"]
+            ras = ijk_to_ras @ np.array([*ijk, 1.0])
+            index = node.AddControlPoint(vtk.vtkVector3d(*ras[:3]), str(row["reason"]))
+            node.SetNthControlPointDescription(
+                index, f"rejected as {row['reason']}: P(microbleed) {float(row['p_microbleed']):.2f}, {float(row['diameter_mm']):.1f} mm"
+            )
+            node.SetNthControlPointLocked(index, True)
+        node.SetFixedNumberOfControlPoints(True)
+        node.SetLocked(True)
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetSelectedColor(*REJECTED_COLOR)
+            display.SetColor(*REJECTED_COLOR)
+    finally:
+        node.EndModify(was_modifying)
+    node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
+    segmentation_node.SetNodeReferenceID(REJECTED_ROLE, node.GetID())
+    _place_in_subject_hierarchy(segmentation_node.GetScene(), volume_node, (node,))
+    return node
+
+
 def _place_in_subject_hierarchy(scene: Any, volume_node: Any, nodes: Sequence[Any]) -> None:
     """Outputs go beside the input in the Data module's tree (same study), as Slicer modules do.
 
@@ -590,6 +641,12 @@ class DetectionJob:
             output.probability.array, geometry, self.threshold, self.min_diameter_mm, self.max_diameter_mm, run
         )
         nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
+        rejected_csv = outputs.output_paths(output.out_dir, "input", rejected=True)["rejected_csv"]
+        rejected: list[dict] = []
+        if rejected_csv.is_file():
+            with open(rejected_csv, newline="") as f:
+                rejected = list(csv.DictReader(f))
+        show_rejected(nodes[0], self.input_volume_node, rejected)
         return (result, *nodes)
 
     def cleanup(self) -> None:
