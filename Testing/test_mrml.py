@@ -500,3 +500,24 @@ def test_markups_labels_are_off_by_default(mrml):
     node = swi_node(mrml)
     _, _, markups = adapter.write_result(make_result(node), node)
     assert markups.GetDisplayNode().GetPointLabelsVisibility() == 0
+
+
+def test_rejected_candidates_are_grey_points_on_the_input_grid_labelled_while_few(mrml):
+    node = swi_node(mrml)
+    seg, _, _ = adapter.write_result(make_result(node), node)
+    assert adapter.show_rejected(seg, node, []) is None  # nothing to show: no node made
+    ijk_to_ras = adapter.ijk_to_ras_of(node)
+
+    def rows(n):
+        return [{"centroid_i": 3.5 + i, "centroid_j": 7.25, "centroid_k": 2.0, "reason": "vein", "p_microbleed": 0.1, "diameter_mm": 3.0} for i in range(n)]
+
+    few = adapter.show_rejected(seg, node, rows(3))
+    assert seg.GetNodeReference(adapter.REJECTED_ROLE) is few and adapter.is_own_output(few)
+    assert few.GetNumberOfControlPoints() == 3 and few.GetNthControlPointLabel(0) == "vein"
+    np.testing.assert_allclose(few.GetNthControlPointPosition(1), (ijk_to_ras @ [4.5, 7.25, 2.0, 1.0])[:3], atol=1e-6)
+    assert "P(microbleed) 0.10" in few.GetNthControlPointDescription(0) and few.GetLocked()
+    assert few.GetDisplayNode().GetPointLabelsVisibility()
+    many = adapter.show_rejected(seg, node, rows(adapter.MAX_REJECTED_LABELS + 1))
+    assert many is few and many.GetNumberOfControlPoints() == adapter.MAX_REJECTED_LABELS + 1
+    assert not many.GetDisplayNode().GetPointLabelsVisibility()  # tens of labels would cover the views
+    assert adapter.show_rejected(seg, node, []) is few and few.GetNumberOfControlPoints() == 0

@@ -68,6 +68,7 @@ CREATED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Created"  # "1" on every node CMBDetect 
 
 CENTROID_COLOR = (1.0, 0.55, 0.0)  # orange markups: visible on dark SWI, distinct from the segments
 REJECTED_COLOR = (0.55, 0.55, 0.55)  # grey: what stage 2 turned down, never to be taken for a finding
+MAX_REJECTED_LABELS = 20
 
 # Column titles, units and meanings shown by Slicer's table view (the names stay the CSV's).
 _COLUMN_INFO: dict[str, tuple[str, str, str]] = {
@@ -485,6 +486,9 @@ def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[d
         if display is not None:
             display.SetSelectedColor(*REJECTED_COLOR)
             display.SetColor(*REJECTED_COLOR)
+            # The reason is the point of showing them, but tens of labels would cover the
+            # slice views (a shifted-domain case had 62 rejections); a click still shows one.
+            display.SetPointLabelsVisibility(len(rejected) <= MAX_REJECTED_LABELS)
     finally:
         node.EndModify(was_modifying)
     node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
