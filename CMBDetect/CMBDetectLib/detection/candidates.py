@@ -197,7 +197,8 @@ def without_phase(probabilities: np.ndarray) -> np.ndarray:
     On SWI magnitude a calcification and a bleed are both dark, round and blooming; only the
     sign of the phase tells diamagnetic calcium from paramagnetic iron. Whatever separates them
     in magnitude alone is a property of the generator the classifier was trained on (on a sharp
-    black sphere, with no phase, it answered "calcification" at 0.998), so without phase a
+    black sphere, with no phase, 0.4.0's classifier answered "calcification" at 0.998, and
+    0.5.0's still splits plain dark blobs between the two), so without phase a
     calcification-like candidate is kept, as a *possible* microbleed at most (the certainty rule
     in run_candidate_stage), rather than rejected for a reason the image cannot show."""
     merged = np.array(probabilities, np.float32, copy=True)
