@@ -417,33 +417,39 @@ def _fill_markups(markups_node: Any, volume_node: Any, lesions: list[Lesion]) ->
     The centroid is taken from the lesion's voxel-index centroid and the node's matrix rather
     than from lesion.centroid_ras, so the point lies in exactly the frame of the input node.
     """
+    points = [(lesion.centroid_ijk, lesion.name, f"{lesion.size_class}, {lesion.diameter_mm:.1f} mm, p={lesion.max_probability:.2f}")
+              for lesion in lesions]  # fmt: skip
+    # With tens of lesions, "CMB n" labels cover the slice views: the table names them, and a
+    # click on the point shows its label. The user can switch labels back on.
+    _fill_points(markups_node, volume_node, points, CENTROID_COLOR, show_labels=False)
+
+
+def _fill_points(node: Any, volume_node: Any, points: Sequence[tuple], color: tuple, show_labels: bool) -> None:
+    """Replace `node`'s control points by locked ones at (ijk, label, description), placed
+    with the volume node's own IJK-to-RAS."""
     ijk_to_ras = ijk_to_ras_of(volume_node)
-    was_modifying = markups_node.StartModify()
+    was_modifying = node.StartModify()
     try:
-        markups_node.SetLocked(False)
-        markups_node.SetFixedNumberOfControlPoints(False)
-        markups_node.RemoveAllControlPoints()
-        for lesion in lesions:
-            ras = ijk_to_ras @ np.array([*lesion.centroid_ijk, 1.0])
-            index = markups_node.AddControlPoint(vtk.vtkVector3d(*ras[:3]), lesion.name)
-            markups_node.SetNthControlPointDescription(
-                index, f"{lesion.size_class}, {lesion.diameter_mm:.1f} mm, p={lesion.max_probability:.2f}"
-            )
-            markups_node.SetNthControlPointLocked(index, True)
+        node.SetLocked(False)
+        node.SetFixedNumberOfControlPoints(False)
+        node.RemoveAllControlPoints()
+        for ijk, label, description in points:
+            ras = ijk_to_ras @ np.array([*ijk, 1.0])
+            index = node.AddControlPoint(vtk.vtkVector3d(*ras[:3]), label)
+            node.SetNthControlPointDescription(index, description)
+            node.SetNthControlPointLocked(index, True)
         # The points are results: no moving, adding or deleting them by a stray click.
-        markups_node.SetFixedNumberOfControlPoints(True)
-        markups_node.SetLocked(True)
-        if markups_node.GetDisplayNode() is None:
-            markups_node.CreateDefaultDisplayNodes()
-        display = markups_node.GetDisplayNode()
+        node.SetFixedNumberOfControlPoints(True)
+        node.SetLocked(True)
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
         if display is not None:
-            display.SetSelectedColor(*CENTROID_COLOR)
-            display.SetColor(*CENTROID_COLOR)
-            # With tens of lesions, "CMB n" labels cover the slice views: the table names them,
-            # and a click on the point shows its label. The user can switch labels back on.
-            display.SetPointLabelsVisibility(False)
+            display.SetSelectedColor(*color)
+            display.SetColor(*color)
+            display.SetPointLabelsVisibility(show_labels)
     finally:
-        markups_node.EndModify(was_modifying)
+        node.EndModify(was_modifying)
 
 
 def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[dict]) -> Any:
@@ -464,33 +470,14 @@ def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[d
         )
         node.SetAttribute(CREATED_ATTRIBUTE, "1")
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-    ijk_to_ras = ijk_to_ras_of(volume_node)
-    was_modifying = node.StartModify()
-    try:
-        node.SetLocked(False)
-        node.SetFixedNumberOfControlPoints(False)
-        node.RemoveAllControlPoints()
-        for row in rejected:
-            ijk = [float(row[f"centroid_{a}"]) for a in "ijk"]
-            ras = ijk_to_ras @ np.array([*ijk, 1.0])
-            index = node.AddControlPoint(vtk.vtkVector3d(*ras[:3]), str(row["reason"]))
-            node.SetNthControlPointDescription(
-                index, f"rejected as {row['reason']}: P(microbleed) {float(row['p_microbleed']):.2f}, {float(row['diameter_mm']):.1f} mm"
-            )
-            node.SetNthControlPointLocked(index, True)
-        node.SetFixedNumberOfControlPoints(True)
-        node.SetLocked(True)
-        if node.GetDisplayNode() is None:
-            node.CreateDefaultDisplayNodes()
-        display = node.GetDisplayNode()
-        if display is not None:
-            display.SetSelectedColor(*REJECTED_COLOR)
-            display.SetColor(*REJECTED_COLOR)
-            # The reason is the point of showing them, but tens of labels would cover the
-            # slice views (a shifted-domain case had 62 rejections); a click still shows one.
-            display.SetPointLabelsVisibility(len(rejected) <= MAX_REJECTED_LABELS)
-    finally:
-        node.EndModify(was_modifying)
+    points = [
+        ([float(row[f"centroid_{a}"]) for a in "ijk"], str(row["reason"]),
+         f"rejected as {row['reason']}: P(microbleed) {float(row['p_microbleed']):.2f}, {float(row['diameter_mm']):.1f} mm")
+        for row in rejected
+    ]  # fmt: skip
+    # The reason is the point of showing them, but tens of labels would cover the slice views
+    # (a shifted-domain case had 62 rejections); a click still shows one.
+    _fill_points(node, volume_node, points, REJECTED_COLOR, show_labels=len(points) <= MAX_REJECTED_LABELS)
     node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
     segmentation_node.SetNodeReferenceID(REJECTED_ROLE, node.GetID())
     _place_in_subject_hierarchy(segmentation_node.GetScene(), volume_node, (node,))
