@@ -30,7 +30,8 @@ from scipy import ndimage
 from CMBDetectLib.detection.candidates import classify_patches, sample_patches, scaled_magnitude, without_phase
 from CMBDetectLib.detection.classifier import CLASSES, MICROBLEED
 from CMBDetectLib.io import Geometry, read_volume
-from CMBDetectLib.models import load_candidate_classifier, read_registry
+from CMBDetectLib.detection.candidates import load_candidate_classifier
+from CMBDetectLib.models import read_registry
 
 DIAMETERS_MM = (2.0, 3.0, 4.0, 6.0)
 LOSSES = (0.5, 0.8)

@@ -13,6 +13,7 @@ import torch
 
 from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.detection.candidates import (
+    load_candidate_classifier,
     StageSettings,
     patch_index_coordinates,
     run_candidate_stage,
@@ -21,7 +22,6 @@ from CMBDetectLib.detection.candidates import (
 from CMBDetectLib.detection.classifier import CLASSES, ClassifierConfig
 from CMBDetectLib.detection.outputs import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
 from CMBDetectLib.io import Geometry, read_volume, write_volume
-from CMBDetectLib.models import load_candidate_classifier
 from CMBDetectLib.training.candidates import candidate_classes, collect
 from handmade import constant_classifier, oblique_geometry, phantom, save_dark_spot_model
 

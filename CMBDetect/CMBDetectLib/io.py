@@ -205,6 +205,20 @@ def read_volume(path: str | os.PathLike, case: str | None = None) -> Volume:
     return Volume(array, geometry_of(image))
 
 
+def read_phase(phase: str | Path, case: str, volume: Volume) -> np.ndarray:
+    """The case's phase image (a file, or `<case>.*` in a folder), on the SWI image's grid."""
+    phase = Path(phase)
+    if phase.is_dir():
+        found = sorted(p for p in phase.iterdir() if p.is_file() and is_volume_file(p) and case_name(p) == case)
+        if not found:
+            raise CaseError(case, f"no phase image for this case in {phase} (expected {case}.nii.gz or similar)")
+        phase = found[0]
+    image = read_volume(phase, case)
+    if image.shape != volume.shape or not image.geometry.matches(volume.geometry):
+        raise CaseError(case, f"phase image {phase.name} is not on the SWI image's grid (shape {image.shape} vs {volume.shape}, or spacing/origin/direction differ)")
+    return image.array
+
+
 def _check_nifti_nan(path: Path, case: str) -> None:
     """ITK's NIfTI reader silently turns NaN voxels into 0; look at the raw data instead.
 

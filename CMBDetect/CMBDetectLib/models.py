@@ -136,11 +136,3 @@ def untrained_network(config: NetworkConfig, seed: int = 0) -> ResUNet:
     torch.manual_seed(seed)
     return ResUNet(config)
 
-
-def load_candidate_classifier(spec: str, directory: Path | None = None):
-    """The stage-2 candidate classifier named by a registry id or a .safetensors path; registry
-    entries must match their recorded sha256 (detection/candidates.py reads the card)."""
-    from .detection.candidates import load_classifier_file
-
-    path, expected = resolve(spec, directory)
-    return load_classifier_file(path, expected)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..detection.pipeline import DetectionParams
 from ..errors import CaseError
-from ..io import Volume, case_name, is_volume_file, read_volume
+from ..io import read_volume
 
 # Test-only hook: "CASE:MARKER" makes the worker that starts CASE die at once (os._exit)
 # the first time, leaving MARKER behind so that the rerun elsewhere succeeds. It lets the
@@ -63,20 +63,6 @@ class CaseTask:
     phase: str | None = None  # a phase image, or a folder of `<case>.*` phase images
 
 
-def read_phase(phase: str | Path, case: str, volume: Volume) -> np.ndarray:
-    """The case's phase image (a file, or `<case>.*` in a folder), on the SWI image's grid."""
-    phase = Path(phase)
-    if phase.is_dir():
-        found = sorted(p for p in phase.iterdir() if p.is_file() and is_volume_file(p) and case_name(p) == case)
-        if not found:
-            raise CaseError(case, f"no phase image for this case in {phase} (expected {case}.nii.gz or similar)")
-        phase = found[0]
-    image = read_volume(phase, case)
-    if image.shape != volume.shape or not image.geometry.matches(volume.geometry):
-        raise CaseError(case, f"phase image {phase.name} is not on the SWI image's grid (shape {image.shape} vs {volume.shape}, or spacing/origin/direction differ)")
-    return image.array
-
-
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may use (cgroups, taskset, SLURM)
@@ -106,7 +92,7 @@ def _die_if_asked(case: str) -> None:
 def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = None) -> CaseOutcome:
     """Detect and write one case; a bad case comes back as a failed outcome, never as an exception."""
     from ..errors import CaseError
-    from ..io import read_volume
+    from ..io import read_phase, read_volume
     from ..detection.outputs import write_case_outputs
     from ..detection.pipeline import detect_volume
     from .names import inside, unsafe_name_reason

@@ -23,12 +23,6 @@ NOISE_TYPES = DEFAULT_SPACE.noise_types
 
 HELP = "Generate synthetic SWI cases with microbleeds, mimics and labels (deterministic from a seed)."
 
-CSV_COLUMNS = (
-    "case", "image", "label", "meta", "mimics", "control", "field_strength_t", "te_ms", "slice_thickness_mm",
-    "n_lesions", "n_small", "n_large", "vendor", "scanner_model", "matrix", "n_slices", "snr", "seed", "index",
-)
-
-
 def _matrix(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().replace(",", "x").split("x"))

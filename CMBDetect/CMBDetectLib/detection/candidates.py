@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from ..io import Geometry, sha256_of
-from ..models import CardIdentity
+from ..models import CardIdentity, resolve
 from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
@@ -324,3 +324,10 @@ def load_classifier_file(path: Path, expected_sha256: str | None = None) -> Load
     network.load_state_dict(load_file(str(path)))
     network.eval()
     return LoadedClassifier(network, card, path)
+
+
+def load_candidate_classifier(spec: str, directory: Path | None = None) -> LoadedClassifier:
+    """The stage-2 candidate classifier named by a registry id or a .safetensors path; registry
+    entries must match their recorded sha256."""
+    path, expected = resolve(spec, directory)
+    return load_classifier_file(path, expected)

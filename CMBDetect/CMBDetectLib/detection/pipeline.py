@@ -20,8 +20,8 @@ from .head import HALO_PX, head_boxes
 from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
 from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
-from ..models import LoadedModel, load_candidate_classifier, load_model
-from .candidates import LoadedClassifier, run_candidate_stage
+from ..models import LoadedModel, load_model
+from .candidates import LoadedClassifier, load_candidate_classifier, run_candidate_stage
 from .preprocess import preprocess, restore
 
 __all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_engine", "get_model"]

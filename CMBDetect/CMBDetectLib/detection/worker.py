@@ -68,8 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     _stage("model-load")
     _say("PROGRESS 0.00 loading the model")
-    from ..cohort.workers import read_phase
-    from ..io import read_volume, write_volume
+    from ..io import read_phase, read_volume, write_volume
     from .inference import select_device
     from .outputs import write_case_outputs
     from .pipeline import DetectionParams, detect_volume, get_model

@@ -17,6 +17,12 @@ import numpy as np
 from ..io import atomic_path, write_volume
 from .case import SynthCase, generate_case
 
+# The columns of cases.csv, one row per case (paths relative to the output folder).
+CSV_COLUMNS = (
+    "case", "image", "label", "meta", "mimics", "control", "field_strength_t", "te_ms", "slice_thickness_mm",
+    "n_lesions", "n_small", "n_large", "vendor", "scanner_model", "matrix", "n_slices", "snr", "seed", "index",
+)
+
 SUFFIX = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
 
@@ -86,8 +92,6 @@ def write_case(case: SynthCase, out: Path, fmt: str = "nifti", with_phase: bool 
 
 def update_index(out: Path, rows: list[dict[str, object]]) -> Path:
     """Merge rows into out/cases.csv (replacing rows of the same case), sorted by case name."""
-    from ..commands.synth import CSV_COLUMNS
-
     path = out / "cases.csv"
     merged: dict[str, dict[str, object]] = {}
     if path.exists():
