@@ -19,9 +19,9 @@ import importlib
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
+import types
 import unittest
 from typing import Annotated, Callable, Optional
 
@@ -117,7 +117,7 @@ class CMBDetectParameterNode:
 
 
 class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI wiring only. A detection is a CMBDetectLib.mrml.DetectionJob (a child process),
+    """GUI wiring only. A detection is a CMBDetectLib.mrml.job.DetectionJob (a child process),
     polled by a QTimer; Apply turns into Cancel while it runs. Nothing is written into the
     scene until the run has succeeded; closing the scene or deleting the input volume during
     a run ends it quietly."""
@@ -128,7 +128,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[CMBDetectLogic] = None
         self._parameterNode: Optional[CMBDetectParameterNode] = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running CMBDetectLib.mrml.DetectionJob
+        self._job = None  # the running CMBDetectLib.mrml.job.DetectionJob
         self._jobOutput = None  # (segmentation to fill or None, reuse a foreign one)
         self._busy = False  # installing requirements: Apply stays disabled
         self._shownSegmentation = None
@@ -394,8 +394,8 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         adapter = _adapter()
         table = summary = None
         if segmentation is not None and adapter is not None:
-            table = adapter.outputs_of(segmentation)[1]
-            summary = adapter.summary_of(segmentation)
+            table = adapter.nodes.outputs_of(segmentation)[1]
+            summary = adapter.nodes.summary_of(segmentation)
         if table is not self._shownTable:
             self._shownTable = table
             self.ui.lesionTableView.setMRMLTableNode(table)
@@ -413,17 +413,17 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
         if adapter is None or segmentation is None or index is None or not index.isValid():
             return
-        markups = adapter.outputs_of(segmentation)[2]
+        markups = adapter.nodes.outputs_of(segmentation)[2]
         # The view may be sorted: read the lesion id (column 0) of the row as displayed.
         model = self.ui.lesionTableView.model()
         try:
             lesionId = int(float(model.data(model.index(index.row(), 0))))
         except (TypeError, ValueError):
             return
-        pointIndex = adapter.lesion_index(markups, lesionId) if markups else None
+        pointIndex = adapter.navigation.lesion_index(markups, lesionId) if markups else None
         if pointIndex is None:
             return
-        position = adapter.lesion_position_world(markups, pointIndex)
+        position = adapter.navigation.lesion_position_world(markups, pointIndex)
         slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
 
@@ -431,11 +431,14 @@ _ADAPTER = {"module": None, "failed": False}
 
 
 def _adapter():
-    """CMBDetectLib.mrml if its requirements are installed, else None. A failed import is
-    remembered until the requirements are set up again, so it is not retried on every event."""
+    """CMBDetectLib's MRML adapter (its `nodes`, `results` and `navigation` modules) if the
+    requirements are installed, else None. A failed import is remembered until the
+    requirements are set up again, so it is not retried on every event."""
     if _ADAPTER["module"] is None and not _ADAPTER["failed"]:
         try:
-            _ADAPTER["module"] = importlib.import_module("CMBDetectLib.mrml")
+            _ADAPTER["module"] = types.SimpleNamespace(
+                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation")}
+            )
         except ImportError:
             _ADAPTER["failed"] = True
     return _ADAPTER["module"]
@@ -469,7 +472,7 @@ def _summaryText(summary: dict) -> str:
 
 
 class CMBDetectLogic(ScriptedLoadableModuleLogic):
-    """Thin: detection in a child process (CMBDetectLib.mrml.DetectionJob), nodes and the live
+    """Thin: detection in a child process (CMBDetectLib.mrml.job.DetectionJob), nodes and the live
     threshold in CMBDetectLib.mrml, all tested headless. Never opens a dialog: questions go
     through the `confirm` callback the widget passes; scripts and tests pass none, and then
     nothing is ever installed."""
@@ -484,90 +487,24 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
     def requirementsPath() -> str:
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
 
-    # --- Python requirements -------------------------------------------------------------
+    # --- Python requirements (CMBDetectLib.installer, shared with CMBReview) ---------------
 
     def missingRequirements(self) -> list[str]:
         """What detection needs and this Slicer lacks (torch first); empty when all is there.
         Raises RuntimeError when torch is installed but older than TORCH_REQUIREMENT."""
-        # Needs only `packaging` (shipped with Slicer): importable before anything is installed.
-        from CMBDetectLib import requirements
+        from CMBDetectLib import installer  # needs only `packaging`: importable on a fresh Slicer
 
-        try:
-            return requirements.missing_requirements(self.requirementsPath(), TORCH_REQUIREMENT)
-        except requirements.TorchTooOld as exc:
-            raise RuntimeError(
-                _(
-                    "PyTorch {version} is installed; CMBDetect needs torch{requirement}. Upgrade it in the "
-                    "PyTorch Utils module (Uninstall PyTorch, restart Slicer, then Install PyTorch), or run "
-                    "slicer.util.pip_install('torch{requirement}') in the Python console, then restart Slicer."
-                ).format(version=exc.installed, requirement=TORCH_REQUIREMENT)
-            ) from None
+        return installer.missing(self.requirementsPath(), torch_requirement=TORCH_REQUIREMENT)
 
     def setupPythonRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
-        """Install what is missing, only if `confirm(question)` returns True.
+        """Install what is missing, only if `confirm(question)` returns True; RuntimeError with a
+        readable message otherwise (nothing given to ask with, declined, or failed)."""
+        from CMBDetectLib import installer
 
-        torch comes through the PyTorch extension (the right CUDA build for the machine); the
-        rest from Resources/requirements.txt. Raises RuntimeError with a readable message when
-        something is missing and no `confirm` was given, the user declined, or an install
-        failed (pip's CalledProcessError included).
-        """
-        missing = self.missingRequirements()
-        if not missing:
-            return
-        if confirm is None:
-            raise RuntimeError(_("CMBDetect's Python requirements are not installed: ") + ", ".join(missing))
-        if not confirm(
-            _("CMBDetect needs these Python packages, which will be downloaded and installed now (this can take minutes):")
-            + "\n\n"
-            + "\n".join(missing)
-        ):
-            raise RuntimeError(_("Not installed, so microbleeds cannot be detected yet: ") + ", ".join(missing))
         try:
-            if any(m.startswith("torch") for m in missing):
-                self._installTorch()
-            self._installRequirements()
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeError(
-                _(
-                    "Installing CMBDetect's Python packages failed (exit status {code} of {command}). Check the "
-                    "network connection; the Python console shows pip's output. Nothing else was changed."
-                ).format(code=exc.returncode, command=" ".join(str(a) for a in (exc.cmd if isinstance(exc.cmd, (list, tuple)) else [exc.cmd]))[:200])
-            ) from exc
+            installer.setup(self.requirementsPath(), "CMBDetect", confirm, torch_requirement=TORCH_REQUIREMENT)
         finally:
-            importlib.invalidate_caches()
             _ADAPTER["failed"] = False  # the Lib may import now
-        still = self.missingRequirements()
-        if still:
-            raise RuntimeError(_("These Python packages are still missing after the install: ") + ", ".join(still))
-
-    @staticmethod
-    def _installTorch() -> None:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            raise RuntimeError(_("CMBDetect needs the PyTorch extension: install it from the Extensions Manager, then restart Slicer.")) from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is None:
-            raise RuntimeError(_("PyTorch is required to detect microbleeds and was not installed."))
-
-    def _installRequirements(self) -> None:
-        path = self.requirementsPath()
-        try:
-            import slicer.packaging  # Slicer >= 5.12; not imported by `import slicer`
-
-            hasPipEnsure = hasattr(slicer.packaging, "pip_ensure")
-        except ImportError:  # Slicer 5.10 and 5.11
-            hasPipEnsure = False
-        if hasPipEnsure:
-            # The user agreed already (setupPythonRequirements): no second question. Skipped
-            # under --testing, and asks for a restart if an imported package was upgraded.
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(path), prompt_install=False, requester="CMBDetect")
-        else:
-            from CMBDetectLib import requirements
-
-            missing = requirements.missing_packages(path)
-            if missing:
-                slicer.util.pip_install(missing)
 
     # --- Detection -----------------------------------------------------------------------
 
@@ -578,7 +515,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def isInputGone(exc: BaseException) -> bool:
-        from CMBDetectLib.mrml import InputGone
+        from CMBDetectLib.mrml.job import InputGone
 
         return isinstance(exc, InputGone)
 
@@ -602,14 +539,14 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         model: Optional[str] = None,
         phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
     ):
-        """Start detecting in a child process; returns the running CMBDetectLib.mrml.DetectionJob.
+        """Start detecting in a child process; returns the running CMBDetectLib.mrml.job.DetectionJob.
         phaseVolume (optional, on inputVolume's grid) goes to the candidate stage."""
         if not inputVolume:
             raise ValueError(_("Input volume is invalid"))
-        from CMBDetectLib import mrml
+        from CMBDetectLib.mrml.job import DetectionJob
 
         python, env = self.workerPython()
-        job = mrml.DetectionJob(
+        job = DetectionJob(
             inputVolume,
             work_dir=tempfile.mkdtemp(prefix="CMBDetect-", dir=slicer.util.tempDirectory()),
             python=python,
@@ -631,7 +568,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
 
     def finishDetection(self, job, outputSegmentation=None, reuseForeign: bool = False):
         """Nodes from a finished job: (lesion map, segmentation, table, markups). Raises if the
-        run failed (its message) or the input left the scene (mrml.InputGone)."""
+        run failed (its message) or the input left the scene (CMBDetectLib.mrml.job.InputGone)."""
         result = job.finish(outputSegmentation, reuse_foreign=reuseForeign)
         logging.info(f"CMBDetect: {len(result[0].lesions)} microbleeds")
         return result
@@ -672,14 +609,14 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def canRethreshold(segmentation) -> bool:
         adapter = _adapter()
-        return adapter is not None and adapter.probability_of(segmentation) is not None
+        return adapter is not None and adapter.results.probability_of(segmentation) is not None
 
     def rethreshold(self, segmentation, threshold: float, minDiameterMm: float, maxDiameterMm: float):
         """Lesions again from the segmentation's kept probability map (no network): rewrites
         its segments, table, markups and summary. Returns (lesion map, segmentation, table, markups)."""
-        from CMBDetectLib import mrml
+        from CMBDetectLib.mrml.results import rethreshold
 
-        return mrml.rethreshold(segmentation, threshold, minDiameterMm, maxDiameterMm)
+        return rethreshold(segmentation, threshold, minDiameterMm, maxDiameterMm)
 
 
 #
@@ -708,8 +645,6 @@ class CMBDetectTest(ScriptedLoadableModuleTest):
                 raise
 
     def test_CMBDetect_outputsOnInputGrid(self) -> None:
-        import numpy as np
-
         logic = CMBDetectLogic()
         try:
             missing = logic.missingRequirements()
@@ -717,65 +652,6 @@ class CMBDetectTest(ScriptedLoadableModuleTest):
             self.skipTest(str(exc))
         if missing:
             self.skipTest("CMBDetect's Python requirements are not installed in this Slicer (this test never installs): " + ", ".join(missing))
+        from CMBDetectLib import selftest
 
-        self.delayDisplay("Starting the test")
-        # SWI-like: bright tissue in an ellipse, dark air around it, two dark spheres (4 and 7 mm).
-        spacing = np.array([0.45, 0.6, 2.0])
-        shape = (12, 200, 240)
-        kk, jj, ii = np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]]
-        head = ((jj - 100) / 90.0) ** 2 + ((ii - 120) / 108.0) ** 2 < 1
-        array = np.where(head, 420.0, 8.0).astype(np.float32)
-        array += np.random.default_rng(0).normal(0, 6, shape).astype(np.float32)
-        for (ck, cj, ci), diameter in (((6, 100, 80), 4.0), ((5, 130, 165), 7.0)):
-            r2 = ((kk - ck) * spacing[2]) ** 2 + ((jj - cj) * spacing[1]) ** 2 + ((ii - ci) * spacing[0]) ** 2
-            array[r2 <= (diameter / 2) ** 2] = 10.0
-        angle = np.deg2rad(20.0)
-        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-        tilt = np.array([[1, 0, 0], [0, np.cos(angle / 2), -np.sin(angle / 2)], [0, np.sin(angle / 2), np.cos(angle / 2)]])
-        ijkToRas = np.eye(4)
-        ijkToRas[:3, :3] = rotation @ tilt @ np.diag(spacing)
-        ijkToRas[:3, 3] = (30.0, -12.0, 7.5)
-        inputVolume = slicer.util.addVolumeFromArray(np.abs(array), ijkToRas, "CMBDetectTestSWI")
-
-        # A user's own segmentation, chosen as output: it must survive untouched.
-        manual = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
-        manual.GetSegmentation().AddEmptySegment("mine")
-
-        self.delayDisplay("Detecting (child process)")
-        result, segmentation, table, markups = logic.process(inputVolume, manual)
-        self.assertIsNot(segmentation, manual)
-        self.assertEqual(manual.GetSegmentation().GetNumberOfSegments(), 1)
-        self.assertTrue(logic.isOwnOutput(segmentation))
-
-        # Outputs exist, count the same lesions, and the segmentation lies on the input grid.
-        nLesions = len(result.lesions)
-        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), nLesions)
-        self.assertEqual(table.GetNumberOfRows(), nLesions)
-        self.assertEqual(markups.GetNumberOfControlPoints(), nLesions)
-        role = segmentation.GetReferenceImageGeometryReferenceRole()
-        self.assertIs(segmentation.GetNodeReference(role), inputVolume)
-        converter = slicer.vtkSegmentationConverter
-        geometryImage = slicer.vtkOrientedImageData()
-        converter.DeserializeImageGeometry(
-            segmentation.GetSegmentation().GetConversionParameter(converter.GetReferenceImageGeometryParameterName()), geometryImage
-        )
-        matrix = vtk.vtkMatrix4x4()
-        geometryImage.GetImageToWorldMatrix(matrix)
-        self.assertTrue(np.allclose(slicer.util.arrayFromVTKMatrix(matrix), ijkToRas, atol=1e-4))
-        for n, lesion in enumerate(result.lesions):
-            ras = (ijkToRas @ [*lesion.centroid_ijk, 1.0])[:3]
-            self.assertTrue(np.allclose(slicer.util.arrayFromMarkupsControlPoints(markups)[n], ras, atol=1e-4))
-            self.assertEqual(segmentation.GetSegmentation().GetNthSegment(n).GetName(), f"CMB {lesion.id}")
-
-        # Live threshold: the kept probability map gives the lesions again, into the same nodes.
-        nodeCount = slicer.mrmlScene.GetNumberOfNodes()
-        again = logic.rethreshold(segmentation, 0.9, 2.0, 10.0)
-        self.assertIs(again[1], segmentation)
-        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), len(again[0].lesions))
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
-
-        # Running again on its own segmentation replaces the outputs instead of adding nodes.
-        rerun = logic.process(inputVolume, segmentation)
-        self.assertIs(rerun[1], segmentation)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
-        self.delayDisplay("Test passed")
+        selftest.outputs_on_input_grid(self, logic)

@@ -36,17 +36,18 @@ def probability_map(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 def main() -> None:
     shape = tuple(int(v) for v in sys.argv[1].split("x")) if len(sys.argv) > 1 else (80, 384, 384)
     app = sh.build_app()  # keep it: the scene and logics live as long as it does  # noqa: F841
-    from CMBDetectLib import mrml
+    from CMBDetectLib.mrml.nodes import geometry_of_node
+    from CMBDetectLib.mrml.results import rethreshold, write_result
     from CMBDetectLib.detection.rethreshold import lesions_from_probability
 
     prob = probability_map(shape)
     node = sh.add_oblique_volume(np.full(shape, 400, np.float32), "swi")
-    geometry = mrml.geometry_of_node(node)
-    seg, _, _ = mrml.write_result(lesions_from_probability(prob, geometry, 0.4, 2.0, 10.0, {"model_id": "bench"}), node)
+    geometry = geometry_of_node(node)
+    seg, _, _ = write_result(lesions_from_probability(prob, geometry, 0.4, 2.0, 10.0, {"model_id": "bench"}), node)
     times: dict[str, list[float]] = {"rethreshold (extract + nodes)": [], "extraction alone": []}
     for threshold in (0.5, 0.6, 0.45, 0.7, 0.4):
         start = time.perf_counter()
-        result, *_ = mrml.rethreshold(seg, threshold, 2.0, 10.0)
+        result, *_ = rethreshold(seg, threshold, 2.0, 10.0)
         times["rethreshold (extract + nodes)"].append(time.perf_counter() - start)
         start = time.perf_counter()
         lesions_from_probability(prob, geometry, threshold, 2.0, 10.0)

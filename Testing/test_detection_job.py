@@ -25,7 +25,9 @@ pytest.importorskip("slicer_core", reason="slicer-core (the Qt-free MRML engine)
 import slicer  # noqa: E402
 import slicer.util  # noqa: E402
 
-from CMBDetectLib import mrml as adapter  # noqa: E402
+from CMBDetectLib.mrml.job import DetectionJob, InputGone  # noqa: E402
+from CMBDetectLib.mrml.nodes import REJECTED_ROLE, SUMMARY_ATTRIBUTE, geometry_of_node, summary_of  # noqa: E402
+from CMBDetectLib.mrml.results import probability_of, write_result  # noqa: E402
 from CMBDetectLib.detection.lesions import extract_lesions  # noqa: E402
 from CMBDetectLib.detection.outputs import output_paths  # noqa: E402
 from CMBDetectLib.detection.rethreshold import LesionMap  # noqa: E402
@@ -48,7 +50,7 @@ def scene_state(scene) -> dict:
         segmentation = node.GetSegmentation()
         state[node.GetID()] = (
             [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())],
-            node.GetAttribute(adapter.SUMMARY_ATTRIBUTE),
+            node.GetAttribute(SUMMARY_ATTRIBUTE),
         )
     for node in slicer.util.getNodesByClass("vtkMRMLTableNode"):
         state[node.GetID()] = node.GetNumberOfRows()
@@ -74,7 +76,7 @@ def test_protocol_lines():
 def test_detection_in_a_child_process_touches_the_scene_only_when_finished(mrml, tmp_path, model):
     node, spheres = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
     before = scene_state(mrml.scene)
-    job = adapter.DetectionJob(node, tmp_path / "work", model=model, threshold=0.4)
+    job = DetectionJob(node, tmp_path / "work", model=model, threshold=0.4)
     job.start()
     fractions = []
     while not job.run.finished:
@@ -93,11 +95,11 @@ def test_detection_in_a_child_process_touches_the_scene_only_when_finished(mrml,
     assert sorted(l.size_class for l in result.lesions) == ["large", "small"]  # the 4 and 7 mm spheres
     assert seg.GetSegmentation().GetNumberOfSegments() == 2 and table.GetNumberOfRows() == 2
     assert markups.GetNumberOfControlPoints() == 2
-    kept = adapter.probability_of(seg)
+    kept = probability_of(seg)
     assert kept is not None and kept.shape == (6, 120, 140)
-    labels, lesions = extract_lesions(kept, adapter.geometry_of_node(node), 0.4, 2.0, 10.0)
+    labels, lesions = extract_lesions(kept, geometry_of_node(node), 0.4, 2.0, 10.0)
     np.testing.assert_array_equal(result.labels, labels)  # what a re-threshold at 0.4 would give
-    summary = adapter.summary_of(seg)
+    summary = summary_of(seg)
     assert summary["model_id"] == "test-dark-spot" and summary["n_lesions"] == 2 and summary["seconds"] > 0
     job.cleanup()
     assert not (tmp_path / "work").exists()
@@ -109,16 +111,16 @@ def test_cancel_at_each_stage_kills_the_process_and_leaves_the_scene_as_it_was(m
     # Earlier results in the scene, which a cancelled run must leave exactly as they are.
     probability = np.zeros((3, 60, 70), np.float32)
     probability[1, 20:26, 30:36] = 0.9
-    geometry = adapter.geometry_of_node(node)
+    geometry = geometry_of_node(node)
     labels, lesions = extract_lesions(probability, geometry, 0.4, 0.0, 10.0)
-    seg, _, _ = adapter.write_result(LesionMap(probability, labels, lesions, geometry, 0.4, 0.0, 10.0), node)
+    seg, _, _ = write_result(LesionMap(probability, labels, lesions, geometry, 0.4, 0.0, 10.0), node)
     before = scene_state(mrml.scene)
 
     stages = ["model-load", "preprocessing", "inference", "lesion-extraction"]
     jobs = {}
     for stage in stages:
         env = {**os.environ, HOLD_ENV: stage, "OMP_NUM_THREADS": "1"}
-        jobs[stage] = adapter.DetectionJob(node, tmp_path / stage, model=model, env=env)
+        jobs[stage] = DetectionJob(node, tmp_path / stage, model=model, env=env)
         jobs[stage].start()
     deadline = time.monotonic() + STAGE_TIMEOUT_S
     while time.monotonic() < deadline and any(j.run.stage != s and not j.run.finished for s, j in jobs.items()):
@@ -142,12 +144,12 @@ def test_cancel_at_each_stage_kills_the_process_and_leaves_the_scene_as_it_was(m
 
 def test_input_deleted_during_the_run_ends_it_without_writing(mrml, tmp_path, model):
     node, _ = phantom_node((3, 60, 70))
-    job = adapter.DetectionJob(node, tmp_path / "work", model=model)
+    job = DetectionJob(node, tmp_path / "work", model=model)
     job.start()
     mrml.scene.RemoveNode(node)
     before = scene_state(mrml.scene)
     assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error
-    with pytest.raises(adapter.InputGone):
+    with pytest.raises(InputGone):
         job.finish()
     assert scene_state(mrml.scene) == before
     job.cleanup()
@@ -155,7 +157,7 @@ def test_input_deleted_during_the_run_ends_it_without_writing(mrml, tmp_path, mo
 
 def test_a_failing_worker_reports_its_error(mrml, tmp_path):
     node, _ = phantom_node((3, 60, 70))
-    job = adapter.DetectionJob(node, tmp_path / "work", model=str(tmp_path / "no-such-model.safetensors"))
+    job = DetectionJob(node, tmp_path / "work", model=str(tmp_path / "no-such-model.safetensors"))
     job.start()
     assert job.wait(STAGE_TIMEOUT_S) == FAILED
     assert "no-such-model" in job.run.error and "FileNotFoundError" in job.run.error
@@ -171,11 +173,11 @@ def test_a_phase_volume_reaches_the_candidate_stage_and_rejections_are_shown(mrm
     calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
     two_stage = str(save_dark_spot_model(tmp_path / "two-stage.safetensors", candidate_classifier=calc))
     node, spheres = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
-    geometry = adapter.geometry_of_node(node)
+    geometry = geometry_of_node(node)
     phase = slicer.util.addVolumeFromArray(np.zeros((6, 120, 140), np.float32), geometry.ijk_to_ras(), "phase")
 
     def run(name, phase_node, segmentation=None):
-        job = adapter.DetectionJob(node, tmp_path / name, model=two_stage, phase_volume_node=phase_node)
+        job = DetectionJob(node, tmp_path / name, model=two_stage, phase_volume_node=phase_node)
         job.start()
         assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
         try:
@@ -184,10 +186,10 @@ def test_a_phase_volume_reaches_the_candidate_stage_and_rejections_are_shown(mrm
             job.cleanup()
 
     result, seg, _, _ = run("with phase", phase)
-    summary = adapter.summary_of(seg)
+    summary = summary_of(seg)
     assert len(result.lesions) == 0 and seg.GetSegmentation().GetNumberOfSegments() == 0
     assert summary["candidate_stage"]["phase_used"] is True and summary["candidate_stage"]["n_rejected"] == 2
-    rejected = seg.GetNodeReference(adapter.REJECTED_ROLE)
+    rejected = seg.GetNodeReference(REJECTED_ROLE)
     assert rejected is not None and rejected.GetNumberOfControlPoints() == 2
     assert {rejected.GetNthControlPointLabel(i) for i in range(2)} == {"calcification"}
     sphere_ras = [geometry.ijk_to_ras() @ np.array([*centre[::-1], 1.0]) for centre, _ in spheres]
@@ -197,16 +199,16 @@ def test_a_phase_volume_reaches_the_candidate_stage_and_rejections_are_shown(mrm
 
     result, seg2, _, _ = run("magnitude only", None, seg)  # the same segmentation, reused
     assert seg2 is seg and len(result.lesions) == 2
-    assert adapter.summary_of(seg)["candidate_stage"]["phase_used"] is False
-    assert seg.GetNodeReference(adapter.REJECTED_ROLE) is rejected and rejected.GetNumberOfControlPoints() == 0
+    assert summary_of(seg)["candidate_stage"]["phase_used"] is False
+    assert seg.GetNodeReference(REJECTED_ROLE) is rejected and rejected.GetNumberOfControlPoints() == 0
 
 
 def test_a_phase_volume_on_another_grid_is_refused_before_anything_runs(mrml, tmp_path, model):
     node, _ = phantom_node((3, 60, 70), name="swi")
-    other = slicer.util.addVolumeFromArray(np.zeros((3, 60, 71), np.float32), adapter.geometry_of_node(node).ijk_to_ras(), "phase")
+    other = slicer.util.addVolumeFromArray(np.zeros((3, 60, 71), np.float32), geometry_of_node(node).ijk_to_ras(), "phase")
     before = scene_state(mrml.scene)
     with pytest.raises(ValueError, match=r"phase volume 'phase' is not on the grid of 'swi'"):
-        adapter.DetectionJob(node, tmp_path / "work", model=model, phase_volume_node=other)
+        DetectionJob(node, tmp_path / "work", model=model, phase_volume_node=other)
     with pytest.raises(ValueError, match="both the SWI and the phase"):
-        adapter.DetectionJob(node, tmp_path / "work2", model=model, phase_volume_node=node)
+        DetectionJob(node, tmp_path / "work2", model=model, phase_volume_node=node)
     assert scene_state(mrml.scene) == before and not (tmp_path / "work").exists()

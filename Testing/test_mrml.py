@@ -17,7 +17,24 @@ import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 
 import slicer_headless as sh  # noqa: E402
-from CMBDetectLib import mrml as adapter  # noqa: E402  (the fixture is named `mrml`)
+from CMBDetectLib.mrml.display import MAX_REJECTED_LABELS, show_rejected  # noqa: E402
+from CMBDetectLib.mrml.job import run_detection  # noqa: E402
+from CMBDetectLib.mrml.navigation import jump_to_lesion, lesion_index, lesion_position_world  # noqa: E402
+from CMBDetectLib.mrml.nodes import (  # noqa: E402
+    PROBABILITY_ROLE,
+    REJECTED_ROLE,
+    TABLE_ROLE,
+    geometry_of_node,
+    ijk_to_ras_of,
+    is_own_output,
+    load_segmentation_file,
+    outputs_of,
+    save_segmentation_file,
+    summary_of,
+    volume_from_node,
+    vtk_matrix,
+)
+from CMBDetectLib.mrml.results import probability_of, rethreshold, write_result  # noqa: E402
 from CMBDetectLib.detection import outputs  # noqa: E402
 from CMBDetectLib.io import Geometry, read_volume  # noqa: E402
 from CMBDetectLib.detection.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
@@ -40,7 +57,7 @@ def sphere_probability(shape=SHAPE, spacing=sh.OBLIQUE_SPACING, spheres=SPHERES)
 
 def make_result(volume_node, probability: np.ndarray | None = None, min_mm: float = 2.0, max_mm: float = 10.0) -> DetectionResult:
     """A DetectionResult on the node's grid, from a hand-made probability map."""
-    geometry = adapter.volume_from_node(volume_node).geometry
+    geometry = volume_from_node(volume_node).geometry
     probability = sphere_probability() if probability is None else probability
     labels, lesions = extract_lesions(probability, geometry, 0.4, min_mm, max_mm)
     return DetectionResult(probability, labels, lesions, geometry, "test", "0", False, 0.0, DetectionParams())
@@ -56,7 +73,7 @@ def voxel_centroid_ras(volume_node, labels: np.ndarray, lesion_id: int) -> np.nd
     """Mean RAS of a lesion's voxels, through the node's own matrix (independent of the Lib)."""
     kji = np.argwhere(labels == lesion_id)
     ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
-    return (adapter.ijk_to_ras_of(volume_node) @ ijk1.T).T[:, :3].mean(axis=0)
+    return (ijk_to_ras_of(volume_node) @ ijk1.T).T[:, :3].mean(axis=0)
 
 
 def segment_array(seg_node, segment_id: str, volume_node) -> np.ndarray:
@@ -82,7 +99,7 @@ def test_volume_from_node_keeps_oblique_anisotropic_geometry(mrml, tmp_path):
     assert not np.allclose(np.abs(m[:3, :3] / np.array(sh.OBLIQUE_SPACING)), np.eye(3), atol=0.1)  # really oblique
     data = np.random.default_rng(3).random(SHAPE).astype(np.float32) * 1000
     node = sh.add_oblique_volume(data, "oblique", m)
-    volume = adapter.volume_from_node(node)
+    volume = volume_from_node(node)
 
     np.testing.assert_array_equal(volume.array, data)
     assert volume.array.dtype == np.float32 and volume.array.shape == SHAPE
@@ -103,7 +120,7 @@ def test_volume_from_node_keeps_oblique_anisotropic_geometry(mrml, tmp_path):
 
 def test_volume_from_node_is_a_copy(mrml):
     node = swi_node(mrml)
-    volume = adapter.volume_from_node(node)
+    volume = volume_from_node(node)
     before = volume.array.copy()
     slicer.util.arrayFromVolume(node)[:] = 0
     slicer.util.arrayFromVolumeModified(node)
@@ -113,12 +130,12 @@ def test_volume_from_node_is_a_copy(mrml):
 def test_volume_from_node_refuses_non_scalar_and_empty(mrml):
     vector = slicer.util.addVolumeFromArray(np.zeros((*SHAPE, 3), np.float32), nodeClassName="vtkMRMLVectorVolumeNode")
     with pytest.raises(ValueError, match="components"):
-        adapter.volume_from_node(vector)
+        volume_from_node(vector)
     empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(ValueError, match="no image data"):
-        adapter.volume_from_node(empty)
+        volume_from_node(empty)
     with pytest.raises(ValueError, match="no input volume"):
-        adapter.volume_from_node(None)
+        volume_from_node(None)
 
 
 # --- write_result -----------------------------------------------------------------------
@@ -128,7 +145,7 @@ def test_write_result_segments_table_markups(mrml):
     node = swi_node(mrml)
     result = make_result(node)
     assert [l.size_class for l in result.lesions].count("large") >= 1 and len(result.lesions) == 4
-    seg, table, markups = adapter.write_result(result, node)
+    seg, table, markups = write_result(result, node)
 
     # Segments: one per lesion, ids, names, class colours, tags, terminology, voxels.
     segmentation = seg.GetSegmentation()
@@ -150,7 +167,7 @@ def test_write_result_segments_table_markups(mrml):
     role = seg.GetReferenceImageGeometryReferenceRole()
     assert seg.GetNodeReference(role) is node
     matrix, extent = reference_geometry_matrix_and_extent(seg)
-    np.testing.assert_allclose(matrix, adapter.ijk_to_ras_of(node), atol=1e-6)
+    np.testing.assert_allclose(matrix, ijk_to_ras_of(node), atol=1e-6)
     assert extent == (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
 
     # Table: one row per lesion, the CSV's columns, values as the lesions say.
@@ -176,12 +193,12 @@ def test_write_result_segments_table_markups(mrml):
         np.testing.assert_allclose(points[n], lesion.centroid_ras, atol=1e-6)
     assert markups.GetLocked() and markups.GetFixedNumberOfControlPoints()
     last = result.lesions[-1]
-    assert adapter.lesion_index(markups, last.id) == len(result.lesions) - 1
-    assert adapter.lesion_index(markups, 999) is None
+    assert lesion_index(markups, last.id) == len(result.lesions) - 1
+    assert lesion_index(markups, 999) is None
 
     # The outputs find each other and the input; the summary travels with them.
-    assert adapter.outputs_of(seg) == (node, table, markups)
-    assert adapter.summary_of(seg)["n_lesions"] == len(result.lesions)
+    assert outputs_of(seg) == (node, table, markups)
+    assert summary_of(seg)["n_lesions"] == len(result.lesions)
 
 
 def _tag(segment, name: str) -> str:
@@ -195,24 +212,24 @@ def test_write_result_zero_lesions(mrml):
     node = swi_node(mrml)
     result = make_result(node, np.zeros(SHAPE, np.float32))
     assert result.lesions == []
-    seg, table, markups = adapter.write_result(result, node)
+    seg, table, markups = write_result(result, node)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0
     assert table.GetTable().GetNumberOfRows() == 0
     assert table.GetTable().GetNumberOfColumns() == len(outputs.LESION_COLUMNS)
     assert markups.GetNumberOfControlPoints() == 0
     matrix, _ = reference_geometry_matrix_and_extent(seg)
-    np.testing.assert_allclose(matrix, adapter.ijk_to_ras_of(node), atol=1e-6)
-    assert adapter.summary_of(table)["n_lesions"] == 0
+    np.testing.assert_allclose(matrix, ijk_to_ras_of(node), atol=1e-6)
+    assert summary_of(table)["n_lesions"] == 0
 
 
 def test_running_twice_replaces_instead_of_appending(mrml):
     node = swi_node(mrml)
-    seg, table, markups = adapter.write_result(make_result(node), node)
+    seg, table, markups = write_result(make_result(node), node)
     nodes_before = mrml.scene.GetNumberOfNodes()
     # Second run: only the segmentation is passed (as the widget does); the rest is found.
     fewer = make_result(node, min_mm=4.0)
     assert 0 < len(fewer.lesions) < 4
-    again = adapter.write_result(fewer, node, segmentation_node=seg)
+    again = write_result(fewer, node, segmentation_node=seg)
     assert again == (seg, table, markups)
     assert mrml.scene.GetNumberOfNodes() == nodes_before  # no stray temporary or duplicate nodes
     assert seg.GetSegmentation().GetNumberOfSegments() == len(fewer.lesions)
@@ -229,7 +246,7 @@ def test_more_than_255_lesions_use_a_16_bit_layer(mrml):
     probability[1:-1:2, 1:-1:3, 1:-1:3] = 0.9  # isolated voxels: hundreds of 1-voxel lesions
     result = make_result(node, probability, min_mm=0.0)
     assert len(result.lesions) > 255
-    seg, _, markups = adapter.write_result(result, node)
+    seg, _, markups = write_result(result, node)
     assert seg.GetSegmentation().GetNumberOfSegments() == len(result.lesions)
     last = result.lesions[-1]
     np.testing.assert_array_equal(segment_array(seg, f"CMB_{last.id}", node), result.labels == last.id)
@@ -241,13 +258,13 @@ def test_result_on_another_grid_is_refused(mrml):
     result = make_result(node)
     other = sh.add_oblique_volume(np.zeros(SHAPE, np.float32), "shifted", sh.oblique_ijk_to_ras(origin_ras=(0.0, 0.0, 0.0)))
     with pytest.raises(ValueError, match="geometry"):
-        adapter.write_result(result, other)
+        write_result(result, other)
     small = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32), sh.oblique_ijk_to_ras(), "small")
     with pytest.raises(ValueError, match="does not match"):
-        adapter.write_result(result, small)
+        write_result(result, small)
     result.lesions = result.lesions[:-1]  # a label without its lesion would make an empty segment
     with pytest.raises(ValueError, match="disagree"):
-        adapter.write_result(result, node)
+        write_result(result, node)
 
 
 def test_transformed_input_outputs_follow_and_jump_lands_on_lesion(mrml):
@@ -256,18 +273,18 @@ def test_transformed_input_outputs_follow_and_jump_lands_on_lesion(mrml):
     moved = np.eye(4)
     moved[:3, :3] = sh.rotation_matrix((0.0, 1.0, 1.0), 15.0)
     moved[:3, 3] = (5.0, -3.0, 8.0)
-    transform.SetMatrixTransformToParent(adapter.vtk_matrix(moved))
+    transform.SetMatrixTransformToParent(vtk_matrix(moved))
     node.SetAndObserveTransformNodeID(transform.GetID())
 
     result = make_result(node)
-    seg, _, markups = adapter.write_result(result, node)
+    seg, _, markups = write_result(result, node)
     assert seg.GetTransformNodeID() == transform.GetID() == markups.GetTransformNodeID()
 
     lesion = result.lesions[2]
     expected_world = (moved @ [*voxel_centroid_ras(node, result.labels, lesion.id), 1.0])[:3]
-    np.testing.assert_allclose(adapter.lesion_position_world(markups, 2), expected_world, atol=1e-6)
+    np.testing.assert_allclose(lesion_position_world(markups, 2), expected_world, atol=1e-6)
 
-    point = adapter.jump_to_lesion(lesion, volume_node=node)
+    point = jump_to_lesion(lesion, volume_node=node)
     np.testing.assert_allclose(point, expected_world, atol=1e-6)
     slice_nodes = mrml.slice_nodes()
     assert {n.GetName() for n in slice_nodes} == {"Red", "Yellow", "Green"}
@@ -276,7 +293,7 @@ def test_transformed_input_outputs_follow_and_jump_lands_on_lesion(mrml):
         np.testing.assert_allclose([m.GetElement(r, 3) for r in range(3)], expected_world, atol=1e-6)
 
     # A plain world point works too (what the widget passes from the markups).
-    adapter.jump_to_lesion((1.0, 2.0, 3.0), scene=mrml.scene)
+    jump_to_lesion((1.0, 2.0, 3.0), scene=mrml.scene)
     m = slice_nodes[0].GetSliceToRAS()
     np.testing.assert_allclose([m.GetElement(r, 3) for r in range(3)], (1.0, 2.0, 3.0), atol=1e-9)
 
@@ -287,7 +304,7 @@ def test_outputs_go_beside_the_input_in_the_subject_hierarchy(mrml):
     study = sh_node.CreateFolderItem(sh_node.GetSceneItemID(), "SWI study")
     # In Slicer a Qt plugin gives each new data node its item; under slicer-core we do it.
     sh_node.CreateItem(study, node)
-    for output in adapter.write_result(make_result(node), node):
+    for output in write_result(make_result(node), node):
         assert sh_node.GetItemParent(sh_node.GetItemByDataNode(output)) == study
 
 
@@ -319,7 +336,7 @@ def _check_loaded_segmentation(loaded, result, volume_node) -> None:
         labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
         m = vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(m)
-        np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], adapter.ijk_to_ras_of(volume_node), atol=1e-5)
+        np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], ijk_to_ras_of(volume_node), atol=1e-5)
         # ... and holds exactly the lesion's voxels.
         np.testing.assert_array_equal(segment_array(loaded, f"CMB_{lesion.id}", volume_node), result.labels == lesion.id)
 
@@ -327,14 +344,14 @@ def _check_loaded_segmentation(loaded, result, volume_node) -> None:
 def test_seg_nrrd_round_trip_through_slicer_storage(mrml, tmp_path):
     node = swi_node(mrml)
     result = make_result(node)
-    seg, _, _ = adapter.write_result(result, node)
+    seg, _, _ = write_result(result, node)
     path = tmp_path / "case.seg.nrrd"
-    adapter.save_segmentation_file(seg, str(path))
-    loaded = adapter.load_segmentation_file(str(path), mrml.scene)
+    save_segmentation_file(seg, str(path))
+    loaded = load_segmentation_file(str(path), mrml.scene)
     assert loaded is not seg and loaded.GetName() == "case"
     _check_loaded_segmentation(loaded, result, node)
     matrix, extent = reference_geometry_matrix_and_extent(loaded)
-    np.testing.assert_allclose(matrix, adapter.ijk_to_ras_of(node), atol=1e-5)
+    np.testing.assert_allclose(matrix, ijk_to_ras_of(node), atol=1e-5)
     assert extent == (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
 
 
@@ -344,14 +361,14 @@ def test_seg_nrrd_from_the_command_line_writer_loads_in_slicer(mrml, tmp_path):
     result = make_result(node)
     path = tmp_path / "cli.seg.nrrd"
     outputs.write_segmentation_nrrd(path, result.labels, result.lesions, result.geometry)
-    loaded = adapter.load_segmentation_file(str(path), mrml.scene)
+    loaded = load_segmentation_file(str(path), mrml.scene)
     _check_loaded_segmentation(loaded, result, node)
 
 
 def test_loading_a_missing_file_fails_cleanly(mrml, tmp_path):
     nodes = mrml.scene.GetNumberOfNodes()
     with pytest.raises(OSError, match="could not read"):
-        adapter.load_segmentation_file(str(tmp_path / "missing.seg.nrrd"), mrml.scene)
+        load_segmentation_file(str(tmp_path / "missing.seg.nrrd"), mrml.scene)
     assert mrml.scene.GetNumberOfNodes() == nodes
 
 
@@ -382,7 +399,7 @@ def test_run_detection_from_volume_node_to_output_nodes(mrml, tmp_path):
     node = slicer.util.addVolumeFromArray(array, geometry.ijk_to_ras(), "phantom")
     params = DetectionParams(device="cpu", model=str(save_dark_spot_model(tmp_path / "dark-spot.safetensors")))
     steps: list[float] = []
-    result, seg, table, markups = adapter.run_detection(node, params, progress=lambda f, m: steps.append(f))
+    result, seg, table, markups = run_detection(node, params, progress=lambda f, m: steps.append(f))
 
     assert steps[0] == 0.0 and steps[-1] == 1.0 and np.all(np.diff(steps) >= -1e-9)  # never goes back
     assert sorted(l.size_class for l in result.lesions) == ["large", "small"]
@@ -391,13 +408,13 @@ def test_run_detection_from_volume_node_to_output_nodes(mrml, tmp_path):
     expected = {"small": spheres[0][0], "large": spheres[1][0]}  # (k, j, i) centres
     for n, lesion in enumerate(result.lesions):
         ck, cj, ci = expected[lesion.size_class]
-        sphere_ras = (adapter.ijk_to_ras_of(node) @ [ci, cj, ck, 1.0])[:3]
-        np.testing.assert_allclose(adapter.lesion_position_world(markups, n), sphere_ras, atol=1.5)  # within a voxel or so
-    assert adapter.summary_of(seg)["model_id"] == "test-dark-spot"
+        sphere_ras = (ijk_to_ras_of(node) @ [ci, cj, ck, 1.0])[:3]
+        np.testing.assert_allclose(lesion_position_world(markups, n), sphere_ras, atol=1.5)  # within a voxel or so
+    assert summary_of(seg)["model_id"] == "test-dark-spot"
 
     # Cancel: nothing is written, the previous outputs stay as they were.
     with pytest.raises(Cancelled):
-        adapter.run_detection(node, params, segmentation_node=seg, cancel=lambda: True)
+        run_detection(node, params, segmentation_node=seg, cancel=lambda: True)
     assert seg.GetSegmentation().GetNumberOfSegments() == 2 and markups.GetNumberOfControlPoints() == 2
 
 
@@ -416,27 +433,27 @@ def test_a_foreign_segmentation_is_never_emptied(mrml):
     # A table reference planted on it must not make the user's table look like ours either.
     user_table = mrml.scene.AddNewNodeByClass("vtkMRMLTableNode", "user table")
     user_table.AddColumn().SetName("notes")
-    manual.SetNodeReferenceID(adapter.TABLE_ROLE, user_table.GetID())
-    assert not adapter.is_own_output(manual)
+    manual.SetNodeReferenceID(TABLE_ROLE, user_table.GetID())
+    assert not is_own_output(manual)
 
-    seg, table, markups = adapter.write_result(make_result(node), node, segmentation_node=manual)
+    seg, table, markups = write_result(make_result(node), node, segmentation_node=manual)
 
-    assert seg is not manual and adapter.is_own_output(seg)
+    assert seg is not manual and is_own_output(seg)
     assert segment_ids(manual) == ["my_bleed"]  # untouched
     assert table is not user_table and user_table.GetNumberOfColumns() == 1
     assert seg.GetSegmentation().GetNumberOfSegments() == 4
-    assert all(adapter.is_own_output(n) for n in (seg, table, markups))
+    assert all(is_own_output(n) for n in (seg, table, markups))
 
 
 def test_a_foreign_segmentation_is_refilled_only_when_the_user_agreed(mrml):
     node = swi_node(mrml)
     manual = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "scratch")
     manual.GetSegmentation().AddEmptySegment("old")
-    seg, _, _ = adapter.write_result(make_result(node), node, segmentation_node=manual, reuse_foreign=True)
-    assert seg is manual and adapter.is_own_output(manual)
+    seg, _, _ = write_result(make_result(node), node, segmentation_node=manual, reuse_foreign=True)
+    assert seg is manual and is_own_output(manual)
     assert segment_ids(manual) == [f"CMB_{n}" for n in range(1, 5)]
     # From now on it is CMBDetect's own: a plain re-run reuses it without asking.
-    assert adapter.write_result(make_result(node, min_mm=4.0), node, segmentation_node=manual)[0] is manual
+    assert write_result(make_result(node, min_mm=4.0), node, segmentation_node=manual)[0] is manual
 
 
 # --- Live threshold from the kept probability map ---------------------------------------
@@ -445,25 +462,25 @@ def test_a_foreign_segmentation_is_refilled_only_when_the_user_agreed(mrml):
 def test_probability_map_is_kept_hidden_on_the_input_grid(mrml):
     node = swi_node(mrml)
     result = make_result(node)
-    seg, _, _ = adapter.write_result(result, node)
-    kept = seg.GetNodeReference(adapter.PROBABILITY_ROLE)
+    seg, _, _ = write_result(result, node)
+    kept = seg.GetNodeReference(PROBABILITY_ROLE)
     assert kept is not None and kept.IsA("vtkMRMLScalarVolumeNode")
     assert kept.GetHideFromEditors() and kept.GetDisplayNode() is None  # not shown, not offered as an input
-    assert adapter.is_own_output(kept)
-    np.testing.assert_array_equal(adapter.probability_of(seg), result.probability)
+    assert is_own_output(kept)
+    np.testing.assert_array_equal(probability_of(seg), result.probability)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(kept), result.probability)
-    np.testing.assert_allclose(adapter.ijk_to_ras_of(kept), adapter.ijk_to_ras_of(node), atol=1e-12)
+    np.testing.assert_allclose(ijk_to_ras_of(kept), ijk_to_ras_of(node), atol=1e-12)
 
 
 def test_rethreshold_rewrites_segments_table_markups_and_summary_without_a_network(mrml):
     node = swi_node(mrml)
     probability = sphere_probability()  # sphere n has probability 0.6 + 0.05 n
-    seg, table, markups = adapter.write_result(make_result(node, probability), node)
+    seg, table, markups = write_result(make_result(node, probability), node)
     nodes_before = mrml.scene.GetNumberOfNodes()
 
     # A threshold above the two first spheres' probability keeps only the others.
-    result, seg2, table2, markups2 = adapter.rethreshold(seg, 0.67, 2.0, 10.0)
-    expected_labels, expected_lesions = extract_lesions(probability, adapter.geometry_of_node(node), 0.67, 2.0, 10.0)
+    result, seg2, table2, markups2 = rethreshold(seg, 0.67, 2.0, 10.0)
+    expected_labels, expected_lesions = extract_lesions(probability, geometry_of_node(node), 0.67, 2.0, 10.0)
     assert (seg2, table2, markups2) == (seg, table, markups)
     assert mrml.scene.GetNumberOfNodes() == nodes_before
     assert 0 < len(result.lesions) == len(expected_lesions) < 4
@@ -472,52 +489,52 @@ def test_rethreshold_rewrites_segments_table_markups_and_summary_without_a_netwo
     assert table.GetNumberOfRows() == len(expected_lesions) and markups.GetNumberOfControlPoints() == len(expected_lesions)
     for lesion in expected_lesions:
         np.testing.assert_array_equal(segment_array(seg, f"CMB_{lesion.id}", node), expected_labels == lesion.id)
-        index = adapter.lesion_index(markups, lesion.id)
-        np.testing.assert_allclose(adapter.lesion_position_world(markups, index), voxel_centroid_ras(node, expected_labels, lesion.id), atol=1e-6)
-    summary = adapter.summary_of(seg)
+        index = lesion_index(markups, lesion.id)
+        np.testing.assert_allclose(lesion_position_world(markups, index), voxel_centroid_ras(node, expected_labels, lesion.id), atol=1e-6)
+    summary = summary_of(seg)
     assert summary["threshold"] == 0.67 and summary["n_lesions"] == len(expected_lesions)
     assert summary["model_id"] == "test"  # the run's model is still named
-    np.testing.assert_array_equal(adapter.probability_of(seg), probability)  # the map itself is unchanged
+    np.testing.assert_array_equal(probability_of(seg), probability)  # the map itself is unchanged
 
     # The size range acts the same way: only the large sphere is 5-10 mm.
-    result, *_ = adapter.rethreshold(seg, 0.4, 5.0, 10.0)
+    result, *_ = rethreshold(seg, 0.4, 5.0, 10.0)
     assert [l.size_class for l in result.lesions] == ["large"]
-    assert adapter.summary_of(table)["size_range_mm"] == [5.0, 10.0]
+    assert summary_of(table)["size_range_mm"] == [5.0, 10.0]
 
 
 def test_rethreshold_needs_a_kept_map(mrml):
     node = swi_node(mrml)
     plain = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "plain")
     with pytest.raises(ValueError, match="no probability map"):
-        adapter.rethreshold(plain, 0.5, 2.0, 10.0)
-    seg, _, _ = adapter.write_result(make_result(node), node)
+        rethreshold(plain, 0.5, 2.0, 10.0)
+    seg, _, _ = write_result(make_result(node), node)
     mrml.scene.RemoveNode(node)
     with pytest.raises(ValueError, match="no probability map and input volume"):
-        adapter.rethreshold(seg, 0.5, 2.0, 10.0)
+        rethreshold(seg, 0.5, 2.0, 10.0)
 
 
 def test_markups_labels_are_off_by_default(mrml):
     node = swi_node(mrml)
-    _, _, markups = adapter.write_result(make_result(node), node)
+    _, _, markups = write_result(make_result(node), node)
     assert markups.GetDisplayNode().GetPointLabelsVisibility() == 0
 
 
 def test_rejected_candidates_are_grey_points_on_the_input_grid_labelled_while_few(mrml):
     node = swi_node(mrml)
-    seg, _, _ = adapter.write_result(make_result(node), node)
-    assert adapter.show_rejected(seg, node, []) is None  # nothing to show: no node made
-    ijk_to_ras = adapter.ijk_to_ras_of(node)
+    seg, _, _ = write_result(make_result(node), node)
+    assert show_rejected(seg, node, []) is None  # nothing to show: no node made
+    ijk_to_ras = ijk_to_ras_of(node)
 
     def rows(n):
         return [{"centroid_i": 3.5 + i, "centroid_j": 7.25, "centroid_k": 2.0, "reason": "vein", "p_microbleed": 0.1, "diameter_mm": 3.0} for i in range(n)]
 
-    few = adapter.show_rejected(seg, node, rows(3))
-    assert seg.GetNodeReference(adapter.REJECTED_ROLE) is few and adapter.is_own_output(few)
+    few = show_rejected(seg, node, rows(3))
+    assert seg.GetNodeReference(REJECTED_ROLE) is few and is_own_output(few)
     assert few.GetNumberOfControlPoints() == 3 and few.GetNthControlPointLabel(0) == "vein"
     np.testing.assert_allclose(few.GetNthControlPointPosition(1), (ijk_to_ras @ [4.5, 7.25, 2.0, 1.0])[:3], atol=1e-6)
     assert "P(microbleed) 0.10" in few.GetNthControlPointDescription(0) and few.GetLocked()
     assert few.GetDisplayNode().GetPointLabelsVisibility()
-    many = adapter.show_rejected(seg, node, rows(adapter.MAX_REJECTED_LABELS + 1))
-    assert many is few and many.GetNumberOfControlPoints() == adapter.MAX_REJECTED_LABELS + 1
+    many = show_rejected(seg, node, rows(MAX_REJECTED_LABELS + 1))
+    assert many is few and many.GetNumberOfControlPoints() == MAX_REJECTED_LABELS + 1
     assert not many.GetDisplayNode().GetPointLabelsVisibility()  # tens of labels would cover the views
-    assert adapter.show_rejected(seg, node, []) is few and few.GetNumberOfControlPoints() == 0
+    assert show_rejected(seg, node, []) is few and few.GetNumberOfControlPoints() == 0

@@ -30,7 +30,8 @@ import vtk
 from CMBDetectLib.detection.lesions import CLASS_COLORS
 from CMBDetectLib.detection.outputs import TERMINOLOGY_ENTRY
 from CMBDetectLib.io import Volume
-from CMBDetectLib.mrml import ijk_to_ras_of, jump_to_lesion, labelmap_image, volume_from_node
+from CMBDetectLib.mrml.navigation import jump_to_lesion
+from CMBDetectLib.mrml.nodes import ijk_to_ras_of, labelmap_image, volume_from_node
 
 from . import voxelfiles
 from .regiongrow import grow_from_click

@@ -4,7 +4,7 @@ The Slicer module runs detection this way, as SlicerMONAIAuto3DSeg does, so that
 stays responsive and a Cancel works at every stage (model load, preprocessing, inference,
 lesion extraction), including those that are a single long library call. This module knows
 neither Qt nor MRML: the widget polls `poll()` from a QTimer, scripts and tests call
-`wait()`, and mrml.py turns a finished run into nodes.
+`wait()`, and mrml/job.py turns a finished run into nodes.
 
 A reader thread moves the child's stdout lines into a queue, so that `poll()` never blocks
 on a pipe; stderr is merged into stdout, so a traceback ends up in `log`.

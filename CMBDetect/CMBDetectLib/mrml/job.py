@@ -1,0 +1,156 @@
+"""The whole Slicer-side run. `DetectionJob` (what the module uses) writes the input node to a
+file, starts the worker in a child process (detection/runner.py) and, only when the run
+succeeded and the input is still in the scene, turns its probability map into nodes; a
+cancelled or failed run, or one whose input was deleted meanwhile, leaves the scene as it was.
+`run_detection` does the same in this process, for scripts that already hold torch."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..detection import outputs
+from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
+from ..detection.rethreshold import LesionMap, lesions_from_probability
+from ..io import write_volume
+from .display import show_rejected
+from .nodes import geometry_of_node, volume_from_node
+from .results import write_result
+
+def run_detection(
+    input_volume_node: Any,
+    params: Any = None,
+    segmentation_node: Any = None,
+    table_node: Any = None,
+    markups_node: Any = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Detect microbleeds in a volume node and write the outputs into nodes.
+
+    In this process (for scripts that already hold torch; the Slicer module uses DetectionJob,
+    a child process): node -> Volume -> pipeline.detect_volume -> write_result. The nodes are
+    only touched after detection succeeded, so a cancelled or failed run leaves the previous
+    outputs as they were. Returns (result, seg, table, markups); raises pipeline.Cancelled if
+    `cancel()` turned true.
+    """
+    from ..detection.pipeline import detect_volume  # torch is imported only when detection is asked for
+
+    volume = volume_from_node(input_volume_node)
+    result = detect_volume(volume, params, progress=progress, cancel=cancel, case=input_volume_node.GetName())
+    nodes = write_result(result, input_volume_node, segmentation_node, table_node, markups_node)
+    return (result, *nodes)
+
+
+class InputGone(Exception):
+    """The input volume left the scene (deleted, or the scene closed) while its detection ran."""
+
+
+class DetectionJob:
+    """One detection of a volume node in a child process: the MRML side of runner.WorkerRun.
+
+    `__init__` copies the node's voxels and grid to `work_dir/input.nrrd` (the child never sees
+    the scene); `start()` launches the worker; `poll()` and `cancel()` are the runner's;
+    `finish()` loads the result into nodes, only after success and only if the input is still
+    in its scene. Nothing in the scene changes before `finish()`. `cleanup()` removes the files.
+    """
+
+    def __init__(
+        self,
+        input_volume_node: Any,
+        work_dir: str | Path | None = None,
+        python: str | None = None,
+        env: dict | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        min_diameter_mm: float = MIN_DIAMETER_MM,
+        max_diameter_mm: float = MAX_DIAMETER_MM,
+        device: str = "cpu",
+        model: str | None = None,
+        batch_size: int | None = None,
+        phase_volume_node: Any = None,
+    ) -> None:
+        from ..detection.runner import WorkerRun, worker_arguments
+
+        volume = volume_from_node(input_volume_node)
+        if input_volume_node.GetScene() is None:
+            raise ValueError(f"volume '{input_volume_node.GetName()}' is not in a scene")
+        phase = None
+        if phase_volume_node is not None:
+            if phase_volume_node is input_volume_node:
+                raise ValueError(f"volume '{input_volume_node.GetName()}' is both the SWI and the phase image")
+            phase = volume_from_node(phase_volume_node)
+            if phase.shape != volume.shape or not phase.geometry.matches(volume.geometry):
+                raise ValueError(
+                    f"phase volume '{phase_volume_node.GetName()}' is not on the grid of '{input_volume_node.GetName()}' "
+                    f"(shape {phase.shape} vs {volume.shape}, or spacing, origin or direction differ); "
+                    "the candidate stage needs the phase of the same acquisition"
+                )
+        self.input_volume_node = input_volume_node
+        self.input_id = input_volume_node.GetID()
+        self.scene = input_volume_node.GetScene()
+        self.threshold, self.min_diameter_mm, self.max_diameter_mm = threshold, min_diameter_mm, max_diameter_mm
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="cmbdetect-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        input_path = self.work_dir / "input.nrrd"
+        write_volume(volume.array, volume.geometry, input_path, compress=False)  # fast; read at once
+        phase_path = None
+        if phase is not None:
+            phase_path = self.work_dir / "phase.nrrd"
+            write_volume(phase.array, phase.geometry, phase_path, compress=False)
+        arguments = worker_arguments(
+            input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size,
+            phase_path,
+        )
+        self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
+
+    def start(self) -> None:
+        self.run.start()
+
+    def poll(self) -> list:
+        return self.run.poll()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.run.wait(timeout)
+
+    def cancel(self) -> None:
+        self.run.cancel()
+
+    def input_present(self) -> bool:
+        return self.scene.GetNodeByID(self.input_id) is self.input_volume_node
+
+    def finish(self, segmentation_node: Any = None, reuse_foreign: bool = False) -> tuple[LesionMap, Any, Any, Any]:
+        """Nodes from a successful run: (lesion map, segmentation, table, markups).
+
+        Raises RuntimeError if the run failed or was cancelled (the worker's error message),
+        InputGone if the input left the scene meanwhile. The probability map is re-read here
+        and its lesions extracted with this run's threshold and size range: the same code
+        as `rethreshold`, so the segments of a run and of a re-threshold never differ.
+        """
+        from ..detection.runner import SUCCEEDED
+
+        if self.run.state != SUCCEEDED:
+            raise RuntimeError(f"microbleed detection {self.run.state}: {self.run.error}")
+        if not self.input_present():
+            raise InputGone(f"volume {self.input_id} left the scene during its detection")
+        output = self.run.output()
+        geometry = geometry_of_node(self.input_volume_node)
+        if not output.probability.geometry.matches(geometry):
+            raise ValueError(f"volume '{self.input_volume_node.GetName()}' changed its grid during the detection")
+        run = {k: v for k, v in output.summary.items() if k != "case"}
+        result = lesions_from_probability(
+            output.probability.array, geometry, self.threshold, self.min_diameter_mm, self.max_diameter_mm, run
+        )
+        nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
+        rejected_csv = outputs.output_paths(output.out_dir, "input", rejected=True)["rejected_csv"]
+        rejected: list[dict] = []
+        if rejected_csv.is_file():
+            with open(rejected_csv, newline="") as f:
+                rejected = list(csv.DictReader(f))
+        show_rejected(nodes[0], self.input_volume_node, rejected)
+        return (result, *nodes)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
