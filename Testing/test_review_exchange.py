@@ -117,3 +117,51 @@ def test_a_missed_lesion_from_a_point_is_grown_like_a_click(study, tmp_path):
 
         grown = voxelfiles.read_checked(*st.file(added.file_id), "case0", image) > 0
         assert 2 * np.sum(grown & truth) / (grown.sum() + truth.sum()) > 0.9
+
+
+def _stored(path) -> tuple[int, int, int, list]:
+    """What a study holds: verdict rows, reading rows, reader-added lesions, voxel files on disk."""
+    with Study.open(path) as s:
+        verdicts = s.con.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+        readings = s.con.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+        added = len([l for l in s.lesions(include_withdrawn=True) if l.source == "reader"])
+        files = sorted(p.name for p in s.files_dir.rglob("*") if p.is_file()) if s.files_dir.exists() else []
+    return verdicts, readings, added, files
+
+
+def test_a_multi_file_import_with_one_bad_file_stores_none_of_them(study, tmp_path, capsys):
+    from CMBReviewLib.study import load_image
+
+    with Study.open(study) as s:  # a point inside the image for the missed lesion
+        r, a, s_ = load_image(s, "case0").geometry.index_to_ras(np.array([56.0, 48.0, 4.0]))
+    good = write_csv(tmp_path / "ana.csv", [
+        {"case": "case0", "reader": "ana", "decision": "correct", "lesion": 1},
+        {"case": "case0", "reader": "ana", "decision": "missed", "r": r, "a": a, "s": s_, "diameter_mm": 3},
+        {"case": "case0", "reader": "ana", "decision": "reading", "seconds": 80},
+    ])  # fmt: skip
+    bad = write_csv(tmp_path / "ben.csv", [
+        {"case": "case0", "reader": "ben", "decision": "correct", "lesion": 1},
+        {"case": "case0", "reader": "ben", "decision": "correct", "lesion": 99},
+    ])  # fmt: skip
+    assert cmbdetect(["review", "import", str(study), str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "ben.csv line 3 (case0)" in err and "no lesion 99" in err
+    assert _stored(study) == (0, 0, 0, []), "neither file is stored, and no voxel file is left behind"
+
+    assert cmbdetect(["review", "import", str(study), str(good)]) == 0
+    once = _stored(study)
+    assert once[:3] == (2, 1, 1) and len(once[3]) == 1
+    copy = tmp_path / "ana-copy.csv"
+    copy.write_bytes(good.read_bytes())  # the same decisions under another name
+    capsys.readouterr()
+    assert cmbdetect(["review", "import", str(study), str(good), str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already imported") == 2 and "ana.csv" in out and "nothing stored" in out
+    assert _stored(study) == once
+
+    # a reader who changes their mind does so through a new file, which supersedes
+    changed = write_csv(tmp_path / "ana-2.csv", [{"case": "case0", "reader": "ana", "decision": "incorrect", "lesion": 1, "reason": "vessel"}])
+    assert cmbdetect(["review", "import", str(study), str(changed)]) == 0
+    with Study.open(study) as s:
+        lesion1 = next(l.id for l in s.lesions() if l.detector_label == 1 and l.case_id == s.case("case0").id)
+        assert [(v.verdict, v.reason) for v in s.current_verdicts() if v.lesion_id == lesion1] == [("incorrect", "vessel")]

@@ -117,7 +117,7 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
     con.close()
 
     with Study.open(path) as study:
-        assert study.schema_version == SCHEMA_VERSION == 2
+        assert study.schema_version == SCHEMA_VERSION == 3
         (v,) = study.current_verdicts()
         assert (v.verdict, v.reason, v.certainty) == ("incorrect", "vessel", "definite")  # v1 verdicts were definite
         assert study.reading_seconds() == {(1, 1): 90.5}
@@ -125,9 +125,11 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
         study.record_verdict(1, 1, "correct", certainty="possible")  # the v2 column works
         assert study.current_verdicts()[0].certainty == "possible"
         study.record_reading(1, 1, 10.0, comment="second look")
+        study.record_import("0" * 64, "old.csv", 1)  # the v3 table of imported files works
+        assert study.imported("0" * 64)["name"] == "old.csv"
         assert study.integrity_ok()
     with Study.open(path) as study:  # opening again applies nothing more
-        assert study.schema_version == 2 and len(study.history()) == 2
+        assert study.schema_version == 3 and len(study.history()) == 2
 
 
 def test_a_newer_schema_is_refused(tmp_path):

@@ -9,6 +9,8 @@ Why SQLite and these settings:
   row per (reader, lesion). Nothing is updated or deleted in place.
 - `PRAGMA user_version` holds the schema version; `open_study` migrates older files forward,
   each step in its own transaction, so an interrupted migration leaves the previous version.
+- Imported decision files are keyed by their content's sha256 (table `imports`): a file
+  imported again stores nothing, and a whole import is one transaction (all files or none).
 
 Voxel data (a reader's added lesion, a ground-truth labelling) lives in `.seg.nrrd` files
 beside the database (see `voxelfiles.py`), referenced here with their sha256.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 
 VERDICTS = ("correct", "incorrect")
@@ -113,6 +115,16 @@ MIGRATIONS: dict[int, str] = {
 ALTER TABLE verdicts ADD COLUMN certainty TEXT NOT NULL DEFAULT 'definite'
     CHECK (certainty IN ('definite', 'possible'));
 ALTER TABLE readings ADD COLUMN comment TEXT;
+""",
+    # v2 -> v3: the decision files imported, by content, so that importing one again stores nothing.
+    3: """
+CREATE TABLE imports (
+    id INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    decisions INTEGER NOT NULL,
+    created TEXT NOT NULL
+);
 """,
 }
 
@@ -260,7 +272,21 @@ class Study:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: takes the write lock at once, waits for it up to busy_timeout."""
+        """BEGIN IMMEDIATE ... COMMIT: takes the write lock at once, waits for it up to busy_timeout.
+
+        Inside another transaction (an import storing many decisions at once) it is a savepoint
+        of that one: its work commits, or rolls back, with the outer transaction.
+        """
+        if self.con.in_transaction:
+            self.con.execute("SAVEPOINT nested")
+            try:
+                yield self.con
+            except BaseException:
+                self.con.execute("ROLLBACK TO nested")
+                self.con.execute("RELEASE nested")
+                raise
+            self.con.execute("RELEASE nested")
+            return
         self.con.execute("BEGIN IMMEDIATE")
         try:
             yield self.con
@@ -525,6 +551,19 @@ class Study:
                 "INSERT INTO endorsements (groundtruth_id, reader_id, created) VALUES (?, ?, ?)", (groundtruth_id, reader_id, now())
             )
 
+    # --- imported decision files --------------------------------------------------------
+
+    def imported(self, sha256: str) -> dict | None:
+        """The earlier import of a file with this content (name, decisions, created), or None."""
+        row = self.con.execute("SELECT name, decisions, created FROM imports WHERE sha256 = ?", (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def record_import(self, sha256: str, name: str, decisions: int) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO imports (sha256, name, decisions, created) VALUES (?, ?, ?, ?)", (sha256, name, int(decisions), now())
+            )
+
     def summary(self) -> dict:
         count = lambda table: self.con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
         return {
@@ -535,6 +574,7 @@ class Study:
             "readers": list(self.readers().values()),
             "detector_lesions": self.con.execute("SELECT COUNT(*) FROM lesions WHERE source = 'detector'").fetchone()[0],
             "verdict_rows": count("verdicts"),
+            "imported_files": count("imports"),
             "match_radius_mm": self.match_radius_mm,
         }
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from CMBDetectLib.detection.lesions import Lesion
 from CMBDetectLib.errors import CaseError
 from CMBDetectLib.io import Volume, case_name, is_volume_file, read_volume
 
@@ -125,18 +127,39 @@ def detector_labels(study: Study, case: str, like: Volume) -> np.ndarray:
     return read_label(resolve(study, c.detections) / f"{case}_lesions.nii.gz", case, like)
 
 
-def add_missed(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume, certainty: str = "definite") -> int:
-    """Store a lesion the detector missed: its voxels to a new file, then one transaction."""
+@dataclass(frozen=True)
+class AddedFile:
+    """An added lesion's voxel file, written and not yet recorded in the study."""
+
+    case: str
+    reader: str
+    path: Path
+    sha256: str
+    lesion: Lesion
+
+
+def write_added(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume) -> AddedFile:
+    """Write a missed lesion's voxels to a new file (recorded by `record_added`)."""
     mask = np.asarray(mask) > 0
     if mask.shape != image.shape:
         raise StudyError(f"{case}: the added lesion's mask {mask.shape} is not on the image grid {image.shape}")
-    reader_id, case_id = study.reader_id(reader), study.case(case).id
+    study.reader_id(reader), study.case(case)  # both known, before a file is written
     path, digest = voxelfiles.write_new(study.files_dir, case, reader, "added", mask.astype(np.uint16), image.geometry)
     (lesion,) = voxelfiles.describe(mask.astype(np.uint16), image.geometry)
+    return AddedFile(case, reader, path, digest, lesion)
+
+
+def record_added(study: Study, added: AddedFile, certainty: str = "definite") -> int:
+    lesion = added.lesion
     return study.add_reader_lesion(
-        case_id, reader_id, str(path.relative_to(study.files_dir)), digest, lesion.centroid_ras,
-        lesion.n_voxels, lesion.diameter_mm, lesion.size_class, certainty,
+        study.case(added.case).id, study.reader_id(added.reader), str(added.path.relative_to(study.files_dir)), added.sha256,
+        lesion.centroid_ras, lesion.n_voxels, lesion.diameter_mm, lesion.size_class, certainty,
     )  # fmt: skip
+
+
+def add_missed(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume, certainty: str = "definite") -> int:
+    """Store a lesion the detector missed: its voxels to a new file, then one transaction."""
+    return record_added(study, write_added(study, case, reader, mask, image), certainty)
 
 
 def ras_to_kji(image: Volume, ras: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -33,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     a = sub.add_parser("add-reader", help="add readers to a study")
     a.add_argument("study", type=Path)
     a.add_argument("names", nargs="+", help="reader names (letters, digits, - and _: they name the reader's files)")
-    i = sub.add_parser("import", help="store decisions from a CSV or JSON file (all checked before any is stored)")
+    i = sub.add_parser("import", help="store decisions from CSV or JSON files (all checked, then all stored or none; a file imported before is skipped)")
     i.add_argument("study", type=Path)
     i.add_argument("files", type=Path, nargs="+")
     e = sub.add_parser("export", help="write the current decisions as CSV, or as JSON with the full history")
@@ -99,9 +99,12 @@ def _add_reader(study, args) -> int:
 def _import(study, args) -> int:
     from CMBReviewLib.exchange import import_decisions
 
-    for path in args.files:
-        counts = import_decisions(study, path)
-        print(f"{path}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    for item in import_decisions(study, args.files):
+        if item.counts is None:
+            when = f" on {item.earlier['created']}" if "created" in item.earlier else " earlier in this command"
+            print(f"{item.path}: already imported{when} (as {item.earlier['name']}); nothing stored")
+        else:
+            print(f"{item.path}: " + ", ".join(f"{n} {k}" for k, n in item.counts.items()))
     return 0
 
 
