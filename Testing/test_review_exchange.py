@@ -10,7 +10,7 @@ import pytest
 
 from CMBDetectLib.cli import main as cmbdetect
 from CMBReviewLib.analysis import analyse
-from CMBReviewLib.store import Study
+from CMBReviewLib.store import Study, StudyError
 from test_review_walkthrough import fake_detect, fake_synth
 
 COLUMNS = ["case", "reader", "decision", "lesion", "reason", "certainty", "r", "a", "s", "diameter_mm", "seconds", "completed"]
@@ -165,3 +165,42 @@ def test_a_multi_file_import_with_one_bad_file_stores_none_of_them(study, tmp_pa
     with Study.open(study) as s:
         lesion1 = next(l.id for l in s.lesions() if l.detector_label == 1 and l.case_id == s.case("case0").id)
         assert [(v.verdict, v.reason) for v in s.current_verdicts() if v.lesion_id == lesion1] == [("incorrect", "vessel")]
+
+
+def test_create_refuses_unsafe_case_names_as_detect_does(tmp_path, capsys):
+    import shutil
+
+    fake_synth(tmp_path / "data", 2, seed=0)
+    det = tmp_path / "a" / "b" / "det"
+    fake_detect(tmp_path / "data" / "images", det)
+    for f in det.glob("case1_*"):  # the hostile case's results, where its name points
+        shutil.copy(f, tmp_path / "a" / f.name.replace("case1", "escape"))
+    listing = tmp_path / "cases.csv"
+    listing.write_text("case,image,detections\ncase0,data/images/case0.nii.gz,a/b/det\n../../escape,data/images/case1.nii.gz,a/b/det\n")
+    assert cmbdetect(["review", "create", str(tmp_path / "s.db"), "--cases", str(listing)]) == 1
+    assert "../../escape: the case name holds a path separator" in capsys.readouterr().err
+    with Study.open(tmp_path / "s.db") as s:
+        assert [c.name for c in s.cases()] == ["case0"]
+
+
+def test_a_case_name_stored_by_an_older_version_cannot_write_outside(tmp_path, capsys):
+    from CMBReviewLib.study import add_missed, load_image
+
+    fake_synth(tmp_path / "data", 2, seed=0)
+    fake_detect(tmp_path / "data" / "images", tmp_path / "det")
+    path = tmp_path / "study" / "s.db"
+    assert cmbdetect(["review", "create", str(path), "--images", str(tmp_path / "data" / "images"), "--detections", str(tmp_path / "det")]) == 0
+    with Study.open(path) as s:
+        s.con.execute("UPDATE cases SET name = '../../escape' WHERE name = 'case1'")  # as an older CMBReview let it in
+        ana = s.add_reader("ana")
+        for case in s.cases():
+            s.record_reading(case.id, ana, 10.0)
+        image = load_image(s, "../../escape")
+        with pytest.raises(StudyError, match="case name holds a path separator"):
+            add_missed(s, "../../escape", "ana", np.ones(image.shape, bool), image)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert cmbdetect(["review", "consensus", str(path), "-o", str(tmp_path / "cons" / "out")]) == 1
+    assert "../../escape: the case name holds a path separator" in capsys.readouterr().err
+    outside = [p for p in sorted(tmp_path.rglob("*")) if p not in before and tmp_path / "cons" / "out" not in (p, *p.parents)]
+    assert outside == [tmp_path / "cons"]  # only the output folder's parent, made for it
+    assert (tmp_path / "cons" / "out" / "labels" / "case0.seg.nrrd").is_file()

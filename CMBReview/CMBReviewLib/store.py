@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from CMBDetectLib.cohort.names import printable, unsafe_name_reason
+
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 
@@ -319,6 +321,9 @@ class Study:
     # --- cases and readers -------------------------------------------------------------
 
     def add_case(self, name: str, image: str, detections: str | None = None, detector_seconds: float | None = None) -> int:
+        reason = unsafe_name_reason(name)
+        if reason:  # the name names the case's files (cmbdetect detect's rules)
+            raise StudyError(f"{printable(name)}: {reason}")
         with self.transaction() as con:
             if con.execute("SELECT 1 FROM cases WHERE name = ?", (name,)).fetchone():
                 raise StudyError(f"{name}: the study has this case already")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from CMBDetectLib.detection.lesions import Lesion
+from CMBDetectLib.cohort.names import printable, refuse_unsafe_and_duplicates
 from CMBDetectLib.errors import CaseError
 from CMBDetectLib.io import Volume, case_name, is_volume_file, read_volume
 
@@ -84,12 +86,19 @@ def case_list(images: Path | None = None, detections: Path | None = None, csv_pa
 
 
 def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
-    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on."""
+    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on.
+
+    Case names follow `cmbdetect detect`'s rules (cohort/names.py): a name names the case's
+    voxel files and consensus files, so one that could climb out of their folder is refused.
+    """
     added, errors = [], []
-    known = {c.name for c in study.cases()}
-    for name, image, detections in cases:
+    known = {_folded(c.name) for c in study.cases()}
+    refused = refuse_unsafe_and_duplicates([name for name, _, _ in cases])
+    for n, (name, image, detections) in enumerate(cases):
         try:
-            if name in known:
+            if n in refused:
+                raise CaseError(printable(name), refused[n])
+            if _folded(name) in known:
                 raise CaseError(name, "already in the study")
             if not Path(image).exists():
                 raise CaseError(name, f"image not found: {image}")
@@ -107,10 +116,15 @@ def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[s
                      for l in lesions],
                 )  # fmt: skip
             added.append(name)
-            known.add(name)
+            known.add(_folded(name))
         except (CaseError, ValueError, KeyError, OSError) as exc:
             errors.append(exc if isinstance(exc, CaseError) else CaseError(name, str(exc)))
     return added, errors
+
+
+def _folded(name: str) -> str:
+    # `A` and `a` are one folder on macOS and Windows, as in refuse_unsafe_and_duplicates.
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def load_image(study: Study, case: str) -> Volume:

@@ -126,13 +126,15 @@ def _simulate(study, args) -> int:
 def _consensus(study, args) -> int:
     from CMBReviewLib.consensus import export_consensus
 
-    written, skipped = export_consensus(study, args.out, use_endorsed=not args.majority_only)
+    written, skipped, failed = export_consensus(study, args.out, use_endorsed=not args.majority_only)
     for c in written:
         print(f"{c.case}: {c.n_lesions} lesion(s) from the {c.source}")
     for s in skipped:
         print(f"  skipped: {s}", file=sys.stderr)
+    for f in failed:
+        print(f"error: {f}", file=sys.stderr)
     print(f"consensus in {args.out}: labels/*.seg.nrrd, train.csv")
-    return 0 if written else 1
+    return 0 if written and not failed else 1
 
 
 def _report(study, args) -> int:
