@@ -8,6 +8,7 @@
     cmbdetect review consensus STUDY.db -o DIR
     cmbdetect review report STUDY.db -o DIR
     cmbdetect review status STUDY.db
+    cmbdetect review backup STUDY.db COPY.db
 """
 
 from __future__ import annotations
@@ -56,20 +57,29 @@ def configure(p: argparse.ArgumentParser) -> None:
     r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for Fleiss' kappa CI (default 2000)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-html", action="store_true")
-    t = sub.add_parser("status", help="print the study's cases, readers and progress")
+    t = sub.add_parser("status", help="print the study's cases, readers and progress, and check it (SQLite integrity, voxel files)")
     t.add_argument("study", type=Path)
+    b = sub.add_parser("backup", help="copy the study and its voxel files, consistently, while readers may be at work")
+    b.add_argument("study", type=Path)
+    b.add_argument("dest", type=Path, help="the copy's SQLite file (its voxel files go to DEST.files/); never overwritten")
 
 
 def run(args: argparse.Namespace) -> int:
-    from CMBReviewLib.store import Study, StudyError
+    import sqlite3
+
+    from CMBDetectLib.errors import CaseError
+    from CMBReviewLib.store import DAMAGED_HINT, Study, StudyError
 
     try:
         if args.action == "create":
             return _create(args)
         with Study.open(args.study) as study:
             return ACTIONS[args.action](study, args)
-    except (StudyError, FileNotFoundError) as exc:
+    except (StudyError, CaseError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:  # damage met after the checks at opening
+        print(f"error: {args.study}: SQLite: {exc}; `cmbdetect review status` checks the study; if it is damaged, {DAMAGED_HINT}", file=sys.stderr)
         return 2
 
 
@@ -152,11 +162,20 @@ def _status(study, args) -> int:
     summary = study.summary()
     readers = study.readers()
     summary["progress"] = {name: f"{len(study.completed_cases(r))}/{summary['cases']} cases completed" for r, name in readers.items()}
+    summary["problems"] = study.problems()
     print(json.dumps(summary, indent=1))
+    for problem in summary["problems"]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if summary["problems"] else 0
+
+
+def _backup(study, args) -> int:
+    dest = study.backup(args.dest)
+    print(f"backup of {study.path} in {dest} (voxel files in {dest.name}.files/)")
     return 0
 
 
 ACTIONS = {
     "add-reader": _add_reader, "import": _import, "export": _export, "simulate": _simulate,
-    "consensus": _consensus, "report": _report, "status": _status,
+    "consensus": _consensus, "report": _report, "status": _status, "backup": _backup,
 }  # fmt: skip
