@@ -204,3 +204,49 @@ def test_a_case_name_stored_by_an_older_version_cannot_write_outside(tmp_path, c
     outside = [p for p in sorted(tmp_path.rglob("*")) if p not in before and tmp_path / "cons" / "out" not in (p, *p.parents)]
     assert outside == [tmp_path / "cons"]  # only the output folder's parent, made for it
     assert (tmp_path / "cons" / "out" / "labels" / "case0.seg.nrrd").is_file()
+
+
+def _regrid(path, **change) -> None:
+    """Rewrite a volume with the same voxels on another grid (a shifted origin, another spacing)."""
+    from dataclasses import replace
+
+    from CMBDetectLib.io import read_volume, write_volume
+
+    v = read_volume(path)
+    write_volume(v.array, replace(v.geometry, **change), path)
+
+
+def test_create_refuses_a_case_whose_detections_are_on_another_grid(tmp_path, capsys):
+    fake_synth(tmp_path / "data", 3, seed=0)
+    fake_detect(tmp_path / "data" / "images", tmp_path / "det")
+    _regrid(tmp_path / "det" / "case1_lesions.nii.gz", origin=(5.0, 0.0, 0.0))
+    (tmp_path / "det" / "case2_lesions.nii.gz").unlink()
+    assert cmbdetect(["review", "create", str(tmp_path / "s.db"), "--images", str(tmp_path / "data" / "images"), "--detections", str(tmp_path / "det")]) == 1
+    err = capsys.readouterr().err
+    assert "case1: detections case1_lesions.nii.gz are not on the image's grid (origin" in err
+    assert "case2: no complete CMBDetect result" in err and "case2_lesions.nii.gz" in err
+    with Study.open(tmp_path / "s.db") as s:
+        assert [c.name for c in s.cases()] == ["case0"]
+
+
+def test_simulate_refuses_truth_on_another_grid(study, tmp_path, capsys):
+    _regrid(tmp_path / "data" / "labels" / "case1.nii.gz", spacing=(0.5, 0.5, 2.0))
+    out = tmp_path / "ana.csv"
+    assert cmbdetect(["review", "simulate", str(study), "--truth", str(tmp_path / "data"), "--reader", "ana", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: case1: truth case1.nii.gz is not on the image's grid (spacing") and not out.exists()
+
+
+def test_consensus_with_a_case_on_another_grid_writes_the_others_whole(study, tmp_path, capsys):
+    for reader in ("ana", "ben"):
+        out = tmp_path / f"{reader}.csv"
+        assert cmbdetect(["review", "simulate", str(study), "--truth", str(tmp_path / "data"), "--reader", reader, "-o", str(out)]) == 0
+        assert cmbdetect(["review", "import", str(study), str(out)]) == 0
+    _regrid(tmp_path / "det" / "case0_lesions.nii.gz", origin=(5.0, 0.0, 0.0))  # changed after the study was made
+    capsys.readouterr()
+    cons = tmp_path / "cons"
+    assert cmbdetect(["review", "consensus", str(study), "-o", str(cons)]) == 1
+    assert "error: case0: label case0_lesions.nii.gz is on another grid" in capsys.readouterr().err
+    with open(cons / "train.csv", newline="") as f:
+        assert [row["case"] for row in csv.DictReader(f)] == ["case1"]
+    assert sorted(p.relative_to(cons).as_posix() for p in cons.rglob("*")) == ["consensus.csv", "labels", "labels/case1.seg.nrrd", "train.csv"]

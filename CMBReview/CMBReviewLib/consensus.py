@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,6 @@ import numpy as np
 
 from CMBDetectLib.detection.outputs import write_segmentation_nrrd
 from CMBDetectLib.errors import CaseError
-from CMBDetectLib.io import atomic_path
 
 from . import analysis, voxelfiles
 from .study import detector_labels, load_image, resolve
@@ -69,12 +70,9 @@ def majority_labels(study: Study, case_name: str, image, candidates, readers, ra
     return out, n
 
 
-def export_consensus(
-    study: Study, out: str | Path, cases: list[str] | None = None, use_endorsed: bool = True
+def _export(
+    study: Study, out: Path, staging: Path, cases: list[str] | None, use_endorsed: bool
 ) -> tuple[list[ConsensusCase], list[str], list[str]]:
-    """Write the consensus of every reviewed case; returns what was written, the cases skipped
-    (nobody reviewed them) and the cases that failed ("case: problem"; the others go on)."""
-    out = Path(out)
     candidates, readers, _, rat, ctx = analysis.ratings(study)
     reader_ids = list(readers)
     names = readers
@@ -103,18 +101,41 @@ def export_consensus(
             failed.append(str(exc))
             continue
         lesions = voxelfiles.describe(labels, image.geometry)
-        seg = out / "labels" / f"{case.name}.seg.nrrd"
-        with atomic_path(seg) as tmp:
-            write_segmentation_nrrd(tmp, labels, lesions, image.geometry)
-        written.append(ConsensusCase(case.name, source, len(lesions), seg))
-        rows.append({"case": case.name, "image": str(resolve(study, case.image)), "label": os.path.relpath(seg, out)})
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "train.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        seg = staging / "labels" / f"{case.name}.seg.nrrd"
+        seg.parent.mkdir(exist_ok=True)
+        write_segmentation_nrrd(seg, labels, lesions, image.geometry)
+        written.append(ConsensusCase(case.name, source, len(lesions), out / "labels" / seg.name))
+        rows.append({"case": case.name, "image": str(resolve(study, case.image)), "label": f"labels/{seg.name}"})
+    with open(staging / "train.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["case", "image", "label"])
         w.writeheader()
         w.writerows(rows)
-    with atomic_path(out / "consensus.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with open(staging / "consensus.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["case", "lesions", "source"])
         w.writerows([c.case, c.n_lesions, c.source] for c in written)
+    # Into place by renames: the label files first, the two CSVs last, so that train.csv never
+    # names a file that is not there yet.
+    for c in written:
+        c.label_path.parent.mkdir(exist_ok=True)
+        os.replace(staging / "labels" / c.label_path.name, c.label_path)
+    for name in ("train.csv", "consensus.csv"):
+        os.replace(staging / name, out / name)
     return written, skipped, failed
+
+
+def export_consensus(
+    study: Study, out: str | Path, cases: list[str] | None = None, use_endorsed: bool = True
+) -> tuple[list[ConsensusCase], list[str], list[str]]:
+    """Write the consensus of every reviewed case; returns what was written, the cases skipped
+    (nobody reviewed them) and the cases that failed ("case: problem"; the others go on).
+
+    Everything is written into a hidden folder inside OUT first: an error or an interruption
+    there leaves OUT as it was."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".consensus-tmp-", dir=out))
+    try:
+        return _export(study, out, staging, cases, use_endorsed)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

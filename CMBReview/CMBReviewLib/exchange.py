@@ -29,7 +29,7 @@ import numpy as np
 from CMBDetectLib.io import read_volume
 
 from .store import CERTAINTIES, MIMIC_REASONS, Study, StudyError
-from .study import AddedFile, detector_labels, load_image, ras_to_kji, record_added, write_added
+from .study import AddedFile, detector_labels, grid_differences, load_image, ras_to_kji, record_added, write_added
 from .regiongrow import grow_from_click, sphere_mask
 
 DECISION_COLUMNS = ("case", "reader", "decision", "lesion", "reason", "certainty", "r", "a", "s", "diameter_mm", "seconds", "completed", "comment")
@@ -301,7 +301,11 @@ def simulate_decisions(study: Study, truth: str | Path, reader: str, error_rate:
         if not files:
             raise StudyError(f"{case.name}: no synthetic truth {case.name}.* in {label_dir}")
         image = load_image(study, case.name)
-        true = read_volume(files[0], case.name).array.astype(np.int64)
+        truth_volume = read_volume(files[0], case.name)
+        differ = grid_differences(truth_volume.shape, truth_volume.geometry, image.shape, image.geometry)
+        if differ:
+            raise StudyError(f"{case.name}: truth {files[0].name} is not on the image's grid ({'; '.join(differ)})")
+        true = truth_volume.array.astype(np.int64)
         det = detector_labels(study, case.name, image)
         for l in sorted((l for l in study.lesions(case.id) if l.source == "detector"), key=lambda l: l.detector_label):
             hit = bool(np.any(true[det == l.detector_label] > 0))

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
-from CMBDetectLib.detection.lesions import Lesion
 from CMBDetectLib.cohort.names import printable, refuse_unsafe_and_duplicates
+from CMBDetectLib.detection.lesions import Lesion
 from CMBDetectLib.errors import CaseError
-from CMBDetectLib.io import Volume, case_name, is_volume_file, read_volume
+from CMBDetectLib.io import Geometry, Volume, case_name, is_volume_file, read_volume
 
 from . import voxelfiles
 from .regiongrow import grow_from_click
@@ -44,8 +45,9 @@ def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], floa
     """The detector's lesions of one case from `cmbdetect detect` outputs, and its seconds."""
     summary_path = detections / f"{case}_summary.json"
     table = detections / f"{case}_lesions.csv"
-    if not summary_path.is_file() or not table.is_file():
-        raise CaseError(case, f"no complete CMBDetect result in {detections} (expected {summary_path.name} and {table.name})")
+    labels = detections / f"{case}_lesions.nii.gz"
+    if not all(p.is_file() for p in (summary_path, table, labels)):
+        raise CaseError(case, f"no complete CMBDetect result in {detections} (expected {summary_path.name}, {table.name} and {labels.name})")
     summary = json.loads(summary_path.read_text(encoding="utf-8-sig"))
     lesions = []
     with open(table, newline="", encoding="utf-8-sig") as f:
@@ -64,6 +66,48 @@ def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], floa
         raise CaseError(case, f"{table.name} lists {len(lesions)} lesions, the summary {summary.get('n_lesions')}")
     seconds = summary.get("seconds")
     return lesions, float(seconds) if seconds is not None else None
+
+
+# Grids agree when they agree this closely (mm, and direction cosines), as read_label and evaluate ask.
+GRID_TOLERANCE = 1e-4
+
+
+def grid_of(path: Path, case: str) -> tuple[tuple[int, ...], Geometry]:
+    """A volume's shape (k, j, i) and geometry, from its header only (a DICOM folder is read)."""
+    path = Path(path)
+    if path.is_dir():
+        volume = read_volume(path, case)
+        return volume.shape, volume.geometry
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise CaseError(case, f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
+    geometry = Geometry(tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    return tuple(reader.GetSize())[::-1], geometry
+
+
+def grid_differences(shape: tuple[int, ...], geometry: Geometry, like_shape: tuple[int, ...], like: Geometry) -> list[str]:
+    """How one grid differs from another ("size ...", "spacing ... vs ..."); empty when they agree."""
+    found = []
+    if tuple(shape) != tuple(like_shape):
+        found.append(f"size {'x'.join(map(str, shape[::-1]))} vs {'x'.join(map(str, like_shape[::-1]))}")
+    if len(geometry.direction) != len(like.direction):
+        return [*found, "not 3D"]
+    for name in ("spacing", "origin", "direction"):
+        a, b = np.asarray(getattr(geometry, name), float), np.asarray(getattr(like, name), float)
+        if not np.allclose(a, b, atol=GRID_TOLERANCE, rtol=0):
+            found.append(f"{name} {tuple(round(float(x), 4) for x in a)} vs {tuple(round(float(x), 4) for x in b)}")
+    return found
+
+
+def check_detections_grid(case: str, image: Path, detections: Path) -> None:
+    """The detector's label map must lie on its image's grid, voxel for voxel."""
+    labels = Path(detections) / f"{case}_lesions.nii.gz"
+    differ = grid_differences(*grid_of(labels, case), *grid_of(Path(image), case))
+    if differ:
+        raise CaseError(case, f"detections {labels.name} are not on the image's grid ({'; '.join(differ)}): were they made from another image?")
 
 
 def case_list(images: Path | None = None, detections: Path | None = None, csv_path: Path | None = None) -> list[tuple[str, Path, Path]]:
@@ -103,6 +147,7 @@ def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[s
             if not Path(image).exists():
                 raise CaseError(name, f"image not found: {image}")
             lesions, seconds = read_detector_lesions(Path(detections), name)
+            check_detections_grid(name, Path(image), Path(detections))
             with study.transaction() as con:  # the case and its lesions together, or neither
                 position = con.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM cases").fetchone()[0]
                 case_id = con.execute(
