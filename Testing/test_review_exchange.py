@@ -250,3 +250,19 @@ def test_consensus_with_a_case_on_another_grid_writes_the_others_whole(study, tm
     with open(cons / "train.csv", newline="") as f:
         assert [row["case"] for row in csv.DictReader(f)] == ["case1"]
     assert sorted(p.relative_to(cons).as_posix() for p in cons.rglob("*")) == ["consensus.csv", "labels", "labels/case1.seg.nrrd", "train.csv"]
+
+
+def test_create_with_missing_detections_creates_nothing(tmp_path, capsys):
+    fake_synth(tmp_path / "data", 2, seed=0)
+    images, path = tmp_path / "data" / "images", tmp_path / "s.db"
+    assert cmbdetect(["review", "create", str(path), "--images", str(images), "--detections", str(tmp_path / "nope")]) == 2
+    assert f"error: detections folder not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    listing = tmp_path / "cases.csv"  # every case of a list failing: no empty study either
+    listing.write_text("image,detections\ndata/images/case0.nii.gz,det0\ndata/images/case1.nii.gz,det1\n")
+    assert cmbdetect(["review", "create", str(path), "--cases", str(listing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no case could be added") and "case0: detections folder not found" in err and "case1:" in err
+    assert not path.exists() and not path.with_name("s.db.files").exists()
+    # so the same command works once the detections are there
+    fake_detect(images, tmp_path / "det")
+    assert cmbdetect(["review", "create", str(path), "--images", str(images), "--detections", str(tmp_path / "det")]) == 0

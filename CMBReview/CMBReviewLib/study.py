@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ def resolve(study: Study, stored: str) -> Path:
 
 def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], float | None]:
     """The detector's lesions of one case from `cmbdetect detect` outputs, and its seconds."""
+    if not detections.is_dir():
+        raise CaseError(case, f"detections folder not found: {detections}")
     summary_path = detections / f"{case}_summary.json"
     table = detections / f"{case}_lesions.csv"
     labels = detections / f"{case}_lesions.nii.gz"
@@ -125,46 +128,93 @@ def case_list(images: Path | None = None, detections: Path | None = None, csv_pa
         raise StudyError("give a folder of images and the folder of their CMBDetect results, or a CSV")
     if not Path(images).is_dir():
         raise StudyError(f"image folder not found: {images}")
+    if not Path(detections).is_dir():
+        raise StudyError(f"detections folder not found: {detections}")
     files = sorted(p for p in Path(images).iterdir() if is_volume_file(p) and not p.name.startswith("."))
     return [(case_name(p), p, Path(detections)) for p in files]
 
 
-def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
-    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on.
+@dataclass(frozen=True)
+class CheckedCase:
+    name: str
+    image: Path
+    detections: Path
+    lesions: list[dict]
+    seconds: float | None
+
+
+def check_cases(cases: list[tuple[str, Path, Path]], known: set[str] = frozenset()) -> tuple[list[CheckedCase], list[CaseError]]:
+    """Each case checked before any is stored: a safe name, not `known`, its image readable,
+    a complete CMBDetect result on the image's grid. A bad case is reported, the rest go on.
 
     Case names follow `cmbdetect detect`'s rules (cohort/names.py): a name names the case's
     voxel files and consensus files, so one that could climb out of their folder is refused.
     """
-    added, errors = [], []
-    known = {_folded(c.name) for c in study.cases()}
+    good, errors = [], []
+    seen = {_folded(n) for n in known}
     refused = refuse_unsafe_and_duplicates([name for name, _, _ in cases])
     for n, (name, image, detections) in enumerate(cases):
         try:
             if n in refused:
                 raise CaseError(printable(name), refused[n])
-            if _folded(name) in known:
+            if _folded(name) in seen:
                 raise CaseError(name, "already in the study")
             if not Path(image).exists():
                 raise CaseError(name, f"image not found: {image}")
             lesions, seconds = read_detector_lesions(Path(detections), name)
             check_detections_grid(name, Path(image), Path(detections))
+            good.append(CheckedCase(name, Path(image), Path(detections), lesions, seconds))
+            seen.add(_folded(name))
+        except (CaseError, ValueError, KeyError, OSError) as exc:
+            errors.append(exc if isinstance(exc, CaseError) else CaseError(name, str(exc)))
+    return good, errors
+
+
+def _insert_cases(study: Study, cases: list[CheckedCase]) -> tuple[list[str], list[CaseError]]:
+    added, errors = [], []
+    for case in cases:
+        try:
             with study.transaction() as con:  # the case and its lesions together, or neither
                 position = con.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM cases").fetchone()[0]
                 case_id = con.execute(
                     "INSERT INTO cases (name, image, detections, detector_seconds, position) VALUES (?, ?, ?, ?, ?)",
-                    (name, _stored_path(study, image), _stored_path(study, detections), seconds, position),
+                    (case.name, _stored_path(study, case.image), _stored_path(study, case.detections), case.seconds, position),
                 ).lastrowid
                 con.executemany(
                     "INSERT INTO lesions (case_id, source, detector_label, r, a, s, diameter_mm, n_voxels, size_class, "
                     "mean_probability, created) VALUES (?, 'detector', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(case_id, l["id"], *l["ras"], l["diameter_mm"], l["n_voxels"], l["size_class"], l["mean_probability"], now())
-                     for l in lesions],
+                     for l in case.lesions],
                 )  # fmt: skip
-            added.append(name)
-            known.add(_folded(name))
-        except (CaseError, ValueError, KeyError, OSError) as exc:
-            errors.append(exc if isinstance(exc, CaseError) else CaseError(name, str(exc)))
+            added.append(case.name)
+        except (sqlite3.IntegrityError, StudyError) as exc:
+            errors.append(CaseError(case.name, str(exc)))
     return added, errors
+
+
+def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
+    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on."""
+    good, errors = check_cases(cases, {c.name for c in study.cases()})
+    added, failed = _insert_cases(study, good)
+    return added, errors + failed
+
+
+def create_study(
+    path: str | Path, cases: list[tuple[str, Path, Path]], name: str | None = None, match_radius_mm: float = 5.0
+) -> tuple[list[str], list[CaseError]]:
+    """A new study with the cases that pass `check_cases` (the others reported); when none
+    does, nothing is created: a study cannot take cases later, so an empty one is no use."""
+    path = Path(path)
+    if path.exists():
+        raise StudyError(f"study {path} exists already: open it instead")
+    if not cases:
+        raise StudyError("no cases found")
+    good, errors = check_cases(cases)
+    if not good:
+        raise StudyError("no case could be added, so no study was created:\n" + "\n".join(f"  {e}" for e in errors))
+    with Study.create(path, name, match_radius_mm) as study:
+        added, failed = _insert_cases(study, good)
+    return added, errors + failed
 
 
 def _folded(name: str) -> str:

@@ -84,15 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _create(args) -> int:
-    from CMBReviewLib.store import Study
-    from CMBReviewLib.study import add_cases, case_list
+    from CMBReviewLib.study import case_list, create_study
 
-    cases = case_list(args.images, args.detections, args.cases)
-    if not cases:
-        print("error: no cases found", file=sys.stderr)
-        return 2
-    with Study.create(args.study, args.name, args.match_radius) as study:
-        added, errors = add_cases(study, cases)
+    added, errors = create_study(args.study, case_list(args.images, args.detections, args.cases), args.name, args.match_radius)
     print(f"study {args.study}: {len(added)} case(s) added")
     for err in errors:
         print(f"  failed: {err}", file=sys.stderr)
