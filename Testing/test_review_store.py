@@ -17,7 +17,7 @@ import pytest
 
 from CMBDetectLib.io import Geometry, Volume
 from CMBReviewLib import voxelfiles
-from CMBReviewLib.store import SCHEMA_V1, SCHEMA_VERSION, Study, StudyError, create_schema_v1
+from CMBReviewLib.store import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION, Study, StudyError, create_schema_v1
 from CMBReviewLib.study import add_missed, save_groundtruth
 
 N_LESIONS = 40
@@ -152,6 +152,7 @@ def test_v1_ddl_is_what_create_starts_from(tmp_path):
     con = sqlite3.connect(path)
     columns = [r[1] for r in con.execute("PRAGMA table_info(verdicts)")]
     assert "certainty" in columns and con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID  # marks it a study
     assert con.execute("PRAGMA foreign_keys").fetchone()[0] == 0  # off per connection by default...
     con.close()
     with Study.open(path) as study:

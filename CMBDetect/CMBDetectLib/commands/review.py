@@ -67,8 +67,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from CMBDetectLib.errors import CaseError
     from CMBReviewLib.store import DAMAGED_HINT, Study, StudyError
+
+    from CMBDetectLib.errors import CaseError
 
     try:
         if args.action == "create":
