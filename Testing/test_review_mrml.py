@@ -155,10 +155,10 @@ def test_consensus_prefers_an_endorsed_ground_truth(mrml, study, tmp_path):
     slicer.util.updateSegmentBinaryLabelmapFromArray(truth.astype(np.uint8), gt, "s0", nodes.volume)
     g = review_mrml.store_groundtruth(study, "c1", "ana", gt, nodes.volume)
     # not endorsed yet, and nobody reviewed the case: nothing to export
-    written, skipped = export_consensus(study, tmp_path / "cons")
-    assert not written and skipped == ["c1: no reader has reviewed it"]
+    written, skipped, failed = export_consensus(study, tmp_path / "cons")
+    assert not written and not failed and skipped == ["c1: no reader has reviewed it"]
     study.endorse(g, study.reader_id("ben"))
-    written, _ = export_consensus(study, tmp_path / "cons")
+    written, _, _ = export_consensus(study, tmp_path / "cons")
     assert written[0].source == "ground truth by ana, endorsed by ben" and written[0].n_lesions == 1
     labels = read_label(written[0].label_path, "c1", nodes.image)
     assert np.array_equal(labels > 0, truth)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +17,7 @@ import pytest
 
 from CMBDetectLib.io import Geometry, Volume
 from CMBReviewLib import voxelfiles
-from CMBReviewLib.store import SCHEMA_V1, SCHEMA_VERSION, Study, StudyError, create_schema_v1
+from CMBReviewLib.store import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION, Study, StudyError, create_schema_v1
 from CMBReviewLib.study import add_missed, save_groundtruth
 
 N_LESIONS = 40
@@ -117,7 +119,7 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
     con.close()
 
     with Study.open(path) as study:
-        assert study.schema_version == SCHEMA_VERSION == 2
+        assert study.schema_version == SCHEMA_VERSION == 3
         (v,) = study.current_verdicts()
         assert (v.verdict, v.reason, v.certainty) == ("incorrect", "vessel", "definite")  # v1 verdicts were definite
         assert study.reading_seconds() == {(1, 1): 90.5}
@@ -125,9 +127,11 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
         study.record_verdict(1, 1, "correct", certainty="possible")  # the v2 column works
         assert study.current_verdicts()[0].certainty == "possible"
         study.record_reading(1, 1, 10.0, comment="second look")
+        study.record_import("0" * 64, "old.csv", 1)  # the v3 table of imported files works
+        assert study.imported("0" * 64)["name"] == "old.csv"
         assert study.integrity_ok()
     with Study.open(path) as study:  # opening again applies nothing more
-        assert study.schema_version == 2 and len(study.history()) == 2
+        assert study.schema_version == 3 and len(study.history()) == 2
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -148,6 +152,7 @@ def test_v1_ddl_is_what_create_starts_from(tmp_path):
     con = sqlite3.connect(path)
     columns = [r[1] for r in con.execute("PRAGMA table_info(verdicts)")]
     assert "certainty" in columns and con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID  # marks it a study
     assert con.execute("PRAGMA foreign_keys").fetchone()[0] == 0  # off per connection by default...
     con.close()
     with Study.open(path) as study:
@@ -244,3 +249,115 @@ def test_resume_position_is_the_first_case_not_completed(tmp_path):
         study.record_reading(ids[2], ana, 5.0)
         assert study.resume_position(ana) == 3
         assert study.reading_seconds()[(ids[1], ana)] == 32.0
+
+
+def _foreign_sqlite(path) -> None:
+    con = sqlite3.connect(path)
+    con.executescript("CREATE TABLE people (name TEXT); INSERT INTO people VALUES ('x');")
+    con.close()
+
+
+def _other_program(path) -> None:
+    _foreign_sqlite(path)
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA application_id = 1234")
+    con.close()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text("case,reader\n"), "not a SQLite file"),
+        (lambda p: p.write_bytes(b""), "empty (0 bytes)"),
+        (_foreign_sqlite, "not a CMBReview study"),
+        (_other_program, "another program's SQLite file"),
+    ],
+    ids=["text", "empty", "foreign-sqlite", "other-application"],
+)
+def test_a_file_that_is_not_a_study_is_refused_and_left_untouched(tmp_path, capsys, make, message):
+    from CMBDetectLib.cli import main as cmbdetect
+
+    path = tmp_path / "study.db"
+    make(path)
+    before = path.read_bytes()
+    for action in (["status"], ["add-reader", None, "ana"], ["report", None, "-o", str(tmp_path / "r")]):
+        args = ["review", action[0], str(path), *action[2:]]
+        assert cmbdetect(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and str(path) in err and "Traceback" not in err
+    with pytest.raises(StudyError, match=re.escape(message)):
+        Study.open(path)
+    assert path.read_bytes() == before, "the file is not modified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.db"], "no WAL or journal left beside it"
+
+
+def _corrupt_a_page(path) -> None:
+    """Overwrite most of one b-tree page, as a failing disk or a bad copy would."""
+    con = sqlite3.connect(path)
+    page_size, pages = con.execute("PRAGMA page_size").fetchone()[0], con.execute("PRAGMA page_count").fetchone()[0]
+    con.close()
+    data = bytearray(path.read_bytes())
+    start = (pages - 3) * page_size  # a page of the detector lesions' table or its index
+    data[start + 8 : start + page_size // 2] = b"\xff" * (page_size // 2 - 8)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_study_is_named_and_not_deepened(tmp_path, capsys):
+    from CMBDetectLib.cli import main as cmbdetect
+
+    path = tmp_path / "study.db"
+    make_study(path, n_lesions=400)
+    _corrupt_a_page(path)
+    before = path.read_bytes()
+    assert cmbdetect(["review", "status", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "damaged" in err and "backup" in err and "Traceback" not in err
+    with pytest.raises(StudyError, match="damaged"):
+        Study.open(path)
+    assert path.read_bytes() == before
+
+
+def test_status_names_voxel_files_missing_or_changed(tmp_path, capsys):
+    from CMBDetectLib.cli import main as cmbdetect
+
+    path = tmp_path / "study.db"
+    make_study(path, n_lesions=1)
+    image = _volume()
+    mask = np.zeros(image.shape, bool)
+    mask[3, 10:13, 10:13] = True
+    with Study.open(path) as study:
+        add_missed(study, "case1", "ana", mask, image)
+        file_a, _ = study.file(study.lesions()[-1].file_id)
+        add_missed(study, "case1", "ben", mask, image)
+        file_b, _ = study.file(study.lesions()[-1].file_id)
+    assert cmbdetect(["review", "status", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
+    file_a.write_bytes(file_a.read_bytes() + b"\n")
+    file_b.unlink()
+    assert cmbdetect(["review", "status", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["problems"]) == 2
+    assert f"error: voxel file {file_a.name} was changed" in captured.err and f"error: voxel file {file_b.name} is missing" in captured.err
+
+
+def test_backup_copies_the_study_and_its_voxel_files(tmp_path, capsys):
+    from CMBDetectLib.cli import main as cmbdetect
+
+    path = tmp_path / "study.db"
+    make_study(path, n_lesions=3)
+    image = _volume()
+    mask = np.zeros(image.shape, bool)
+    mask[3, 10:13, 10:13] = True
+    with Study.open(path) as study:  # open while the backup runs: a reader at work
+        add_missed(study, "case1", "ana", mask, image)
+        study.record_verdict(study.lesions()[0].id, study.reader_id("ben"), "correct")
+        dest = tmp_path / "elsewhere" / "copy.db"
+        assert cmbdetect(["review", "backup", str(path), str(dest)]) == 0
+        history = study.history()
+    with Study.open(dest) as copy:
+        assert copy.history() == history and copy.integrity_ok()
+        (added,) = [l for l in copy.lesions() if l.source == "reader"]
+        file, digest = copy.file(added.file_id)
+        assert np.array_equal(voxelfiles.read_checked(file, digest, "case1", image) > 0, mask)
+    assert cmbdetect(["review", "backup", str(path), str(dest)]) == 2
+    assert "exists already" in capsys.readouterr().err

@@ -147,3 +147,20 @@ def test_evaluate_scores_detections_against_the_consensus(walked):
     demo, _ = walked
     touch = json.loads((demo / "evaluation" / "evaluation.json").read_text(encoding="utf-8"))["lesion"]["rules"]["touch"]
     assert touch["n_pred"] == 9 and 0 < touch["n_truth"] <= 9
+
+
+def test_importing_the_walkthrough_decisions_again_stores_nothing(walked, monkeypatch, capsys):
+    demo, _ = walked
+    commands = walkthrough_commands()
+    (again,) = [args for args in commands if args[:2] == ["review", "import"]]
+    (report,) = [args for args in commands if args[:2] == ["review", "report"]]
+    monkeypatch.chdir(demo.parent)  # the README's paths are relative to the clone
+    capsys.readouterr()
+    assert cmbdetect(again) == 0
+    said = capsys.readouterr().out
+    assert said.count("already imported") == len(again) - 3, said  # every file of the command, by name
+    second = report[: report.index("-o") + 1] + ["review-demo/report-again", "--bootstrap", "200"]
+    assert cmbdetect(second) == 0
+    for name in ("table4.csv", "review.json", "kappa.csv", "cases.csv"):
+        before = (demo / "report" / name).read_text(encoding="utf-8")
+        assert (demo / "report-again" / name).read_text(encoding="utf-8") == before, name

@@ -7,14 +7,20 @@ One row per decision, columns DECISION_COLUMNS:
 - `missed`: a lesion the detector missed, at RAS `r, a, s` (mm): grown from that point as a click
   in Slicer grows it, or a sphere of `diameter_mm` when that column is filled;
 - `reading`: `seconds` spent on the case (a sitting), `completed` 1/0, an optional `comment`.
-An import is checked in full before anything is stored: a file with one bad row stores nothing
-and the error names the row, the case and the problem. Each row is then its own transaction.
+An import (one or several files) is checked in full before anything is stored, and then
+stored in one transaction: one bad row, in any of the files, stores nothing, and the error
+names the file, the row, the case and the problem. Each file is keyed by its content's sha256:
+a file imported before (under any name) stores nothing again and is reported as such; a reader
+who changes their mind writes a new file, whose verdicts supersede the earlier ones.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +29,7 @@ import numpy as np
 from CMBDetectLib.io import read_volume
 
 from .store import CERTAINTIES, MIMIC_REASONS, Study, StudyError
-from .study import add_missed, detector_labels, load_image, ras_to_kji
+from .study import AddedFile, detector_labels, grid_differences, load_image, ras_to_kji, record_added, write_added
 from .regiongrow import grow_from_click, sphere_mask
 
 DECISION_COLUMNS = ("case", "reader", "decision", "lesion", "reason", "certainty", "r", "a", "s", "diameter_mm", "seconds", "completed", "comment")
@@ -45,6 +51,7 @@ class Row:
     completed: bool = True
     comment: str | None = None
     mask: np.ndarray | None = None  # prepared before storing, for missed lesions
+    added: AddedFile | None = None  # its voxel file, written just before storing
 
 
 def _blank(v) -> bool:
@@ -92,26 +99,37 @@ def parse_row(raw: dict, where: str) -> Row:
     return row
 
 
+def parse_rows(data: bytes, name: str) -> list[Row]:
+    """The decision rows of a CSV or JSON file's bytes (`name` for messages and the format)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise StudyError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if name.lower().endswith(".json"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StudyError(f"{name}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        items = parsed.get("decisions", parsed) if isinstance(parsed, dict) else parsed
+        if not isinstance(items, list):
+            raise StudyError(f"{name}: expected a list of decisions (or {{'decisions': [...]}})")
+        return [parse_row(item, f"{name} item {n + 1}") for n, item in enumerate(items)]
+    return [parse_row(raw, f"{name} line {n + 2}") for n, raw in enumerate(csv.DictReader(io.StringIO(text, newline="")))]
+
+
 def read_rows(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"decisions file not found: {path}")
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-        items = data.get("decisions", data) if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise StudyError(f"{path.name}: expected a list of decisions (or {{'decisions': [...]}})")
-        return [parse_row(item, f"{path.name} item {n + 1}") for n, item in enumerate(items)]
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [parse_row(raw, f"{path.name} line {n + 2}") for n, raw in enumerate(csv.DictReader(f))]
+    return parse_rows(path.read_bytes(), path.name)
 
 
-def prepare(study: Study, rows: list[Row]) -> dict:
+def prepare(study: Study, rows: list[Row], images: dict | None = None) -> dict:
     """Check every row against the study, and grow the missed lesions' voxels, before storing
     anything; returns the images read (case -> Volume)."""
     readers = set(study.readers().values())
     detector = {}
-    images = {}
+    images = {} if images is None else images
     cases = {c.name: c for c in study.cases()}
     for row in rows:
         case = cases.get(row.case)
@@ -139,12 +157,63 @@ def prepare(study: Study, rows: list[Row]) -> dict:
     return images
 
 
-def import_decisions(study: Study, path: str | Path) -> dict[str, int]:
-    """Store every decision of a CSV/JSON file (all checked first); returns counts per decision."""
-    rows = read_rows(path)
-    images = prepare(study, rows)
+@dataclass
+class Imported:
+    """One file of an import: what it stored, or the earlier import that already holds it."""
+
+    path: Path
+    sha256: str
+    counts: dict[str, int] | None = None  # None: imported before, nothing stored now
+    earlier: dict | None = None  # the earlier import (name, decisions, created), or {"name": ...} within this one
+
+
+def import_decisions(study: Study, paths: Sequence[str | Path]) -> list[Imported]:
+    """Store the decisions of CSV/JSON files, all of them or none; a file imported before
+    (same content, any name) stores nothing and is returned with `earlier` set."""
+    files: list[tuple[Imported, list[Row]]] = []
+    seen: dict[str, str] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise StudyError(f"decisions file not found: {path}")
+        data = path.read_bytes()  # hashed and parsed from the same bytes
+        item = Imported(path, hashlib.sha256(data).hexdigest())
+        item.earlier = study.imported(item.sha256) or ({"name": seen[item.sha256]} if item.sha256 in seen else None)
+        seen.setdefault(item.sha256, path.name)
+        files.append((item, [] if item.earlier else parse_rows(data, path.name)))
+    images: dict = {}
+    for _, rows in files:
+        prepare(study, rows, images)
+
+    # Voxel files first, outside the write lock; a failure below removes them again, so an
+    # import that stored nothing leaves no files either.
+    missed = [row for _, rows in files for row in rows if row.decision == "missed"]
+    try:
+        for row in missed:
+            row.added = write_added(study, row.case, row.reader, row.mask, images[row.case])
+        with study.transaction():
+            for item, rows in files:
+                if item.earlier is None:
+                    # Checked again under the write lock: another process may have imported it meanwhile.
+                    item.earlier = study.imported(item.sha256)
+                if item.earlier is None:
+                    item.counts = _store_rows(study, rows)
+                    study.record_import(item.sha256, item.path.name, len(rows))
+    except BaseException:
+        _remove([row for row in missed if row.added])
+        raise
+    _remove([row for item, rows in files if item.counts is None for row in rows if row.added])
+    return [item for item, _ in files]
+
+
+def _remove(rows: list[Row]) -> None:
+    """Voxel files that no stored decision references (their import stored nothing)."""
+    for row in rows:
+        row.added.path.unlink(missing_ok=True)  # type: ignore[union-attr]
+
+
+def _store_rows(study: Study, rows: list[Row]) -> dict[str, int]:
     counts = {d: 0 for d in DECISIONS}
-    lesion_ids = {}
+    lesion_ids: dict[tuple[int, int], int] = {}
     for row in rows:
         reader_id, case = study.reader_id(row.reader), study.case(row.case)
         if row.decision in ("correct", "incorrect"):
@@ -153,7 +222,7 @@ def import_decisions(study: Study, path: str | Path) -> dict[str, int]:
                 lesion_ids.update({(case.id, l.detector_label): l.id for l in study.lesions(case.id) if l.source == "detector"})
             study.record_verdict(lesion_ids[key], reader_id, row.decision, row.reason, row.certainty)
         elif row.decision == "missed":
-            add_missed(study, row.case, row.reader, row.mask, images[row.case], row.certainty)
+            record_added(study, row.added, row.certainty)  # type: ignore[arg-type]
         else:
             study.record_reading(case.id, reader_id, row.seconds, row.completed, row.comment)
         counts[row.decision] += 1
@@ -232,7 +301,11 @@ def simulate_decisions(study: Study, truth: str | Path, reader: str, error_rate:
         if not files:
             raise StudyError(f"{case.name}: no synthetic truth {case.name}.* in {label_dir}")
         image = load_image(study, case.name)
-        true = read_volume(files[0], case.name).array.astype(np.int64)
+        truth_volume = read_volume(files[0], case.name)
+        differ = grid_differences(truth_volume.shape, truth_volume.geometry, image.shape, image.geometry)
+        if differ:
+            raise StudyError(f"{case.name}: truth {files[0].name} is not on the image's grid ({'; '.join(differ)})")
+        true = truth_volume.array.astype(np.int64)
         det = detector_labels(study, case.name, image)
         for l in sorted((l for l in study.lesions(case.id) if l.source == "detector"), key=lambda l: l.detector_label):
             hit = bool(np.any(true[det == l.detector_label] > 0))

@@ -9,6 +9,11 @@ Why SQLite and these settings:
   row per (reader, lesion). Nothing is updated or deleted in place.
 - `PRAGMA user_version` holds the schema version; `open_study` migrates older files forward,
   each step in its own transaction, so an interrupted migration leaves the previous version.
+- Imported decision files are keyed by their content's sha256 (table `imports`): a file
+  imported again stores nothing, and a whole import is one transaction (all files or none).
+- Damage is named, never deepened: a file is recognised as a study (SQLite header, then
+  `PRAGMA application_id` or, for studies made before it was set, their tables) and checked
+  with `PRAGMA quick_check` before anything is written to it, WAL switch and migrations included.
 
 Voxel data (a reader's added lesion, a ground-truth labelling) lives in `.seg.nrrd` files
 beside the database (see `voxelfiles.py`), referenced here with their sha256.
@@ -17,6 +22,8 @@ beside the database (see `voxelfiles.py`), referenced here with their sha256.
 from __future__ import annotations
 
 import re
+import secrets
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +31,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+from CMBDetectLib.cohort.names import printable, unsafe_name_reason
+from CMBDetectLib.io import sha256_of
+
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
+# "CMBR": the SQLite header's application id of a study (schema 3 on), so that `file(1)` and we
+# can tell a study from another program's SQLite file.
+APPLICATION_ID = 0x434D4252
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# Studies made before the application id was set are known by these tables (schema 1 on).
+STUDY_TABLES = ("study", "cases", "readers", "files", "lesions", "verdicts", "groundtruths", "endorsements", "readings")
+DAMAGED_HINT = "restore it from a backup (docs/review.md: backing up a study)"
 
 VERDICTS = ("correct", "incorrect")
 # Mimics of a microbleed on SWI, as the MARS / BOMBS rating scales list them.
@@ -114,6 +131,18 @@ ALTER TABLE verdicts ADD COLUMN certainty TEXT NOT NULL DEFAULT 'definite'
     CHECK (certainty IN ('definite', 'possible'));
 ALTER TABLE readings ADD COLUMN comment TEXT;
 """,
+    # v2 -> v3: the decision files imported, by content, so that importing one again stores nothing;
+    # and the application id that marks the file as a CMBReview study.
+    3: f"""
+CREATE TABLE imports (
+    id INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    decisions INTEGER NOT NULL,
+    created TEXT NOT NULL
+);
+PRAGMA application_id = {APPLICATION_ID};
+""",
 }
 
 
@@ -133,6 +162,39 @@ def _connect(path: Path) -> sqlite3.Connection:
     con.execute("PRAGMA foreign_keys = ON")
     con.execute("PRAGMA synchronous = FULL")
     return con
+
+
+def check_header(path: Path) -> None:
+    """A study is a SQLite file: refuse anything else before SQLite opens (and would write) it."""
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if not head:
+        raise StudyError(f"{path} is empty (0 bytes), not a CMBReview study; left as it is")
+    if head != SQLITE_MAGIC:
+        raise StudyError(f"{path} is not a SQLite file, so not a CMBReview study; left as it is")
+
+
+def check_is_study(path: Path, con: sqlite3.Connection) -> None:
+    """Refuse a SQLite file that is not a CMBReview study, or a damaged one, by reading it only:
+    setting WAL or migrating would rewrite another program's file or deepen the damage."""
+    try:
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            if app_id != 0:
+                raise StudyError(f"{path} is another program's SQLite file (application id {app_id:#x}), not a CMBReview study; left as it is")
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [t for t in STUDY_TABLES if t not in tables]
+            if missing or con.execute("PRAGMA user_version").fetchone()[0] < 1:
+                raise StudyError(
+                    f"{path} is a SQLite file but not a CMBReview study (it lacks the study's tables: {', '.join(missing) or 'its schema version'}); left as it is"
+                )
+        problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        lines = [ln.strip() for m in problems for ln in m.splitlines() if ln.strip() and not ln.startswith("***")]
+        said = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
+        raise StudyError(f"{path}: the study file is damaged (SQLite: {said}); it was not changed: {DAMAGED_HINT}")
 
 
 def create_schema_v1(path: Path) -> None:
@@ -238,12 +300,20 @@ class Study:
         path = Path(path)
         if not path.is_file():
             raise StudyError(f"study not found: {path}")
-        con = _connect(path)
+        check_header(path)
         try:
+            con = _connect(path)
+        except sqlite3.DatabaseError as exc:
+            raise StudyError(f"{path}: SQLite cannot open the study ({exc}); if it is damaged, {DAMAGED_HINT}") from None
+        try:
+            check_is_study(path, con)
             mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StudyError(f"{path}: cannot switch the study to WAL journaling (mode {mode})")
             migrate(con)
+        except sqlite3.DatabaseError as exc:
+            con.close()
+            raise StudyError(f"{path}: SQLite cannot use the study ({exc}); if it is damaged, {DAMAGED_HINT}") from None
         except BaseException:
             con.close()
             raise
@@ -260,7 +330,21 @@ class Study:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: takes the write lock at once, waits for it up to busy_timeout."""
+        """BEGIN IMMEDIATE ... COMMIT: takes the write lock at once, waits for it up to busy_timeout.
+
+        Inside another transaction (an import storing many decisions at once) it is a savepoint
+        of that one: its work commits, or rolls back, with the outer transaction.
+        """
+        if self.con.in_transaction:
+            self.con.execute("SAVEPOINT nested")
+            try:
+                yield self.con
+            except BaseException:
+                self.con.execute("ROLLBACK TO nested")
+                self.con.execute("RELEASE nested")
+                raise
+            self.con.execute("RELEASE nested")
+            return
         self.con.execute("BEGIN IMMEDIATE")
         try:
             yield self.con
@@ -290,9 +374,71 @@ class Study:
         ok = self.con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         return ok and not self.con.execute("PRAGMA foreign_key_check").fetchall()
 
+    def problems(self, limit: int = 20) -> list[str]:
+        """Everything found wrong, each a sentence: SQLite's full integrity check, rows that
+        point at nothing, and voxel files missing or changed since they were recorded."""
+        found: list[str] = []
+        try:
+            messages = [r[0] for r in self.con.execute(f"PRAGMA integrity_check({int(limit)})")]
+            found += [] if messages == ["ok"] else [f"SQLite integrity check: {m}" for m in messages]
+            found += [f"table {r[0]} row {r[1]} refers to a missing row of {r[2]}" for r in self.con.execute("PRAGMA foreign_key_check")]
+            rows = self.con.execute("SELECT path, sha256 FROM files ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return [*found, f"SQLite: {exc}"]
+        for r in rows:
+            path = self.files_dir / r["path"]
+            if not path.is_file():
+                found.append(f"voxel file {path.name} is missing from {path.parent}")
+            elif sha256_of(path) != r["sha256"]:
+                found.append(f"voxel file {path.name} was changed after it was recorded (sha256 differs)")
+        return found
+
+    def backup(self, dest: str | Path) -> Path:
+        """A consistent copy of the study and its voxel files, taken while readers may be at work.
+
+        The database is copied with SQLite's backup API (a snapshot of the last commit), then
+        the voxel files: each file a row refers to was written before its row was committed,
+        so all of them are there. Both are written under temporary names and renamed into
+        place, the database last, and the copy's files are checked against its sha256s.
+        """
+        dest = Path(dest)
+        dest_files = dest.with_name(dest.name + ".files")
+        for p in (dest, dest_files):
+            if p.exists():
+                raise StudyError(f"backup {p} exists already: choose a new name (a backup never overwrites)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp_db = dest.with_name(f".tmp-{secrets.token_hex(4)}-{dest.name}")
+        tmp_files = tmp_db.with_name(tmp_db.name + ".files")
+        try:
+            target = sqlite3.connect(str(tmp_db))
+            try:
+                self.con.backup(target)
+                # One self-contained file (no -wal beside it to lose); opening it switches back to WAL.
+                target.execute("PRAGMA journal_mode = DELETE")
+                rows = target.execute("SELECT path, sha256 FROM files").fetchall()
+            finally:
+                target.close()
+            if self.files_dir.is_dir():
+                shutil.copytree(self.files_dir, tmp_files, ignore=shutil.ignore_patterns(".tmp-*"))
+            for path, digest in rows:
+                copied = tmp_files / path
+                if not copied.is_file() or sha256_of(copied) != digest:
+                    raise StudyError(f"voxel file {Path(path).name} is missing or changed in the study: not a backup to trust")
+            if tmp_files.exists():
+                tmp_files.rename(dest_files)
+            tmp_db.rename(dest)
+        except BaseException:
+            tmp_db.unlink(missing_ok=True)
+            shutil.rmtree(tmp_files, ignore_errors=True)
+            raise
+        return dest
+
     # --- cases and readers -------------------------------------------------------------
 
     def add_case(self, name: str, image: str, detections: str | None = None, detector_seconds: float | None = None) -> int:
+        reason = unsafe_name_reason(name)
+        if reason:  # the name names the case's files (cmbdetect detect's rules)
+            raise StudyError(f"{printable(name)}: {reason}")
         with self.transaction() as con:
             if con.execute("SELECT 1 FROM cases WHERE name = ?", (name,)).fetchone():
                 raise StudyError(f"{name}: the study has this case already")
@@ -525,6 +671,19 @@ class Study:
                 "INSERT INTO endorsements (groundtruth_id, reader_id, created) VALUES (?, ?, ?)", (groundtruth_id, reader_id, now())
             )
 
+    # --- imported decision files --------------------------------------------------------
+
+    def imported(self, sha256: str) -> dict | None:
+        """The earlier import of a file with this content (name, decisions, created), or None."""
+        row = self.con.execute("SELECT name, decisions, created FROM imports WHERE sha256 = ?", (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def record_import(self, sha256: str, name: str, decisions: int) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO imports (sha256, name, decisions, created) VALUES (?, ?, ?, ?)", (sha256, name, int(decisions), now())
+            )
+
     def summary(self) -> dict:
         count = lambda table: self.con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
         return {
@@ -535,6 +694,7 @@ class Study:
             "readers": list(self.readers().values()),
             "detector_lesions": self.con.execute("SELECT COUNT(*) FROM lesions WHERE source = 'detector'").fetchone()[0],
             "verdict_rows": count("verdicts"),
+            "imported_files": count("imports"),
             "match_radius_mm": self.match_radius_mm,
         }
 

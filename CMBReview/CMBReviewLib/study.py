@@ -11,12 +11,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
+from CMBDetectLib.cohort.names import printable, refuse_unsafe_and_duplicates
+from CMBDetectLib.detection.lesions import Lesion
 from CMBDetectLib.errors import CaseError
-from CMBDetectLib.io import Volume, case_name, is_volume_file, read_volume
+from CMBDetectLib.io import Geometry, Volume, case_name, is_volume_file, read_volume
 
 from . import voxelfiles
 from .regiongrow import grow_from_click
@@ -38,10 +44,13 @@ def resolve(study: Study, stored: str) -> Path:
 
 def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], float | None]:
     """The detector's lesions of one case from `cmbdetect detect` outputs, and its seconds."""
+    if not detections.is_dir():
+        raise CaseError(case, f"detections folder not found: {detections}")
     summary_path = detections / f"{case}_summary.json"
     table = detections / f"{case}_lesions.csv"
-    if not summary_path.is_file() or not table.is_file():
-        raise CaseError(case, f"no complete CMBDetect result in {detections} (expected {summary_path.name} and {table.name})")
+    labels = detections / f"{case}_lesions.nii.gz"
+    if not all(p.is_file() for p in (summary_path, table, labels)):
+        raise CaseError(case, f"no complete CMBDetect result in {detections} (expected {summary_path.name}, {table.name} and {labels.name})")
     summary = json.loads(summary_path.read_text(encoding="utf-8-sig"))
     lesions = []
     with open(table, newline="", encoding="utf-8-sig") as f:
@@ -62,6 +71,48 @@ def read_detector_lesions(detections: Path, case: str) -> tuple[list[dict], floa
     return lesions, float(seconds) if seconds is not None else None
 
 
+# Grids agree when they agree this closely (mm, and direction cosines), as read_label and evaluate ask.
+GRID_TOLERANCE = 1e-4
+
+
+def grid_of(path: Path, case: str) -> tuple[tuple[int, ...], Geometry]:
+    """A volume's shape (k, j, i) and geometry, from its header only (a DICOM folder is read)."""
+    path = Path(path)
+    if path.is_dir():
+        volume = read_volume(path, case)
+        return volume.shape, volume.geometry
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise CaseError(case, f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
+    geometry = Geometry(tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    return tuple(reader.GetSize())[::-1], geometry
+
+
+def grid_differences(shape: tuple[int, ...], geometry: Geometry, like_shape: tuple[int, ...], like: Geometry) -> list[str]:
+    """How one grid differs from another ("size ...", "spacing ... vs ..."); empty when they agree."""
+    found = []
+    if tuple(shape) != tuple(like_shape):
+        found.append(f"size {'x'.join(map(str, shape[::-1]))} vs {'x'.join(map(str, like_shape[::-1]))}")
+    if len(geometry.direction) != len(like.direction):
+        return [*found, "not 3D"]
+    for name in ("spacing", "origin", "direction"):
+        a, b = np.asarray(getattr(geometry, name), float), np.asarray(getattr(like, name), float)
+        if not np.allclose(a, b, atol=GRID_TOLERANCE, rtol=0):
+            found.append(f"{name} {tuple(round(float(x), 4) for x in a)} vs {tuple(round(float(x), 4) for x in b)}")
+    return found
+
+
+def check_detections_grid(case: str, image: Path, detections: Path) -> None:
+    """The detector's label map must lie on its image's grid, voxel for voxel."""
+    labels = Path(detections) / f"{case}_lesions.nii.gz"
+    differ = grid_differences(*grid_of(labels, case), *grid_of(Path(image), case))
+    if differ:
+        raise CaseError(case, f"detections {labels.name} are not on the image's grid ({'; '.join(differ)}): were they made from another image?")
+
+
 def case_list(images: Path | None = None, detections: Path | None = None, csv_path: Path | None = None) -> list[tuple[str, Path, Path]]:
     """(case, image, detections folder) from a folder of images + a detections folder, or a CSV
     with columns image and detections (and optionally case); CSV paths are relative to the CSV."""
@@ -77,38 +128,98 @@ def case_list(images: Path | None = None, detections: Path | None = None, csv_pa
         raise StudyError("give a folder of images and the folder of their CMBDetect results, or a CSV")
     if not Path(images).is_dir():
         raise StudyError(f"image folder not found: {images}")
+    if not Path(detections).is_dir():
+        raise StudyError(f"detections folder not found: {detections}")
     files = sorted(p for p in Path(images).iterdir() if is_volume_file(p) and not p.name.startswith("."))
     return [(case_name(p), p, Path(detections)) for p in files]
 
 
-def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
-    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on."""
-    added, errors = [], []
-    known = {c.name for c in study.cases()}
-    for name, image, detections in cases:
+@dataclass(frozen=True)
+class CheckedCase:
+    name: str
+    image: Path
+    detections: Path
+    lesions: list[dict]
+    seconds: float | None
+
+
+def check_cases(cases: list[tuple[str, Path, Path]], known: set[str] = frozenset()) -> tuple[list[CheckedCase], list[CaseError]]:
+    """Each case checked before any is stored: a safe name, not `known`, its image readable,
+    a complete CMBDetect result on the image's grid. A bad case is reported, the rest go on.
+
+    Case names follow `cmbdetect detect`'s rules (cohort/names.py): a name names the case's
+    voxel files and consensus files, so one that could climb out of their folder is refused.
+    """
+    good, errors = [], []
+    seen = {_folded(n) for n in known}
+    refused = refuse_unsafe_and_duplicates([name for name, _, _ in cases])
+    for n, (name, image, detections) in enumerate(cases):
         try:
-            if name in known:
+            if n in refused:
+                raise CaseError(printable(name), refused[n])
+            if _folded(name) in seen:
                 raise CaseError(name, "already in the study")
             if not Path(image).exists():
                 raise CaseError(name, f"image not found: {image}")
             lesions, seconds = read_detector_lesions(Path(detections), name)
+            check_detections_grid(name, Path(image), Path(detections))
+            good.append(CheckedCase(name, Path(image), Path(detections), lesions, seconds))
+            seen.add(_folded(name))
+        except (CaseError, ValueError, KeyError, OSError) as exc:
+            errors.append(exc if isinstance(exc, CaseError) else CaseError(name, str(exc)))
+    return good, errors
+
+
+def _insert_cases(study: Study, cases: list[CheckedCase]) -> tuple[list[str], list[CaseError]]:
+    added, errors = [], []
+    for case in cases:
+        try:
             with study.transaction() as con:  # the case and its lesions together, or neither
                 position = con.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM cases").fetchone()[0]
                 case_id = con.execute(
                     "INSERT INTO cases (name, image, detections, detector_seconds, position) VALUES (?, ?, ?, ?, ?)",
-                    (name, _stored_path(study, image), _stored_path(study, detections), seconds, position),
+                    (case.name, _stored_path(study, case.image), _stored_path(study, case.detections), case.seconds, position),
                 ).lastrowid
                 con.executemany(
                     "INSERT INTO lesions (case_id, source, detector_label, r, a, s, diameter_mm, n_voxels, size_class, "
                     "mean_probability, created) VALUES (?, 'detector', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(case_id, l["id"], *l["ras"], l["diameter_mm"], l["n_voxels"], l["size_class"], l["mean_probability"], now())
-                     for l in lesions],
+                     for l in case.lesions],
                 )  # fmt: skip
-            added.append(name)
-            known.add(name)
-        except (CaseError, ValueError, KeyError, OSError) as exc:
-            errors.append(exc if isinstance(exc, CaseError) else CaseError(name, str(exc)))
+            added.append(case.name)
+        except (sqlite3.IntegrityError, StudyError) as exc:
+            errors.append(CaseError(case.name, str(exc)))
     return added, errors
+
+
+def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
+    """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on."""
+    good, errors = check_cases(cases, {c.name for c in study.cases()})
+    added, failed = _insert_cases(study, good)
+    return added, errors + failed
+
+
+def create_study(
+    path: str | Path, cases: list[tuple[str, Path, Path]], name: str | None = None, match_radius_mm: float = 5.0
+) -> tuple[list[str], list[CaseError]]:
+    """A new study with the cases that pass `check_cases` (the others reported); when none
+    does, nothing is created: a study cannot take cases later, so an empty one is no use."""
+    path = Path(path)
+    if path.exists():
+        raise StudyError(f"study {path} exists already: open it instead")
+    if not cases:
+        raise StudyError("no cases found")
+    good, errors = check_cases(cases)
+    if not good:
+        raise StudyError("no case could be added, so no study was created:\n" + "\n".join(f"  {e}" for e in errors))
+    with Study.create(path, name, match_radius_mm) as study:
+        added, failed = _insert_cases(study, good)
+    return added, errors + failed
+
+
+def _folded(name: str) -> str:
+    # `A` and `a` are one folder on macOS and Windows, as in refuse_unsafe_and_duplicates.
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def load_image(study: Study, case: str) -> Volume:
@@ -125,18 +236,39 @@ def detector_labels(study: Study, case: str, like: Volume) -> np.ndarray:
     return read_label(resolve(study, c.detections) / f"{case}_lesions.nii.gz", case, like)
 
 
-def add_missed(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume, certainty: str = "definite") -> int:
-    """Store a lesion the detector missed: its voxels to a new file, then one transaction."""
+@dataclass(frozen=True)
+class AddedFile:
+    """An added lesion's voxel file, written and not yet recorded in the study."""
+
+    case: str
+    reader: str
+    path: Path
+    sha256: str
+    lesion: Lesion
+
+
+def write_added(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume) -> AddedFile:
+    """Write a missed lesion's voxels to a new file (recorded by `record_added`)."""
     mask = np.asarray(mask) > 0
     if mask.shape != image.shape:
         raise StudyError(f"{case}: the added lesion's mask {mask.shape} is not on the image grid {image.shape}")
-    reader_id, case_id = study.reader_id(reader), study.case(case).id
+    study.reader_id(reader), study.case(case)  # both known, before a file is written
     path, digest = voxelfiles.write_new(study.files_dir, case, reader, "added", mask.astype(np.uint16), image.geometry)
     (lesion,) = voxelfiles.describe(mask.astype(np.uint16), image.geometry)
+    return AddedFile(case, reader, path, digest, lesion)
+
+
+def record_added(study: Study, added: AddedFile, certainty: str = "definite") -> int:
+    lesion = added.lesion
     return study.add_reader_lesion(
-        case_id, reader_id, str(path.relative_to(study.files_dir)), digest, lesion.centroid_ras,
-        lesion.n_voxels, lesion.diameter_mm, lesion.size_class, certainty,
+        study.case(added.case).id, study.reader_id(added.reader), str(added.path.relative_to(study.files_dir)), added.sha256,
+        lesion.centroid_ras, lesion.n_voxels, lesion.diameter_mm, lesion.size_class, certainty,
     )  # fmt: skip
+
+
+def add_missed(study: Study, case: str, reader: str, mask: np.ndarray, image: Volume, certainty: str = "definite") -> int:
+    """Store a lesion the detector missed: its voxels to a new file, then one transaction."""
+    return record_added(study, write_added(study, case, reader, mask, image), certainty)
 
 
 def ras_to_kji(image: Volume, ras: tuple[float, float, float]) -> tuple[int, int, int]:

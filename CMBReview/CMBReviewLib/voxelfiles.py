@@ -19,12 +19,12 @@ import numpy as np
 from scipy import ndimage
 
 from CMBDetectLib.detection.lesions import Lesion, equivalent_diameter_mm, size_class
+from CMBDetectLib.cohort.names import inside, printable, unsafe_name_reason
 from CMBDetectLib.detection.outputs import write_segmentation_nrrd
 from CMBDetectLib.io import Geometry, Volume, sha256_of
 from CMBDetectLib.labels import read_label
 
 from .store import StudyError
-
 
 
 def describe(labels: np.ndarray, geometry: Geometry, probability: np.ndarray | None = None) -> list[Lesion]:
@@ -56,6 +56,7 @@ def write_new(folder: Path, case: str, reader: str, kind: str, labels: np.ndarra
     """Write a labelling as a new, never-overwriting `.seg.nrrd`; returns (path, sha256)."""
     if labels.ndim != 3 or not np.any(labels):
         raise StudyError(f"{case}: an empty or non-3D labelling is not a decision")
+    check_case_name(case, folder)
     folder = Path(folder) / case
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -71,6 +72,14 @@ def write_new(folder: Path, case: str, reader: str, kind: str, labels: np.ndarra
     finally:
         Path(tmp).unlink(missing_ok=True)
     return final, sha256_of(final)
+
+
+def check_case_name(case: str, folder: Path) -> None:
+    """A case's files go into `folder`; a name that would take them elsewhere (which studies
+    made before names were checked may hold) is refused, with detect's reason."""
+    reason = unsafe_name_reason(case) or (None if inside(folder, case) else "the case name leads outside its folder")
+    if reason:
+        raise StudyError(f"{printable(case)}: {reason}")
 
 
 def read_checked(path: Path, sha256: str, case: str, like: Volume) -> np.ndarray:

@@ -8,6 +8,7 @@
     cmbdetect review consensus STUDY.db -o DIR
     cmbdetect review report STUDY.db -o DIR
     cmbdetect review status STUDY.db
+    cmbdetect review backup STUDY.db COPY.db
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     a = sub.add_parser("add-reader", help="add readers to a study")
     a.add_argument("study", type=Path)
     a.add_argument("names", nargs="+", help="reader names (letters, digits, - and _: they name the reader's files)")
-    i = sub.add_parser("import", help="store decisions from a CSV or JSON file (all checked before any is stored)")
+    i = sub.add_parser("import", help="store decisions from CSV or JSON files (all checked, then all stored or none; a file imported before is skipped)")
     i.add_argument("study", type=Path)
     i.add_argument("files", type=Path, nargs="+")
     e = sub.add_parser("export", help="write the current decisions as CSV, or as JSON with the full history")
@@ -56,33 +57,37 @@ def configure(p: argparse.ArgumentParser) -> None:
     r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for Fleiss' kappa CI (default 2000)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-html", action="store_true")
-    t = sub.add_parser("status", help="print the study's cases, readers and progress")
+    t = sub.add_parser("status", help="print the study's cases, readers and progress, and check it (SQLite integrity, voxel files)")
     t.add_argument("study", type=Path)
+    b = sub.add_parser("backup", help="copy the study and its voxel files, consistently, while readers may be at work")
+    b.add_argument("study", type=Path)
+    b.add_argument("dest", type=Path, help="the copy's SQLite file (its voxel files go to DEST.files/); never overwritten")
 
 
 def run(args: argparse.Namespace) -> int:
-    from CMBReviewLib.store import Study, StudyError
+    import sqlite3
+
+    from CMBReviewLib.store import DAMAGED_HINT, Study, StudyError
+
+    from CMBDetectLib.errors import CaseError
 
     try:
         if args.action == "create":
             return _create(args)
         with Study.open(args.study) as study:
             return ACTIONS[args.action](study, args)
-    except (StudyError, FileNotFoundError) as exc:
+    except (StudyError, CaseError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:  # damage met after the checks at opening
+        print(f"error: {args.study}: SQLite: {exc}; `cmbdetect review status` checks the study; if it is damaged, {DAMAGED_HINT}", file=sys.stderr)
         return 2
 
 
 def _create(args) -> int:
-    from CMBReviewLib.store import Study
-    from CMBReviewLib.study import add_cases, case_list
+    from CMBReviewLib.study import case_list, create_study
 
-    cases = case_list(args.images, args.detections, args.cases)
-    if not cases:
-        print("error: no cases found", file=sys.stderr)
-        return 2
-    with Study.create(args.study, args.name, args.match_radius) as study:
-        added, errors = add_cases(study, cases)
+    added, errors = create_study(args.study, case_list(args.images, args.detections, args.cases), args.name, args.match_radius)
     print(f"study {args.study}: {len(added)} case(s) added")
     for err in errors:
         print(f"  failed: {err}", file=sys.stderr)
@@ -99,9 +104,12 @@ def _add_reader(study, args) -> int:
 def _import(study, args) -> int:
     from CMBReviewLib.exchange import import_decisions
 
-    for path in args.files:
-        counts = import_decisions(study, path)
-        print(f"{path}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    for item in import_decisions(study, args.files):
+        if item.counts is None:
+            when = f" on {item.earlier['created']}" if "created" in item.earlier else " earlier in this command"
+            print(f"{item.path}: already imported{when} (as {item.earlier['name']}); nothing stored")
+        else:
+            print(f"{item.path}: " + ", ".join(f"{n} {k}" for k, n in item.counts.items()))
     return 0
 
 
@@ -123,13 +131,15 @@ def _simulate(study, args) -> int:
 def _consensus(study, args) -> int:
     from CMBReviewLib.consensus import export_consensus
 
-    written, skipped = export_consensus(study, args.out, use_endorsed=not args.majority_only)
+    written, skipped, failed = export_consensus(study, args.out, use_endorsed=not args.majority_only)
     for c in written:
         print(f"{c.case}: {c.n_lesions} lesion(s) from the {c.source}")
     for s in skipped:
         print(f"  skipped: {s}", file=sys.stderr)
+    for f in failed:
+        print(f"error: {f}", file=sys.stderr)
     print(f"consensus in {args.out}: labels/*.seg.nrrd, train.csv")
-    return 0 if written else 1
+    return 0 if written and not failed else 1
 
 
 def _report(study, args) -> int:
@@ -147,11 +157,20 @@ def _status(study, args) -> int:
     summary = study.summary()
     readers = study.readers()
     summary["progress"] = {name: f"{len(study.completed_cases(r))}/{summary['cases']} cases completed" for r, name in readers.items()}
+    summary["problems"] = study.problems()
     print(json.dumps(summary, indent=1))
+    for problem in summary["problems"]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if summary["problems"] else 0
+
+
+def _backup(study, args) -> int:
+    dest = study.backup(args.dest)
+    print(f"backup of {study.path} in {dest} (voxel files in {dest.name}.files/)")
     return 0
 
 
 ACTIONS = {
     "add-reader": _add_reader, "import": _import, "export": _export, "simulate": _simulate,
-    "consensus": _consensus, "report": _report, "status": _status,
+    "consensus": _consensus, "report": _report, "status": _status, "backup": _backup,
 }  # fmt: skip
