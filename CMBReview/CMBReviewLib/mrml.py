@@ -133,6 +133,14 @@ def _add_segment(nodes: CaseNodes, segment_id: str, name: str, mask: np.ndarray)
     slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), nodes.segmentation, segment_id, nodes.volume)
 
 
+def remove_case_nodes(nodes: CaseNodes) -> None:
+    """Take a case's nodes out of their scene (those still in it)."""
+    for node in (nodes.volume, nodes.segmentation, nodes.markups):
+        scene = node.GetScene() if node is not None else None
+        if scene is not None:
+            scene.RemoveNode(node)
+
+
 def lesion_ids(nodes: CaseNodes) -> list[int]:
     return json.loads(nodes.markups.GetAttribute(LESIONS_ATTRIBUTE) or "[]")
 

@@ -1,0 +1,73 @@
+"""The reading session behind the CMBReview module, on slicer-core's real scene.
+
+The Qt widget cannot run here; it only forwards clicks to `ReviewSession`, so what a click does
+is checked here: the study, the reader, the open case and its nodes stay consistent, and every
+decision lands in the store under the right reader and case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer_core", reason="slicer-core (the Qt-free MRML engine) is not installed")
+
+import slicer  # noqa: E402
+import slicer.util  # noqa: E402
+
+from CMBReviewLib import mrml as review_mrml  # noqa: E402
+from CMBReviewLib.regiongrow import sphere_mask  # noqa: E402
+from CMBReviewLib.session import ReviewSession  # noqa: E402
+from CMBReviewLib.store import Study, StudyError  # noqa: E402
+from test_review_mrml import GEOMETRY, MISSED, SHAPE, make_study  # noqa: E402
+
+
+@pytest.fixture
+def study_path(tmp_path):
+    make_study(tmp_path).close()
+    return tmp_path / "study.db"
+
+
+@pytest.fixture
+def session(mrml, study_path):
+    s = ReviewSession(mrml.scene)
+    s.open_study(study_path)
+    yield s
+    s.close()
+
+
+def case_nodes_in(scene) -> list[str]:
+    """Names of the review's nodes (those tagged with a case) in the scene."""
+    out = []
+    for cls in ("vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode"):
+        nodes = scene.GetNodesByClass(cls)
+        out += [nodes.GetItemAsObject(i).GetName() for i in range(nodes.GetNumberOfItems()) if nodes.GetItemAsObject(i).GetAttribute(review_mrml.CASE_ATTRIBUTE)]
+    return out
+
+
+def verdicts_of(path, reader: str) -> dict[str, str]:
+    """'CMB <id>' -> current verdict of this reader, read from the file by a connection of its own."""
+    with Study.open(path) as study:
+        labels = {l.id: l.label for l in study.lesions(include_withdrawn=True)}
+        return {labels[v.lesion_id]: v.verdict for v in study.current_verdicts(study.reader_id(reader))}
+
+
+def test_a_case_read_through_the_session(session, study_path, mrml):
+    session.select_reader("ana")
+    assert session.case_list() == [("c1", False)]
+    nodes = session.open_case(0)
+    assert [label for label, _ in session.lesion_rows()] == ["CMB 1", "CMB 2"]
+    session.set_verdict(0, "correct")
+    session.set_verdict(1, "incorrect", "vessel")
+    (centre, _) = MISSED
+    ras = (review_mrml.ijk_to_ras_of(nodes.volume) @ [*centre[::-1], 1])[:3]
+    session.add_missed_at(tuple(ras))
+    assert session.lesion_rows()[2][1] == "correct"
+    session.close_case()
+    assert session.nodes is None and case_nodes_in(mrml.scene) == []
+    assert session.case_list() == [("c1", True)]
+    assert verdicts_of(study_path, "ana") == {"CMB 1": "correct", "CMB 2": "incorrect", "Added 3": "correct"}
+    t4 = session.statistics(n_boot=0)["table4"]["ana"]
+    assert (t4["correct"], t4["incorrect"], t4["missed"]) == (1, 1, 1)
+    with pytest.raises(StudyError, match="no case is open"):
+        session.set_verdict(0, "correct")
