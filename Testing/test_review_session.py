@@ -71,3 +71,39 @@ def test_a_case_read_through_the_session(session, study_path, mrml):
     assert (t4["correct"], t4["incorrect"], t4["missed"]) == (1, 1, 1)
     with pytest.raises(StudyError, match="no case is open"):
         session.set_verdict(0, "correct")
+
+
+def test_switching_the_reader_files_each_verdict_under_the_reader_selected_then(session, study_path):
+    session.select_reader("ana")
+    session.open_case(0)
+    session.set_verdict(0, "correct")
+    # ana changed a point's verdict in the point list but did not store it: it is hers
+    session.nodes.markups.SetNthControlPointDescription(1, "incorrect:vessel")
+    nodes = session.select_reader("ben")
+    session.set_verdict(0, "incorrect", "calcification")
+    assert verdicts_of(study_path, "ben") == {"CMB 1": "incorrect"}
+    assert verdicts_of(study_path, "ana") == {"CMB 1": "correct", "CMB 2": "incorrect"}
+    assert nodes is session.nodes and nodes.reader == "ben", "the case stays open, now as ben sees it"
+    assert [verdict for _, verdict in session.lesion_rows()] == ["incorrect:calcification", ""], "ben sees none of ana's verdicts"
+    with Study.open(study_path) as study:  # ana's sitting ended with the switch
+        assert (study.case("c1").id, study.reader_id("ana")) in study.reading_seconds()
+
+
+def test_opening_another_study_closes_the_open_case(session, study_path, tmp_path, mrml):
+    other = tmp_path / "other"
+    other.mkdir()
+    make_study(other).close()
+    session.select_reader("ana")
+    session.open_case(0)
+    session.nodes.markups.SetNthControlPointDescription(0, "correct")  # not stored yet
+    session.open_study(other / "study.db")
+    assert session.nodes is None and case_nodes_in(mrml.scene) == [], "the old case's nodes and lesion ids are gone"
+    with pytest.raises(StudyError, match="no case is open"):
+        session.set_verdict(0, "incorrect", "vessel")
+    assert verdicts_of(study_path, "ana") == {"CMB 1": "correct"}, "the old case's edits went to the old study"
+    assert verdicts_of(other / "study.db", "ana") == {}
+    # a study that cannot be opened leaves the session as it was
+    session.open_case(0)
+    with pytest.raises(StudyError, match="not found"):
+        session.open_study(tmp_path / "nowhere.db")
+    assert session.nodes is not None and session.study.path == other / "study.db"

@@ -34,9 +34,20 @@ class ReviewSession:
     # --- study and readers --------------------------------------------------------------
 
     def open_study(self, path: str | Path) -> None:
+        """Open another study. The open case belongs to the old one: it is stored there and
+        closed (its nodes and lesion ids mean nothing in the new study). A study that cannot be
+        opened leaves the session as it was."""
+        study = Study.open(path)
+        try:
+            self.close_case()
+        except BaseException:
+            study.close()
+            raise
         if self.study is not None:
             self.study.close()
-        self.study = Study.open(path)
+        self.study = study
+        if self.reader and self.reader not in self.readers():
+            self.reader = None
 
     def close(self) -> None:
         """Leave the open case (storing it) and close the study."""
@@ -57,8 +68,20 @@ class ReviewSession:
         self._study().add_reader(name)
 
     def select_reader(self, name: str | None) -> CaseNodes | None:
-        self.reader = name or None
-        return self.nodes
+        """Make `name` the reader every next decision is filed under. An open case is read by one
+        reader: it is stored and closed under the previous one, and opened again for the new one
+        (returned; None when no case was open)."""
+        name = name or None
+        if name == self.reader:
+            return self.nodes
+        if name is not None:
+            self._study().reader_id(name)  # an unknown reader changes nothing
+        case = self.nodes.case if self.nodes is not None else None
+        self.close_case()
+        self.reader = name
+        if case is None or name is None:
+            return None
+        return self._open(case)
 
     def _reader_id(self) -> int:
         if not self.reader:
@@ -84,7 +107,10 @@ class ReviewSession:
         cases = study.cases()
         if not 0 <= index < len(cases):
             raise StudyError(f"the study has {len(cases)} cases; there is no case number {index + 1}")
-        self.nodes = mrml.load_case(study, cases[index].name, self.reader, self.scene)
+        return self._open(cases[index].name)
+
+    def _open(self, case: str) -> CaseNodes:
+        self.nodes = mrml.load_case(self._study(), case, self.reader, self.scene)
         self._opened_at = self._clock()
         return self.nodes
 
