@@ -111,7 +111,9 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.endorseButton.connect("clicked(bool)", self.onEndorse)
         self.ui.statisticsButton.connect("clicked(bool)", self.onStatistics)
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
-        self._timer.connect("timeout()", self._showTime)
+        self._timer.connect("timeout()", self._onTick)
+        # Closing the scene removes the case's nodes: leave the case (storing it) first.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *_: self._finishCase())
         self._enableCaseWidgets(False)
 
     def cleanup(self) -> None:
@@ -241,8 +243,23 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._finishCase(completed=True)
         self.onStepCase(+1)
 
-    def _showTime(self) -> None:
+    def _onTick(self) -> None:
+        """Every second: the clock, and whatever was painted or typed since the last store is stored
+        (a crash loses at most a second's work); problems go to the status line, not a dialog a second."""
         self.ui.timerLabel.text = _("{s:.0f} s on this case").format(s=self.session.elapsed_seconds())
+        try:
+            done = self.session.store_edits_if_changed()
+        except Exception as exc:  # shown, and tried again at the next tick
+            self.ui.statusLabel.text = _("Not stored: {error}").format(error=exc)
+            return
+        if done:
+            self._showStored(done)
+
+    def _showStored(self, done: dict) -> None:
+        if done["added"] or done["replaced"] or done["withdrawn"]:
+            self._fillLesionTable()
+        text = _("Stored {verdicts} verdicts, {added} added lesions, {replaced} repainted, {withdrawn} withdrawn.").format(**done)
+        self.ui.statusLabel.text = text + ("".join(" " + e for e in done["errors"]) if done["errors"] else "")
 
     def _enableCaseWidgets(self, enabled: bool) -> None:
         for name in ("correctButton", "incorrectButton", "reasonComboBox", "possibleCheckBox", "addMissedButton", "storeEditsButton",
@@ -301,10 +318,14 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._fillLesionTable()
 
     def onStoreEdits(self) -> None:
+        if self.session is None or self.session.nodes is None:
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not store the edits.")):
             done = self.session.store_edits()
             self._fillLesionTable()
-            self.ui.statusLabel.text = _("Stored {verdicts} verdicts, {added} added lesions, {withdrawn} withdrawn.").format(**done)
+            self._showStored(done)
+            if done["errors"]:
+                slicer.util.errorDisplay("\n".join(done["errors"]))
 
     # --- ground truth -------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ def test_reader_edits_in_the_nodes_become_stored_decisions(mrml, study):
     nodes.segmentation.GetSegmentation().AddEmptySegment("Segment_1", "my bleed")
     slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), nodes.segmentation, "Segment_1", nodes.volume)
     done = review_mrml.store_edits(study, nodes)
-    assert done == {"verdicts": 2, "added": 1, "withdrawn": 0}
+    assert done == {"verdicts": 2, "added": 1, "replaced": 0, "withdrawn": 0, "errors": []}
     ana = study.reader_id("ana")
     current = {v.lesion_id: v for v in study.current_verdicts(ana)}
     det = [l for l in study.lesions() if l.source == "detector"]
@@ -100,9 +100,9 @@ def test_reader_edits_in_the_nodes_become_stored_decisions(mrml, study):
     (added,) = [l for l in study.lesions() if l.source == "reader"]
     path, digest = study.file(added.file_id)
     assert np.array_equal(voxelfiles.read_checked(path, digest, "c1", nodes.image) > 0, painted)
-    assert f"ADDED_{added.id}" in review_mrml._segment_ids(nodes.segmentation)
+    assert review_mrml._segment_ids(nodes.segmentation)[-1] == "Segment_1", "the painted segment stays as it was painted"
     # storing again changes nothing: the nodes and the store agree
-    assert review_mrml.store_edits(study, nodes) == {"verdicts": 0, "added": 0, "withdrawn": 0}
+    assert review_mrml.store_edits(study, nodes) == {"verdicts": 0, "added": 0, "replaced": 0, "withdrawn": 0, "errors": []}
 
     # reopened for ana: her verdicts on the points, her lesion as a segment; ben sees neither
     mrml.clear()

@@ -107,3 +107,80 @@ def test_opening_another_study_closes_the_open_case(session, study_path, tmp_pat
     with pytest.raises(StudyError, match="not found"):
         session.open_study(tmp_path / "nowhere.db")
     assert session.nodes is not None and session.study.path == other / "study.db"
+
+
+def paint(nodes, segment_id: str, mask: np.ndarray) -> None:
+    """What a Segment Editor stroke leaves behind: the segment's voxels replaced by `mask`."""
+    if segment_id not in review_mrml._segment_ids(nodes.segmentation):
+        nodes.segmentation.GetSegmentation().AddEmptySegment(segment_id, "my bleed")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), nodes.segmentation, segment_id, nodes.volume)
+
+
+def added_by(path, reader: str) -> list[np.ndarray]:
+    """The voxels of each lesion the reader added (not withdrawn), read back from the study's files."""
+    from CMBReviewLib import voxelfiles
+    from CMBReviewLib.study import load_image
+
+    with Study.open(path) as study:
+        mine = [l for l in study.lesions() if l.source == "reader" and l.added_by == study.reader_id(reader)]
+        image = load_image(study, "c1")
+        return [voxelfiles.read_checked(*study.file(l.file_id), "c1", image) > 0 for l in mine]
+
+
+def history_rows(path) -> int:
+    with Study.open(path) as study:
+        return len(study.history())
+
+
+def test_painted_lesions_are_stored_stroke_by_stroke_and_stay_in_the_scene(session, study_path):
+    session.select_reader("ana")
+    nodes = session.open_case(0)
+    assert session.store_edits_if_changed() is None, "nothing painted yet: nothing to store"
+    bleed = sphere_mask(SHAPE, GEOMETRY, *MISSED)
+    first_stroke = bleed.copy()
+    first_stroke[MISSED[0][0] + 1 :] = False
+    paint(nodes, "Segment_1", first_stroke)
+    done = session.store_edits_if_changed()
+    assert done["added"] == 1 and not done["errors"]
+    (stored,) = added_by(study_path, "ana")
+    assert np.array_equal(stored, first_stroke), "stored before the reader leaves the case: a crash now loses nothing"
+    shown = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, "Segment_1", nodes.volume) > 0
+    assert np.array_equal(shown, first_stroke), "the painted segment stays where the reader paints it"
+    rows = history_rows(study_path)
+    assert session.store_edits_if_changed() is None and history_rows(study_path) == rows
+
+    paint(nodes, "Segment_1", bleed)  # the next stroke completes the lesion
+    done = session.store_edits_if_changed()
+    assert (done["added"], done["replaced"]) == (0, 1)
+    (stored,) = added_by(study_path, "ana")
+    assert np.array_equal(stored, bleed), "the lesion now holds both strokes; the first version stays in the history"
+    assert [label.startswith("Added") for label, _ in session.lesion_rows()] == [False, False, True]
+
+    nodes.segmentation.GetSegmentation().RemoveSegment("Segment_1")
+    assert session.store_edits_if_changed()["withdrawn"] == 1
+    assert added_by(study_path, "ana") == [] and len(session.lesion_rows()) == 2
+
+
+def test_a_painted_lesion_that_cannot_be_stored_stays_in_the_scene(session, study_path):
+    session.select_reader("ana")
+    nodes = session.open_case(0)
+    blocker = study_path.with_name(study_path.name + ".files") / "c1"
+    blocker.parent.mkdir(exist_ok=True)
+    blocker.write_text("a file where the case's voxel folder should be")
+    bleed = sphere_mask(SHAPE, GEOMETRY, *MISSED)
+    paint(nodes, "Segment_1", bleed)
+    nodes.markups.SetNthControlPointDescription(0, "correct")
+    done = session.store_edits()
+    assert done["added"] == 0 and done["verdicts"] == 1, "the other edits are stored"
+    (error,) = done["errors"]
+    assert "c1" in error and "my bleed" in error
+    shown = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, "Segment_1", nodes.volume) > 0
+    assert np.array_equal(shown, bleed), "the reader's painting is still in the scene"
+    with pytest.raises(StudyError, match="my bleed"):
+        session.close_case()  # leaving would lose it: the case stays open
+    assert session.nodes is nodes
+    blocker.unlink()
+    assert session.store_edits_if_changed()["added"] == 1, "a failed store is tried again"
+    (stored,) = added_by(study_path, "ana")
+    assert np.array_equal(stored, bleed)
+    session.close_case()

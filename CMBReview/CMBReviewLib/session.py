@@ -30,6 +30,7 @@ class ReviewSession:
         self.nodes: CaseNodes | None = None
         self._clock = clock
         self._opened_at: float | None = None
+        self._stored_stamp: tuple | None = None  # mrml.edit_stamp of the nodes when last stored in full
 
     # --- study and readers --------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class ReviewSession:
     def _open(self, case: str) -> CaseNodes:
         self.nodes = mrml.load_case(self._study(), case, self.reader, self.scene)
         self._opened_at = self._clock()
+        self._stored_stamp = mrml.edit_stamp(self.nodes)
         return self.nodes
 
     def _case(self) -> CaseNodes:
@@ -128,13 +130,16 @@ class ReviewSession:
         if self.nodes is None:
             return
         study, nodes = self._study(), self.nodes
-        mrml.store_edits(study, nodes)
+        done = self.store_edits()
+        if done["errors"]:
+            raise StudyError("; ".join(done["errors"]) + f". {nodes.case} stays open so that nothing is lost: correct or delete that, then leave it")
         if completed is None:
             completed = all(verdict for label, verdict in self.lesion_rows() if label.startswith("CMB"))
         study.record_reading(study.case(nodes.case).id, study.reader_id(nodes.reader), self.elapsed_seconds(), completed)
         mrml.remove_case_nodes(nodes)
         self.nodes = None
         self._opened_at = None
+        self._stored_stamp = None
 
     def lesion_rows(self) -> list[tuple[str, str]]:
         """(point label, verdict text) of each lesion of the open case, in the table's order."""
@@ -151,7 +156,20 @@ class ReviewSession:
         return mrml.add_missed_at(self._study(), self._case(), tuple(ras), certainty)
 
     def store_edits(self) -> dict:
-        return mrml.store_edits(self._study(), self._case())
+        """Store what the reader changed in the nodes: counts, and `errors` for what could not be stored."""
+        nodes = self._case()
+        done = mrml.store_edits(self._study(), nodes)
+        # After a failure the stamp is left stale, so that the next call tries again.
+        self._stored_stamp = None if done["errors"] else mrml.edit_stamp(nodes)
+        return done
+
+    def store_edits_if_changed(self) -> dict | None:
+        """What the widget calls after each completed stroke or on a short timer, so that painted
+        lesions and typed verdicts are stored while the reader works, not only when they leave
+        the case: stores if the nodes changed since the last store (None if they did not)."""
+        if self.nodes is None or mrml.edit_stamp(self.nodes) == self._stored_stamp:
+            return None
+        return self.store_edits()
 
     def store_groundtruth(self, segmentation_node: Any) -> int:
         nodes = self._case()
