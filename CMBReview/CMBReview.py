@@ -231,12 +231,13 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.lesionTableWidget.setCurrentCell(0, 0)
 
     def _finishCase(self, completed: Optional[bool] = None) -> None:
-        """Leaving a case stores its edits and reading time; completed when every lesion is judged."""
-        self._timer.stop()
+        """Leaving a case stores its edits and reading time; completed when every lesion is judged.
+        If that fails the case stays open (and keeps being stored every second)."""
         if self.session is not None and self.session.nodes is not None:
             with slicer.util.tryWithErrorDisplay(_("Could not store the case.")):
                 self.session.close_case(completed)
             self._refreshCaseList()
+        self._timer.stop()
         self._enableCaseWidgets(False)
 
     def onCaseDone(self) -> None:

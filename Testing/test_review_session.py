@@ -184,3 +184,19 @@ def test_a_painted_lesion_that_cannot_be_stored_stays_in_the_scene(session, stud
     (stored,) = added_by(study_path, "ana")
     assert np.array_equal(stored, bleed)
     session.close_case()
+
+
+def test_a_failed_commit_does_not_leave_the_long_lived_connection_in_a_transaction(session, study_path):
+    study = session.study
+    # A deferred foreign-key violation is checked only at COMMIT, which then fails.
+    study.con.execute("PRAGMA defer_foreign_keys = ON")
+    with pytest.raises(Exception, match="FOREIGN KEY"):
+        with study.transaction() as con:
+            con.execute("INSERT INTO verdicts (lesion_id, reader_id, verdict, certainty, created) VALUES (9999, 1, 'correct', 'definite', 'now')")
+    assert not study.con.in_transaction, "rolled back"
+    assert study.con.execute("SELECT COUNT(*) FROM verdicts WHERE lesion_id = 9999").fetchone()[0] == 0
+    # the next click is stored as usual, and durable (read back by another connection)
+    session.select_reader("ana")
+    session.open_case(0)
+    session.set_verdict(0, "correct")
+    assert verdicts_of(study_path, "ana") == {"CMB 1": "correct"}
