@@ -165,6 +165,8 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.readerComboBox.blockSignals(True)
             self.ui.readerComboBox.clear()
             self.ui.readerComboBox.addItems(self.session.readers())
+            if self.session.reader:
+                self.ui.readerComboBox.setCurrentText(self.session.reader)
             self.ui.readerComboBox.blockSignals(False)
             self.onReaderChanged()
             self.onStatistics()
@@ -182,8 +184,14 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onReaderChanged(self) -> None:
         if not self._studyOpen():
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not switch the reader.")):
-            self.session.select_reader(self.ui.readerComboBox.currentText.strip())
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not switch the reader.")):
+                self.session.select_reader(self.ui.readerComboBox.currentText.strip())
+        finally:
+            # The combo shows the reader decisions are filed under, also when the switch failed.
+            self.ui.readerComboBox.blockSignals(True)
+            self.ui.readerComboBox.setCurrentText(self.session.reader or "")
+            self.ui.readerComboBox.blockSignals(False)
             self._refreshCaseList()
             self._showCase()
 

@@ -178,7 +178,9 @@ def test_a_painted_lesion_that_cannot_be_stored_stays_in_the_scene(session, stud
     assert np.array_equal(shown, bleed), "the reader's painting is still in the scene"
     with pytest.raises(StudyError, match="my bleed"):
         session.close_case()  # leaving would lose it: the case stays open
-    assert session.nodes is nodes
+    with pytest.raises(StudyError, match="my bleed"):
+        session.select_reader("ben")  # and stays ana's
+    assert session.nodes is nodes and session.reader == "ana"
     blocker.unlink()
     assert session.store_edits_if_changed()["added"] == 1, "a failed store is tried again"
     (stored,) = added_by(study_path, "ana")
