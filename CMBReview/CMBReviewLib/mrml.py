@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,9 @@ class CaseNodes:
     segmentation: Any
     markups: Any
     image: Volume  # the stored image, whose grid every decision is checked against
+    # segment id -> its _modified_key when `store_edits` last found it stored: an unchanged
+    # segment is not read back and hashed again (that costs a resampled whole-volume array).
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
 
 def _scene(scene: Any) -> Any:
@@ -133,6 +136,8 @@ def load_case(study: Study, case: str, reader: str, scene: Any = None) -> CaseNo
         markups.SetNthControlPointLocked(index, True)
         ids.append(l.id)
     markups.SetAttribute(LESIONS_ATTRIBUTE, json.dumps(ids))
+    for segment_id in _segment_ids(segmentation):
+        nodes.seen[segment_id] = _modified_key(nodes, segment_id)
     return nodes
 
 
@@ -162,16 +167,18 @@ def _tag_segment(nodes: CaseNodes, segment_id: str, lesion_id: int | None, mask:
         segment.SetTag(MASK_TAG, _mask_digest(mask))
 
 
+def _modified_key(nodes: CaseNodes, segment_id: str) -> tuple[int, int]:
+    """Changes whenever the segment or its voxels do (VTK modification times only grow)."""
+    segment = nodes.segmentation.GetSegmentation().GetSegment(segment_id)
+    representation = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    return segment.GetMTime(), representation.GetMTime() if representation is not None else 0
+
+
 def edit_stamp(nodes: CaseNodes) -> tuple:
     """Cheap to take: changes whenever the reader may have changed something `store_edits` stores
     (a segment added, removed or painted; a point's verdict), so equal stamps need no store."""
     segmentation = nodes.segmentation.GetSegmentation()
-    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-    segments = []
-    for segment_id in _segment_ids(nodes.segmentation):
-        segment = segmentation.GetSegment(segment_id)
-        representation = segment.GetRepresentation(labelmap)
-        segments.append((segment_id, segment.GetMTime(), representation.GetMTime() if representation is not None else 0))
+    segments = [(segment_id, *_modified_key(nodes, segment_id)) for segment_id in _segment_ids(nodes.segmentation)]
     m = nodes.markups
     points = tuple(m.GetNthControlPointDescription(n) for n in range(m.GetNumberOfControlPoints()))
     return nodes.segmentation.GetMTime(), segmentation.GetMTime(), tuple(segments), points
@@ -289,19 +296,22 @@ def store_edits(study: Study, nodes: CaseNodes) -> dict[str, Any]:
         segment = segmentation.GetSegment(segment_id)
         tagged = _tag(segment, LESION_TAG)
         lesion_id = int(tagged) if tagged and tagged.isdigit() and int(tagged) in mine else None
+        if nodes.seen.get(segment_id) == _modified_key(nodes, segment_id) and (lesion_id is not None or not tagged):
+            if lesion_id is not None:  # untouched since it was last found stored (or empty)
+                handled.add(lesion_id)
+            continue
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, segment_id, nodes.volume)
         mask = np.asarray(mask) > 0 if mask is not None else None
-        if mask is None or not mask.any():
-            if lesion_id is not None:
-                _tag_segment(nodes, segment_id, None)  # erased: withdrawn below; painted again, it is new
-            continue  # or a segment the reader has not painted yet
-        if lesion_id is not None and _tag(segment, MASK_TAG) == _mask_digest(mask):
-            handled.add(lesion_id)
-            continue
         try:
-            if lesion_id is None:
+            if mask is None or not mask.any():
+                if lesion_id is not None:
+                    _tag_segment(nodes, segment_id, None)  # erased: withdrawn below; painted again, it is new
+                # else a segment the reader has not painted yet
+            elif lesion_id is None:
                 _store_added(study, nodes, mask, segment_id=segment_id)
                 done["added"] += 1
+            elif _tag(segment, MASK_TAG) == _mask_digest(mask):
+                handled.add(lesion_id)
             else:
                 # Painted further: the new version is stored before the old one is withdrawn, so
                 # a crash in between leaves both (the reader deletes one), never neither.
@@ -312,6 +322,8 @@ def store_edits(study: Study, nodes: CaseNodes) -> dict[str, Any]:
                 done["replaced"] += 1
         except (StudyError, OSError) as exc:
             done["errors"].append(f"{nodes.case}, segment '{segment.GetName()}': not stored ({exc}); it stays in the scene")
+            continue  # not marked as seen: tried again at the next store
+        nodes.seen[segment_id] = _modified_key(nodes, segment_id)
     for lesion_id in sorted(mine - handled):  # its segment deleted or erased
         try:
             study.withdraw_added(lesion_id, reader_id)
