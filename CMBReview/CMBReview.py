@@ -112,14 +112,19 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statisticsButton.connect("clicked(bool)", self.onStatistics)
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
         self._timer.connect("timeout()", self._onTick)
-        # Closing the scene removes the case's nodes: leave the case (storing it) first.
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *_: self._finishCase())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self._enableCaseWidgets(False)
 
     def cleanup(self) -> None:
+        try:
+            self._finishCase()
+        finally:
+            self.removeObservers()
+            self._removeShortcuts()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Closing the scene removes the case's nodes: leave the case (storing it) first."""
         self._finishCase()
-        self.removeObservers()
-        self._removeShortcuts()
 
     def enter(self) -> None:
         self._installShortcuts()
