@@ -69,6 +69,9 @@ class CMBReview(ScriptedLoadableModule):
 
 
 class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Wires the widgets to the reading session (CMBReviewLib/session.py), which holds the study,
+    the reader, the open case and its nodes; every click is one session call."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -92,7 +95,7 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reasonComboBox.addItems(list(MIMIC_REASONS))
         self.ui.openStudyButton.connect("clicked(bool)", self.onOpenStudy)
         self.ui.addReaderButton.connect("clicked(bool)", self.onAddReader)
-        self.ui.readerComboBox.connect("currentIndexChanged(int)", lambda _: self._refreshCaseList())
+        self.ui.readerComboBox.connect("currentIndexChanged(int)", lambda _: self.onReaderChanged())
         self.ui.caseListWidget.connect("currentRowChanged(int)", self.onCaseSelected)
         self.ui.nextCaseButton.connect("clicked(bool)", lambda: self.onStepCase(+1))
         self.ui.previousCaseButton.connect("clicked(bool)", lambda: self.onStepCase(-1))
@@ -108,19 +111,30 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.endorseButton.connect("clicked(bool)", self.onEndorse)
         self.ui.statisticsButton.connect("clicked(bool)", self.onStatistics)
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
-        self._timer.connect("timeout()", self._showTime)
+        self._timer.connect("timeout()", self._onTick)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self._enableCaseWidgets(False)
 
     def cleanup(self) -> None:
+        try:
+            self._finishCase()
+        finally:
+            self.removeObservers()
+            self._removeShortcuts()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Closing the scene removes the case's nodes: leave the case (storing it) first."""
         self._finishCase()
-        self.removeObservers()
-        self._removeShortcuts()
 
     def enter(self) -> None:
         self._installShortcuts()
 
     def exit(self) -> None:
         self._removeShortcuts()
+
+    @property
+    def session(self):
+        return self.logic.session
 
     # --- keyboard ---------------------------------------------------------------------
 
@@ -145,29 +159,51 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- study, reader, cases -----------------------------------------------------------
 
-    def _reader(self) -> str:
-        return self.ui.readerComboBox.currentText.strip()
+    def _studyOpen(self) -> bool:
+        return self.session is not None and self.session.study is not None
 
     def onOpenStudy(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not open the study."), waitCursor=True):
+            self._timer.stop()
             self.logic.openStudy(self.ui.studyPathLineEdit.currentPath)
+            self._enableCaseWidgets(False)
+            self.ui.readerComboBox.blockSignals(True)
             self.ui.readerComboBox.clear()
-            self.ui.readerComboBox.addItems(self.logic.readers())
-            self._refreshCaseList()
+            self.ui.readerComboBox.addItems(self.session.readers())
+            if self.session.reader:
+                self.ui.readerComboBox.setCurrentText(self.session.reader)
+            self.ui.readerComboBox.blockSignals(False)
+            self.onReaderChanged()
             self.onStatistics()
 
     def onAddReader(self) -> None:
+        if not self._studyOpen():
+            return
         name = qt.QInputDialog.getText(slicer.util.mainWindow(), _("Add reader"), _("Reader name (letters, digits, - and _):"))
         if name:
             with slicer.util.tryWithErrorDisplay(_("Could not add the reader.")):
-                self.logic.addReader(name)
+                self.session.add_reader(name)
                 self.ui.readerComboBox.addItem(name)
                 self.ui.readerComboBox.setCurrentText(name)
 
-    def _refreshCaseList(self) -> None:
-        if not self.logic.study or not self._reader():
+    def onReaderChanged(self) -> None:
+        if not self._studyOpen():
             return
-        rows = self.logic.caseList(self._reader())
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not switch the reader.")):
+                self.session.select_reader(self.ui.readerComboBox.currentText.strip())
+        finally:
+            # The combo shows the reader decisions are filed under, also when the switch failed.
+            self.ui.readerComboBox.blockSignals(True)
+            self.ui.readerComboBox.setCurrentText(self.session.reader or "")
+            self.ui.readerComboBox.blockSignals(False)
+            self._refreshCaseList()
+            self._showCase()
+
+    def _refreshCaseList(self) -> None:
+        if not self._studyOpen() or not self.session.reader:
+            return
+        rows = self.session.case_list()
         self.ui.caseListWidget.blockSignals(True)
         current = self.ui.caseListWidget.currentRow
         self.ui.caseListWidget.clear()
@@ -178,8 +214,8 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressLabel.text = _("{done} of {total} cases done").format(done=sum(d for _, d in rows), total=len(rows))
 
     def onResume(self) -> None:
-        if self.logic.study and self._reader():
-            self.ui.caseListWidget.setCurrentRow(min(self.logic.resumePosition(self._reader()), self.ui.caseListWidget.count - 1))
+        if self._studyOpen() and self.session.reader:
+            self.ui.caseListWidget.setCurrentRow(min(self.session.resume_position(), self.ui.caseListWidget.count - 1))
 
     def onStepCase(self, step: int) -> None:
         row = self.ui.caseListWidget.currentRow + step
@@ -188,31 +224,56 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCaseSelected(self, row: int) -> None:
         self._finishCase()
-        if row < 0 or not self._reader():
+        if row < 0 or not self._studyOpen() or not self.session.reader:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not load the case."), waitCursor=True):
-            nodes = self.logic.loadCase(row, self._reader())
-            slicer.util.setSliceViewerLayers(background=nodes.volume, fit=True)
-            self._fillLesionTable()
-            self._enableCaseWidgets(True)
-            self._timer.start()
-            if self.ui.lesionTableWidget.rowCount:
-                self.ui.lesionTableWidget.setCurrentCell(0, 0)
+            self.session.open_case(row)
+            self._showCase()
+
+    def _showCase(self) -> None:
+        """Show the session's open case (if any): its volume, its lesions, the clock."""
+        nodes = self.session.nodes
+        self._enableCaseWidgets(nodes is not None)
+        if nodes is None:
+            self._timer.stop()
+            return
+        slicer.util.setSliceViewerLayers(background=nodes.volume, fit=True)
+        self._fillLesionTable()
+        self._timer.start()
+        if self.ui.lesionTableWidget.rowCount:
+            self.ui.lesionTableWidget.setCurrentCell(0, 0)
 
     def _finishCase(self, completed: Optional[bool] = None) -> None:
-        """Leaving a case stores its reading time; it counts as completed when every lesion is judged."""
-        self._timer.stop()
-        if self.logic and self.logic.nodes:
-            self.logic.finishCase(completed)
+        """Leaving a case stores its edits and reading time; completed when every lesion is judged.
+        If that fails the case stays open (and keeps being stored every second)."""
+        if self.session is not None and self.session.nodes is not None:
+            with slicer.util.tryWithErrorDisplay(_("Could not store the case.")):
+                self.session.close_case(completed)
             self._refreshCaseList()
+        self._timer.stop()
         self._enableCaseWidgets(False)
 
     def onCaseDone(self) -> None:
         self._finishCase(completed=True)
         self.onStepCase(+1)
 
-    def _showTime(self) -> None:
-        self.ui.timerLabel.text = _("{s:.0f} s on this case").format(s=self.logic.elapsedSeconds())
+    def _onTick(self) -> None:
+        """Every second: the clock, and whatever was painted or typed since the last store is stored
+        (a crash loses at most a second's work); problems go to the status line, not a dialog a second."""
+        self.ui.timerLabel.text = _("{s:.0f} s on this case").format(s=self.session.elapsed_seconds())
+        try:
+            done = self.session.store_edits_if_changed()
+        except Exception as exc:  # shown, and tried again at the next tick
+            self.ui.statusLabel.text = _("Not stored: {error}").format(error=exc)
+            return
+        if done:
+            self._showStored(done)
+
+    def _showStored(self, done: dict) -> None:
+        if done["added"] or done["replaced"] or done["withdrawn"]:
+            self._fillLesionTable()
+        text = _("Stored {verdicts} verdicts, {added} added lesions, {replaced} repainted, {withdrawn} withdrawn.").format(**done)
+        self.ui.statusLabel.text = text + ("".join(" " + e for e in done["errors"]) if done["errors"] else "")
 
     def _enableCaseWidgets(self, enabled: bool) -> None:
         for name in ("correctButton", "incorrectButton", "reasonComboBox", "possibleCheckBox", "addMissedButton", "storeEditsButton",
@@ -223,7 +284,7 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _fillLesionTable(self) -> None:
         table = self.ui.lesionTableWidget
-        rows = self.logic.lesionRows()
+        rows = self.session.lesion_rows()
         table.setRowCount(len(rows))
         for r, (label, verdict) in enumerate(rows):
             table.setItem(r, 0, qt.QTableWidgetItem(label))
@@ -236,23 +297,23 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setCurrentCell(row, 0)
 
     def onLesionSelected(self, row: int) -> None:
-        if row >= 0 and self.logic.nodes:
-            self.logic.jumpTo(row)
+        if row >= 0 and self.session.nodes is not None:
+            self.session.jump_to(row)
 
     def onVerdict(self, verdict: str) -> None:
         row = self.ui.lesionTableWidget.currentRow()
-        if row < 0 or not self.logic.nodes:
+        if row < 0 or self.session is None or self.session.nodes is None:
             return
         reason = self.ui.reasonComboBox.currentText if verdict == "incorrect" else None
         certainty = "possible" if self.ui.possibleCheckBox.checked else "definite"
         with slicer.util.tryWithErrorDisplay(_("Could not store the verdict.")):
-            self.logic.setVerdict(row, verdict, reason, certainty)
+            self.session.set_verdict(row, verdict, reason, certainty)
             self._fillLesionTable()
             self._stepLesion(+1) if row + 1 < self.ui.lesionTableWidget.rowCount else self.ui.lesionTableWidget.setCurrentCell(row, 0)
 
     def onAddMissed(self) -> None:
         """One click: place a point in a view; the lesion is grown there and stored."""
-        if not self.logic.nodes:
+        if self.session is None or self.session.nodes is None:
             return
         if self._clickNode is None:
             self._clickNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "CMBReview click")
@@ -267,20 +328,24 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         caller.RemoveAllControlPoints()
         certainty = "possible" if self.ui.possibleCheckBox.checked else "definite"
         with slicer.util.tryWithErrorDisplay(_("Could not add a lesion there.")):
-            self.logic.addMissedAt(position, certainty)
+            self.session.add_missed_at(position, certainty)
             self._fillLesionTable()
 
     def onStoreEdits(self) -> None:
+        if self.session is None or self.session.nodes is None:
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not store the edits.")):
-            done = self.logic.storeEdits()
+            done = self.session.store_edits()
             self._fillLesionTable()
-            self.ui.statusLabel.text = _("Stored {verdicts} verdicts, {added} added lesions, {withdrawn} withdrawn.").format(**done)
+            self._showStored(done)
+            if done["errors"]:
+                slicer.util.errorDisplay("\n".join(done["errors"]))
 
     # --- ground truth -------------------------------------------------------------------
 
     def onGroundTruth(self) -> None:
         """Label this case slice by slice in the Segment Editor, on a segmentation of the reader's own."""
-        nodes = self.logic.nodes
+        nodes = self.session.nodes
         self._groundTruthNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{nodes.case} ground truth ({nodes.reader})")
         self._groundTruthNode.CreateDefaultDisplayNodes()
         self._groundTruthNode.SetReferenceImageGeometryParameterFromVolumeNode(nodes.volume)
@@ -294,26 +359,28 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Start a ground-truth labelling first."))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not store the ground truth.")):
-            self.logic.storeGroundTruth(self._groundTruthNode)
+            self.session.store_groundtruth(self._groundTruthNode)
             self.ui.statusLabel.text = _("Ground truth stored (a new version; earlier ones are kept).")
 
     def onEndorse(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not endorse.")):
-            author = self.logic.endorseLatest()
+            author = self.session.endorse_latest()
             self.ui.statusLabel.text = _("Endorsed the ground truth by {author}.").format(author=author)
 
     # --- statistics ---------------------------------------------------------------------
 
     def onStatistics(self) -> None:
-        if self.logic.study:
+        if self._studyOpen():
             with slicer.util.tryWithErrorDisplay(_("Could not compute the statistics."), waitCursor=True):
-                self.ui.statisticsTextBrowser.setHtml(self.logic.statisticsHtml())
+                self.ui.statisticsTextBrowser.setHtml(self.session.statistics_html())
 
     def onReport(self) -> None:
+        if not self._studyOpen():
+            return
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder for the report"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("Could not write the report."), waitCursor=True):
-                paths = self.logic.writeReport(folder)
+                paths = self.session.write_report(folder)
                 self.ui.statusLabel.text = _("Wrote {path}").format(path=paths.get("html"))
 
 
@@ -332,13 +399,12 @@ MIMIC_REASONS = ("vessel", "calcification", "cavernous_malformation", "partial_v
 
 
 class CMBReviewLogic(ScriptedLoadableModuleLogic):
-    """Works without the widget: every method takes plain values and delegates to CMBReviewLib."""
+    """Works without the widget: sets up CMBReviewLib's requirements, then holds the reading
+    session (CMBReviewLib.session.ReviewSession), where everything a reader does is done."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.study = None
-        self.nodes = None
-        self._clock = qt.QElapsedTimer()
+        self.session = None  # created once the requirements are in place (not at import time)
 
     @staticmethod
     def requirementsPath() -> str:
@@ -355,92 +421,11 @@ class CMBReviewLogic(ScriptedLoadableModuleLogic):
             slicer.packaging.pip_ensure(slicer.packaging.load_requirements(self.requirementsPath()), **options)
         importlib.invalidate_caches()
 
-    @staticmethod
-    def lib(name: str):
-        return importlib.import_module(f"CMBReviewLib.{name}")
-
-    # study and readers
     def openStudy(self, path: str, interactive: bool = True) -> None:
         self.setupPythonRequirements(interactive)
-        if self.study is not None:
-            self.study.close()
-        self.study = self.lib("store").Study.open(path)
-
-    def readers(self) -> list[str]:
-        return list(self.study.readers().values())
-
-    def addReader(self, name: str) -> None:
-        self.study.add_reader(name)
-
-    def caseList(self, reader: str) -> list[tuple[str, bool]]:
-        done = self.study.completed_cases(self.study.reader_id(reader))
-        return [(c.name, c.id in done) for c in self.study.cases()]
-
-    def resumePosition(self, reader: str) -> int:
-        return self.study.resume_position(self.study.reader_id(reader))
-
-    # one case
-    def loadCase(self, index: int, reader: str):
-        case = self.study.cases()[index]
-        self.nodes = self.lib("mrml").load_case(self.study, case.name, reader)
-        self._clock.start()
-        return self.nodes
-
-    def elapsedSeconds(self) -> float:
-        return self._clock.elapsed() / 1000.0 if self._clock.isValid() else 0.0
-
-    def finishCase(self, completed: Optional[bool] = None) -> None:
-        """Store the reading time of this sitting; completed unless a detector lesion is still unjudged."""
-        if self.nodes is None:
-            return
-        self.storeEdits()  # segments painted or deleted since the last store must not be lost with the nodes
-        if completed is None:
-            completed = all(verdict for label, verdict in self.lesionRows() if label.startswith("CMB"))
-        study, nodes = self.study, self.nodes
-        study.record_reading(study.case(nodes.case).id, study.reader_id(nodes.reader), self.elapsedSeconds(), completed)
-        for node in (nodes.volume, nodes.segmentation, nodes.markups):
-            slicer.mrmlScene.RemoveNode(node)
-        self.nodes = None
-        self._clock.invalidate()
-
-    def lesionRows(self) -> list[tuple[str, str]]:
-        m = self.nodes.markups
-        return [(m.GetNthControlPointLabel(n), m.GetNthControlPointDescription(n)) for n in range(m.GetNumberOfControlPoints())]
-
-    def jumpTo(self, index: int) -> None:
-        self.lib("mrml").jump_to(self.nodes, index)
-
-    def setVerdict(self, index: int, verdict: str, reason: Optional[str] = None, certainty: str = "definite") -> None:
-        self.lib("mrml").set_verdict(self.study, self.nodes, index, verdict, reason, certainty)
-
-    def addMissedAt(self, ras, certainty: str = "definite") -> int:
-        return self.lib("mrml").add_missed_at(self.study, self.nodes, tuple(ras), certainty)
-
-    def storeEdits(self) -> dict:
-        return self.lib("mrml").store_edits(self.study, self.nodes)
-
-    def storeGroundTruth(self, segmentationNode) -> int:
-        return self.lib("mrml").store_groundtruth(self.study, self.nodes.case, self.nodes.reader, segmentationNode, self.nodes.volume)
-
-    def endorseLatest(self) -> str:
-        """Endorse the latest ground truth of this case made by another reader; returns its author."""
-        study, nodes = self.study, self.nodes
-        me = study.reader_id(nodes.reader)
-        others = [g for g in study.groundtruths(study.case(nodes.case).id) if g["reader_id"] != me]
-        if not others:
-            raise ValueError(_("No other reader has labelled ground truth for this case yet."))
-        study.endorse(others[-1]["id"], me)
-        return study.readers()[others[-1]["reader_id"]]
-
-    # statistics
-    def statistics(self) -> dict:
-        return self.lib("analysis").analyse(self.study, n_boot=500)
-
-    def statisticsHtml(self) -> str:
-        return self.lib("report").html_page(self.statistics())
-
-    def writeReport(self, folder: str) -> dict:
-        return self.lib("report").write_report(self.lib("analysis").analyse(self.study), folder)
+        if self.session is None:
+            self.session = importlib.import_module("CMBReviewLib.session").ReviewSession()
+        self.session.open_study(path)
 
 
 #
@@ -500,19 +485,22 @@ class CMBReviewTest(ScriptedLoadableModuleTest):
 
         logic = CMBReviewLogic()
         logic.openStudy(os.path.join(folder, "study.db"), interactive=False)
-        self.assertEqual(logic.caseList("ana"), [("c1", False)])
-        nodes = logic.loadCase(0, "ana")
+        session = logic.session
+        session.select_reader("ana")
+        self.assertEqual(session.case_list(), [("c1", False)])
+        nodes = session.open_case(0)
         self.assertEqual(nodes.markups.GetNumberOfControlPoints(), 2)
-        logic.jumpTo(1)
-        logic.setVerdict(0, "correct")
-        logic.setVerdict(1, "incorrect", "vessel", "possible")
+        session.jump_to(1)
+        session.set_verdict(0, "correct")
+        session.set_verdict(1, "incorrect", "vessel", "possible")
         ras = (geometry.ijk_to_ras() @ [20, 44, 6, 1])[:3]
-        logic.addMissedAt(ras)
-        self.assertEqual(logic.lesionRows()[2][1], "correct")
-        logic.finishCase()
-        self.assertEqual(logic.caseList("ana"), [("c1", True)])
-        stats = logic.statistics()
+        session.add_missed_at(ras)
+        self.assertEqual(session.lesion_rows()[2][1], "correct")
+        session.close_case()
+        self.assertEqual(session.case_list(), [("c1", True)])
+        stats = session.statistics()
         t4 = stats["table4"]["ana"]
         self.assertEqual((t4["correct"], t4["incorrect"], t4["missed"]), (1, 1, 1))
-        self.assertIn("Table 4", logic.statisticsHtml())
+        self.assertIn("Table 4", session.statistics_html())
+        session.close()
         self.delayDisplay("Test passed")

@@ -26,8 +26,8 @@ BLEEDS = [((5, 20, 20), 2.5), ((4, 44, 50), 3.0)]  # detected
 MISSED = ((6, 44, 20), 2.0)  # dark, but the "detector" did not report it
 
 
-@pytest.fixture
-def study(tmp_path):
+def make_study(folder) -> Study:
+    """A one-case study (c1: two detected bleeds, one missed) with readers ana and ben, in `folder`."""
     import json
 
     rng = np.random.default_rng(3)
@@ -38,19 +38,25 @@ def study(tmp_path):
         image[m] = 100.0
         probability[m] = 0.9
     image[sphere_mask(SHAPE, GEOMETRY, *MISSED)] = 100.0
-    write_volume(image, GEOMETRY, tmp_path / "images" / "c1.nii.gz")
+    write_volume(image, GEOMETRY, folder / "images" / "c1.nii.gz")
     labels, lesions = extract_lesions(probability, GEOMETRY)
     assert len(lesions) == 2
-    det = tmp_path / "det"
+    det = folder / "det"
     write_volume(labels, GEOMETRY, det / "c1_lesions.nii.gz")
     write_segmentation_nrrd(det / "c1.seg.nrrd", labels, lesions, GEOMETRY)
     write_lesion_csv(det / "c1_lesions.csv", lesions)
     (det / "c1_summary.json").write_text(json.dumps({"n_lesions": 2, "seconds": 1.5}))
-    s = Study.create(tmp_path / "study.db")
-    added, errors = add_cases(s, [("c1", tmp_path / "images" / "c1.nii.gz", det)])
+    s = Study.create(folder / "study.db")
+    added, errors = add_cases(s, [("c1", folder / "images" / "c1.nii.gz", det)])
     assert added == ["c1"] and not errors
     s.add_reader("ana")
     s.add_reader("ben")
+    return s
+
+
+@pytest.fixture
+def study(tmp_path):
+    s = make_study(tmp_path)
     yield s
     s.close()
 
@@ -85,7 +91,7 @@ def test_reader_edits_in_the_nodes_become_stored_decisions(mrml, study):
     nodes.segmentation.GetSegmentation().AddEmptySegment("Segment_1", "my bleed")
     slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), nodes.segmentation, "Segment_1", nodes.volume)
     done = review_mrml.store_edits(study, nodes)
-    assert done == {"verdicts": 2, "added": 1, "withdrawn": 0}
+    assert done == {"verdicts": 2, "added": 1, "replaced": 0, "withdrawn": 0, "errors": []}
     ana = study.reader_id("ana")
     current = {v.lesion_id: v for v in study.current_verdicts(ana)}
     det = [l for l in study.lesions() if l.source == "detector"]
@@ -94,9 +100,9 @@ def test_reader_edits_in_the_nodes_become_stored_decisions(mrml, study):
     (added,) = [l for l in study.lesions() if l.source == "reader"]
     path, digest = study.file(added.file_id)
     assert np.array_equal(voxelfiles.read_checked(path, digest, "c1", nodes.image) > 0, painted)
-    assert f"ADDED_{added.id}" in review_mrml._segment_ids(nodes.segmentation)
+    assert review_mrml._segment_ids(nodes.segmentation)[-1] == "Segment_1", "the painted segment stays as it was painted"
     # storing again changes nothing: the nodes and the store agree
-    assert review_mrml.store_edits(study, nodes) == {"verdicts": 0, "added": 0, "withdrawn": 0}
+    assert review_mrml.store_edits(study, nodes) == {"verdicts": 0, "added": 0, "replaced": 0, "withdrawn": 0, "errors": []}
 
     # reopened for ana: her verdicts on the points, her lesion as a segment; ben sees neither
     mrml.clear()

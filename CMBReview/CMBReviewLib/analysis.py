@@ -88,18 +88,22 @@ def analyse(study: Study, n_boot: int = S.FLEISS_BOOTSTRAP, seed: int = 0) -> di
         for reason in MIMIC_REASONS:
             d.setdefault(reason, 0)
 
-    # Lesion level: over candidates.
+    # Lesion level: over candidates; each figure says how many cases its candidates come from.
+    case_of = np.array([c.case_id for c in candidates], int)
+    n_cases = lambda ok: int(np.unique(case_of[ok]).size)  # noqa: E731
     vs_detector = {}
     for m, name in enumerate(names):
         ok = ~np.isnan(rat[:, m])
         vs_detector[name] = S.cohen(rat[ok, m].astype(int), det[ok], 2)
+        # Candidates this reader and the detector both call "no": the agreed negatives this kappa has.
+        vs_detector[name].update(cases=n_cases(ok), agreed_no=int(np.sum((det == 0) & (rat[:, m] == 0))))
     complete = ~np.isnan(rat).any(axis=1) if names else np.zeros(len(candidates), bool)
-    fleiss_lesions = S.fleiss(rat[complete].astype(int), 2, n_boot, seed)
+    fleiss_lesions = {**S.fleiss(rat[complete].astype(int), 2, n_boot, seed), "cases": n_cases(complete)}
     pairwise = {}
     for a in range(len(names)):
         for b in range(a + 1, len(names)):
             ok = ~np.isnan(rat[:, a]) & ~np.isnan(rat[:, b])
-            pairwise[f"{names[a]} vs {names[b]}"] = S.cohen(rat[ok, a].astype(int), rat[ok, b].astype(int), 2)
+            pairwise[f"{names[a]} vs {names[b]}"] = {**S.cohen(rat[ok, a].astype(int), rat[ok, b].astype(int), 2), "cases": n_cases(ok)}
 
     # Case level: each rater's count per case, over the cases they reviewed.
     case_rows = []
@@ -133,12 +137,10 @@ def analyse(study: Study, n_boot: int = S.FLEISS_BOOTSTRAP, seed: int = 0) -> di
         by_reader = {}
         for m, name in enumerate(names):
             ok = ~np.isnan(counts[:, m])
-            by_reader[name] = S.cohen(transform(counts[ok, m]), transform(det_counts[ok]), n_cat)
+            by_reader[name] = {**S.cohen(transform(counts[ok, m]), transform(det_counts[ok]), n_cat), "cases": int(ok.sum())}
         complete_cases = ~np.isnan(counts).any(axis=1) if names else np.zeros(len(cases), bool)
-        return {
-            "reader_vs_detector": by_reader,
-            "fleiss_readers": S.fleiss(transform(counts[complete_cases]).reshape(int(complete_cases.sum()), len(names)), n_cat, n_boot, seed),
-        }
+        fleiss = S.fleiss(transform(counts[complete_cases]).reshape(int(complete_cases.sum()), len(names)), n_cat, n_boot, seed)
+        return {"reader_vs_detector": by_reader, "fleiss_readers": {**fleiss, "cases": int(complete_cases.sum())}}
 
     presence = lambda x: (np.asarray(x) > 0).astype(int)  # noqa: E731
     category = lambda x: np.vectorize(S.count_category, otypes=[int])(np.asarray(x, int)) if np.size(x) else np.asarray(x, int)  # noqa: E731
@@ -153,11 +155,20 @@ def analyse(study: Study, n_boot: int = S.FLEISS_BOOTSTRAP, seed: int = 0) -> di
         reading["reader_to_detector_ratio"] = reading["readers_mean_s"] / reading["detector"]["mean_s"]
 
     labels = {l.id: l.detector_label for l in ctx["lesions"] if l.source == "detector"}
+    # The cases each Table 4 column rests on: those where the reader has a label counted there.
+    case_of_lesion = {l.id: l.case_id for l in ctx["lesions"]}
+    labelled = {
+        name: {case_of_lesion[i] for (rr, i), v in ctx["verdicts"].items() if rr == r and i in case_of_lesion and v.verdict in ("correct", "incorrect")}
+        for r, name in readers.items()
+    }
+    t4_cases = {name: len(c) for name, c in labelled.items()}
+    if average:
+        t4_cases["average"] = len(set().union(*labelled.values()))
     return {
         "study": study.summary(),
         "settings": {"match_radius_mm": study.match_radius_mm, "fleiss_bootstrap": n_boot, "seed": seed, "alpha": S.ALPHA},
         "readers": names,
-        "table4": {**{k: v.as_dict() for k, v in t4.items()}, **({"average": average.as_dict()} if average else {})},
+        "table4": {k: {**v.as_dict(), "cases": t4_cases[k]} for k, v in [*t4.items(), *([("average", average)] if average else [])]},
         "incorrect_reasons": reasons,
         "lesion_agreement": {
             "candidates": len(candidates),

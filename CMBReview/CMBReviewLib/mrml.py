@@ -13,13 +13,18 @@ A case for one reader becomes:
   (VERDICT_FORMAT), so the views, the point list and the store say the same thing.
 What the reader changes there, `store_edits` turns into stored decisions: a point's new
 description is a verdict; a new segment (painted in the Segment Editor) is an added lesion; an
-`ADDED_` segment the reader deleted is withdrawn. Each is its own transaction.
+added lesion's segment painted further is stored again (the new version supersedes the old);
+one the reader deleted or erased is withdrawn. Each is its own transaction. A reader's segment
+carries the id of the lesion stored for it and the digest of the stored voxels (segment tags
+LESION_TAG, MASK_TAG), so painted segments stay where the reader paints them and are stored as
+often as they change (`edit_stamp` tells cheaply whether anything did).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +48,8 @@ CASE_ATTRIBUTE = "CMBReview.Case"
 READER_ATTRIBUTE = "CMBReview.Reader"
 ADDED_COLOR = (0.1, 0.75, 0.95)  # reader-added lesions in cyan, apart from the detector's reds
 VERDICT_FORMAT = "verdict[:reason][:certainty], e.g. 'correct', 'correct:possible', 'incorrect:vessel'"
+LESION_TAG = "CMBReview.LesionId"  # on a reader's segment: the stored lesion it shows
+MASK_TAG = "CMBReview.MaskDigest"  # ... and the digest of the voxels stored for that lesion
 
 
 def verdict_text(verdict: str | None, reason: str | None = None, certainty: str = "definite") -> str:
@@ -74,6 +81,9 @@ class CaseNodes:
     segmentation: Any
     markups: Any
     image: Volume  # the stored image, whose grid every decision is checked against
+    # segment id -> its _modified_key when `store_edits` last found it stored: an unchanged
+    # segment is not read back and hashed again (that costs a resampled whole-volume array).
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
 
 def _scene(scene: Any) -> Any:
@@ -114,7 +124,9 @@ def load_case(study: Study, case: str, reader: str, scene: Any = None) -> CaseNo
     for l in lesions:
         if l.source == "reader":
             path, digest = study.file(l.file_id)
-            _add_segment(nodes, f"ADDED_{l.id}", l.label, voxelfiles.read_checked(path, digest, case, image) > 0)
+            mask = voxelfiles.read_checked(path, digest, case, image) > 0
+            _add_segment(nodes, f"ADDED_{l.id}", l.label, mask)
+            _tag_segment(nodes, f"ADDED_{l.id}", l.id, mask)
 
     verdicts = {v.lesion_id: v for v in study.current_verdicts(reader_id)}
     ids = []
@@ -125,6 +137,8 @@ def load_case(study: Study, case: str, reader: str, scene: Any = None) -> CaseNo
         markups.SetNthControlPointLocked(index, True)
         ids.append(l.id)
     markups.SetAttribute(LESIONS_ATTRIBUTE, json.dumps(ids))
+    for segment_id in _segment_ids(segmentation):
+        nodes.seen[segment_id] = _modified_key(nodes, segment_id)
     return nodes
 
 
@@ -132,6 +146,51 @@ def _add_segment(nodes: CaseNodes, segment_id: str, name: str, mask: np.ndarray)
     segmentation = nodes.segmentation.GetSegmentation()
     segmentation.AddEmptySegment(segment_id, name, list(ADDED_COLOR))
     slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), nodes.segmentation, segment_id, nodes.volume)
+
+
+def _mask_digest(mask: np.ndarray) -> str:
+    return hashlib.sha256(np.packbits(np.asarray(mask, bool)).tobytes() + repr(mask.shape).encode()).hexdigest()
+
+
+def _tag(segment: Any, key: str) -> str | None:
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(key, value) else None
+
+
+def _tag_segment(nodes: CaseNodes, segment_id: str, lesion_id: int | None, mask: np.ndarray | None = None) -> None:
+    """Mark a reader's segment as showing a stored lesion (or, with None, as showing none)."""
+    segment = nodes.segmentation.GetSegmentation().GetSegment(segment_id)
+    if lesion_id is None:
+        segment.RemoveTag(LESION_TAG)
+        segment.RemoveTag(MASK_TAG)
+    else:
+        segment.SetTag(LESION_TAG, str(lesion_id))
+        segment.SetTag(MASK_TAG, _mask_digest(mask))
+
+
+def _modified_key(nodes: CaseNodes, segment_id: str) -> tuple[int, int]:
+    """Changes whenever the segment or its voxels do (VTK modification times only grow)."""
+    segment = nodes.segmentation.GetSegmentation().GetSegment(segment_id)
+    representation = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    return segment.GetMTime(), representation.GetMTime() if representation is not None else 0
+
+
+def edit_stamp(nodes: CaseNodes) -> tuple:
+    """Cheap to take: changes whenever the reader may have changed something `store_edits` stores
+    (a segment added, removed or painted; a point's verdict), so equal stamps need no store."""
+    segmentation = nodes.segmentation.GetSegmentation()
+    segments = [(segment_id, *_modified_key(nodes, segment_id)) for segment_id in _segment_ids(nodes.segmentation)]
+    m = nodes.markups
+    points = tuple(m.GetNthControlPointDescription(n) for n in range(m.GetNumberOfControlPoints()))
+    return nodes.segmentation.GetMTime(), segmentation.GetMTime(), tuple(segments), points
+
+
+def remove_case_nodes(nodes: CaseNodes) -> None:
+    """Take a case's nodes out of their scene (those still in it)."""
+    for node in (nodes.volume, nodes.segmentation, nodes.markups):
+        scene = node.GetScene() if node is not None else None
+        if scene is not None:
+            scene.RemoveNode(node)
 
 
 def lesion_ids(nodes: CaseNodes) -> list[int]:
@@ -163,16 +222,40 @@ def add_missed_at(study: Study, nodes: CaseNodes, ras: tuple[float, float, float
     return _store_added(study, nodes, mask, certainty)
 
 
-def _store_added(study: Study, nodes: CaseNodes, mask: np.ndarray, certainty: str = "definite") -> int:
-    """Store an added lesion, then show it as segment `ADDED_<id>` with its point; returns its id."""
+def _store_added(
+    study: Study, nodes: CaseNodes, mask: np.ndarray, certainty: str = "definite", segment_id: str | None = None, replaces: int | None = None
+) -> int:
+    """Store an added lesion and show it with its point; returns its id. The one-click add makes
+    segment `ADDED_<id>`; a painted one stays the segment it was painted in (`segment_id`), and
+    a new version of a painted lesion (`replaces`) takes over its point."""
     lesion_id = add_missed(study, nodes.case, nodes.reader, mask, nodes.image, certainty)
     lesion = next(l for l in study.lesions(study.case(nodes.case).id) if l.id == lesion_id)
-    _add_segment(nodes, f"ADDED_{lesion_id}", lesion.label, mask)
-    index = nodes.markups.AddControlPoint(vtk.vtkVector3d(*lesion.ras), lesion.label)
-    nodes.markups.SetNthControlPointDescription(index, verdict_text("correct", None, certainty))
-    nodes.markups.SetNthControlPointLocked(index, True)
-    nodes.markups.SetAttribute(LESIONS_ATTRIBUTE, json.dumps([*lesion_ids(nodes), lesion_id]))
+    if segment_id is None:
+        segment_id = f"ADDED_{lesion_id}"
+        _add_segment(nodes, segment_id, lesion.label, mask)
+    _tag_segment(nodes, segment_id, lesion_id, mask)
+    m, ids = nodes.markups, lesion_ids(nodes)
+    if replaces in ids:
+        index = ids.index(replaces)
+        ids[index] = lesion_id
+        m.SetNthControlPointPosition(index, *lesion.ras)
+        m.SetNthControlPointLabel(index, lesion.label)
+    else:
+        index = m.AddControlPoint(vtk.vtkVector3d(*lesion.ras), lesion.label)
+        ids.append(lesion_id)
+    m.SetNthControlPointDescription(index, verdict_text("correct", None, certainty))
+    m.SetNthControlPointLocked(index, True)
+    m.SetAttribute(LESIONS_ATTRIBUTE, json.dumps(ids))
     return lesion_id
+
+
+def _drop_point(nodes: CaseNodes, lesion_id: int) -> None:
+    """Remove a withdrawn lesion's point (and its id) from the point list."""
+    ids = lesion_ids(nodes)
+    if lesion_id in ids:
+        nodes.markups.RemoveNthControlPoint(ids.index(lesion_id))
+        ids.remove(lesion_id)
+        nodes.markups.SetAttribute(LESIONS_ATTRIBUTE, json.dumps(ids))
 
 
 def _segment_ids(segmentation_node: Any) -> list[str]:
@@ -181,42 +264,75 @@ def _segment_ids(segmentation_node: Any) -> list[str]:
     return [ids.GetValue(n) for n in range(ids.GetNumberOfValues())]
 
 
-def store_edits(study: Study, nodes: CaseNodes) -> dict[str, int]:
-    """Turn what the reader changed in the nodes into stored decisions; returns counts."""
+def store_edits(study: Study, nodes: CaseNodes) -> dict[str, Any]:
+    """Turn what the reader changed in the nodes into stored decisions.
+
+    Returns counts (verdicts, added, replaced, withdrawn) and `errors`: one message per point or
+    segment that could not be stored; it is left as it is in the nodes, to be stored at the
+    next call, and the other edits are stored regardless.
+    """
     reader_id = study.reader_id(nodes.reader)
     if nodes.image.shape != tuple(reversed(nodes.volume.GetImageData().GetDimensions())):
         raise StudyError(f"{nodes.case}: the volume node no longer has the stored image's grid")
-    done = {"verdicts": 0, "added": 0, "withdrawn": 0}
+    done: dict[str, Any] = {"verdicts": 0, "added": 0, "replaced": 0, "withdrawn": 0, "errors": []}
     current = {v.lesion_id: v for v in study.current_verdicts(reader_id)}
-    ids = lesion_ids(nodes)
-    visible = {l.id for l in study.lesions(study.case(nodes.case).id, reader_id)}  # withdrawn ones drop out
-    for index, lesion_id in enumerate(ids):
+    visible = {l.id: l for l in study.lesions(study.case(nodes.case).id, reader_id)}  # withdrawn ones drop out
+    for index, lesion_id in enumerate(lesion_ids(nodes)):
         try:
             parsed = parse_verdict(nodes.markups.GetNthControlPointDescription(index))
+            v = current.get(lesion_id)
+            if parsed is not None and lesion_id in visible and (v is None or (v.verdict, v.reason, v.certainty) != parsed):
+                study.record_verdict(lesion_id, reader_id, *parsed)
+                done["verdicts"] += 1
         except StudyError as exc:
-            raise StudyError(f"{nodes.case}, {nodes.markups.GetNthControlPointLabel(index)}: {exc}") from None
-        if parsed is None or lesion_id not in visible:
-            continue
-        v = current.get(lesion_id)
-        if v is None or (v.verdict, v.reason, v.certainty) != parsed:
-            study.record_verdict(lesion_id, reader_id, *parsed)
-            done["verdicts"] += 1
+            done["errors"].append(f"{nodes.case}, {nodes.markups.GetNthControlPointLabel(index)}: {exc}")
 
-    present = _segment_ids(nodes.segmentation)
-    mine = {l.id for l in study.lesions(study.case(nodes.case).id, reader_id) if l.source == "reader" and l.added_by == reader_id}
-    for lesion_id in sorted(mine):
-        if f"ADDED_{lesion_id}" not in present:
-            study.withdraw_added(lesion_id, reader_id)
-            done["withdrawn"] += 1
-    for segment_id in present:
-        if segment_id.startswith(("CMB_", "ADDED_")):
+    # The reader's own lesions shown in these nodes: each is kept, stored again, or withdrawn.
+    mine = {i for i in lesion_ids(nodes) if i in visible and visible[i].source == "reader" and visible[i].added_by == reader_id}
+    handled: set[int] = set()
+    segmentation = nodes.segmentation.GetSegmentation()
+    for segment_id in _segment_ids(nodes.segmentation):
+        if segment_id.startswith("CMB_"):
+            continue  # the detector's lesions are judged on their points, not repainted
+        segment = segmentation.GetSegment(segment_id)
+        tagged = _tag(segment, LESION_TAG)
+        lesion_id = int(tagged) if tagged and tagged.isdigit() and int(tagged) in mine else None
+        if nodes.seen.get(segment_id) == _modified_key(nodes, segment_id) and (lesion_id is not None or not tagged):
+            if lesion_id is not None:  # untouched since it was last found stored (or empty)
+                handled.add(lesion_id)
             continue
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, segment_id, nodes.volume)
-        if mask is None or not np.any(mask):
-            continue  # an empty segment the reader has not painted yet
-        nodes.segmentation.GetSegmentation().RemoveSegment(segment_id)
-        _store_added(study, nodes, np.asarray(mask) > 0)
-        done["added"] += 1
+        mask = np.asarray(mask) > 0 if mask is not None else None
+        try:
+            if mask is None or not mask.any():
+                if lesion_id is not None:
+                    _tag_segment(nodes, segment_id, None)  # erased: withdrawn below; painted again, it is new
+                # else a segment the reader has not painted yet
+            elif lesion_id is None:
+                _store_added(study, nodes, mask, segment_id=segment_id)
+                done["added"] += 1
+            elif _tag(segment, MASK_TAG) == _mask_digest(mask):
+                handled.add(lesion_id)
+            else:
+                # Painted further: the new version is stored before the old one is withdrawn, so
+                # a crash in between leaves both (the reader deletes one), never neither.
+                handled.add(lesion_id)
+                previous = current.get(lesion_id)
+                _store_added(study, nodes, mask, previous.certainty if previous else "definite", segment_id, replaces=lesion_id)
+                study.withdraw_added(lesion_id, reader_id)
+                done["replaced"] += 1
+        except (StudyError, OSError) as exc:
+            done["errors"].append(f"{nodes.case}, segment '{segment.GetName()}': not stored ({exc}); it stays in the scene")
+            continue  # not marked as seen: tried again at the next store
+        nodes.seen[segment_id] = _modified_key(nodes, segment_id)
+    for lesion_id in sorted(mine - handled):  # its segment deleted or erased
+        try:
+            study.withdraw_added(lesion_id, reader_id)
+        except StudyError as exc:
+            done["errors"].append(f"{nodes.case}, {visible[lesion_id].label}: {exc}")
+            continue
+        _drop_point(nodes, lesion_id)
+        done["withdrawn"] += 1
     return done
 
 

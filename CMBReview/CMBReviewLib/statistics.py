@@ -86,13 +86,16 @@ def cohen(a: np.ndarray, b: np.ndarray, n_categories: int, weights: str | None =
         warnings.simplefilter("ignore", RuntimeWarning)
         res = cohens_kappa(table, wt=weights, return_results=True)  # its CI is at alpha = 0.05
     se = _finite(res.std_kappa)
-    return {
-        **out,
-        "kappa": float(res.kappa),
-        "se": se,
-        "ci95": [_finite(res.kappa_low), _finite(res.kappa_upp)] if se is not None else None,
-        "table": table.astype(int).tolist(),
-    }
+    result = {**out, "kappa": float(res.kappa), "se": se, "ci95": None, "table": table.astype(int).tolist()}
+    if not se:
+        # At kappa = -1 or 1 the asymptotic SE is 0: a zero-width interval would claim certainty.
+        return {**result, "note": "the asymptotic standard error is 0 here (kappa at -1 or 1): no interval"}
+    # kappa +- 1.96 SE can leave [-1, 1] on few items; kappa cannot, so neither may its interval.
+    low, high = float(res.kappa_low), float(res.kappa_upp)
+    result["ci95"] = [max(low, -1.0), min(high, 1.0)]
+    if low < -1 or high > 1:
+        result["note"] = "95% interval clipped to [-1, 1]: too few items for the asymptotic interval"
+    return result
 
 
 def fleiss(ratings: np.ndarray, n_categories: int, n_boot: int = FLEISS_BOOTSTRAP, seed: int = 0) -> dict:

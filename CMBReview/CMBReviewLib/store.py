@@ -351,7 +351,14 @@ class Study:
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
-        self.con.execute("COMMIT")
+        try:
+            self.con.execute("COMMIT")
+        except BaseException:
+            # A COMMIT can fail (a deferred constraint, SQLITE_BUSY, a full disk) and leave the
+            # transaction open: roll it back, or every later BEGIN on this connection fails.
+            if self.con.in_transaction:
+                self.con.execute("ROLLBACK")
+            raise
 
     @property
     def files_dir(self) -> Path:
