@@ -34,11 +34,47 @@ def trained(tiny_data, tmp_path_factory):
     return out, card
 
 
-def test_training_raises_validation_dice_well_above_untrained(trained):
+def _separation(network, tiny_data) -> float:
+    """Mean probability inside the validation case's microbleeds minus outside them: threshold-
+    free, so it measures what was learnt even where the Dice at 0.4 is still near 0."""
+    import numpy as np
+    import torch
+
+    from CMBDetectLib.detection.inference import predict_stack
+    from CMBDetectLib.detection.preprocess import preprocess, restore
+    from CMBDetectLib.io import read_volume
+
+    names = sorted(p.name.removesuffix(".nii.gz") for p in (tiny_data / "images").iterdir())
+    _, validation = split_by_patient(names, TINY["val_fraction"], TINY["seed"])
+    gaps = []
+    for name in validation:
+        image = read_volume(tiny_data / "images" / f"{name}.nii.gz")
+        truth = read_volume(tiny_data / "labels" / f"{name}.nii.gz").array > 0
+        stack, info = preprocess(image.array, name)
+        probability = restore(predict_stack(network.eval(), stack, torch.device("cpu")), info)
+        gaps.append(float(probability[truth].mean() - probability[~truth].mean()))
+    return float(np.mean(gaps))
+
+
+def test_training_learns_with_a_wide_margin_over_the_untrained_network(trained, tiny_data):
+    """Learning, measured so that it holds on any CPU. The Dice at 0.4 after 150 tiny steps
+    depends on the kernel path (seed 3: 0.266 with AVX2, 0.125 with AMX, 0.050 with SSE4.1;
+    seeds 4 and 5 with AVX2: 0.028 and 0.042), because a run that has not yet pushed its
+    lesions over 0.4 scores near 0 whatever it learnt. The gap between the mean probability
+    inside and outside the validation lesions does not: 0.056-0.44 in those six runs, against
+    about 1e-4 for the untrained network (seeds 3-5)."""
+    import torch
+
+    from CMBDetectLib.detection.network import NetworkConfig, ResUNet
+
     out, card = trained
     t = card["training"]
-    assert t["initial_val_dice"] < 0.05
-    assert t["best_val_dice"] > 0.15 and t["best_val_dice"] > 5 * t["initial_val_dice"]
+    torch.manual_seed(TINY["seed"])  # the network train() starts from
+    untrained = _separation(ResUNet(NetworkConfig(base_channels=TINY["base_channels"])), tiny_data)
+    learnt = _separation(load_model(str(out / "best.safetensors")).network, tiny_data)
+    assert abs(untrained) < 0.005
+    assert learnt > 0.02 and learnt > 10 * abs(untrained)
+    assert t["best_val_dice"] > t["initial_val_dice"]
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert len(rows) == TINY["max_epochs"]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
