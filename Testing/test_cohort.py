@@ -26,7 +26,7 @@ from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.detection.outputs import output_paths
 from CMBDetectLib.detection.pipeline import DetectionParams
 from CMBDetectLib.io import Geometry, write_volume
-from handmade import phantom, save_dark_spot_model
+from handmade import constant_classifier, phantom, save_dark_spot_model
 
 CASES = ["c0", "c1", "c2", "c3"]
 SHAPE = (3, 100, 120)
@@ -166,6 +166,34 @@ def test_rerun_skips_done_cases_and_redoes_failed_and_changed_ones(tmp_path, coh
     assert detect_main([*one, "--preview"]) == 0 and table(out)["c0"]["status"] == "done"
     assert detect_main(one) == 0 and table(out)["c0"]["status"] == "skipped"
     assert detect_main([*one, "--force"]) == 0 and table(out)["c0"]["status"] == "done"
+
+
+def test_a_changed_candidate_classifier_redoes_the_case(tmp_path, cohort):
+    """The classifier decides the result as much as the detector: its weights are fingerprinted
+    by sha256, also when its card records none (the file's own sha256 then)."""
+    from CMBDetectLib.detection.outputs import output_paths as paths_of
+
+    root, model = cohort
+    clf = tmp_path / "clf" / "c.safetensors"
+    constant_classifier(clf, keep_at=0.5, favourite="microbleed")
+    one = [str(root / "in" / "c0.nii.gz"), "-o", str(tmp_path / "out"), "--model", model, "--candidate-model", str(clf), "-q"]
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "skipped"
+    rejected = paths_of(tmp_path / "out", "c0", rejected=True)["rejected_csv"]
+    assert list(csv.DictReader(open(rejected))) == []
+
+    constant_classifier(clf, keep_at=0.5, favourite="vein")  # same path, id and version; other weights
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
+    assert {r["reason"] for r in csv.DictReader(open(rejected))} == {"vein"}
+
+    card = json.loads(clf.with_suffix(".json").read_text())
+    del card["sha256"]  # a hand-made card: the weights are fingerprinted by the file itself
+    clf.with_suffix(".json").write_text(json.dumps(card))
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "skipped"
+    constant_classifier(clf, keep_at=0.5, favourite="microbleed")
+    clf.with_suffix(".json").write_text(json.dumps(card))
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
+    assert list(csv.DictReader(open(rejected))) == []
 
 
 def test_debris_and_partial_outputs_of_a_killed_case_are_cleared(tmp_path, cohort):

@@ -23,7 +23,7 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from ..io import case_name, is_volume_file, sha256_of
+from ..io import case_name, is_volume_file
 from ..detection.pipeline import DetectionParams
 from .names import printable, refuse_unsafe_and_duplicates
 from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
@@ -78,10 +78,10 @@ def _absolute_model(spec: str | None) -> str | None:
 
 def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, dict]:
     from ..detection.inference import select_device
-    from ..detection.pipeline import get_model
+    from ..detection.pipeline import get_model, stage_two_classifier
 
     model = get_model(params.model, select_device(params.device))  # cached: the command loaded it already
-    described = fingerprint_fields(params, model.id, model.version, sha256_of(model.path))
+    described = fingerprint_fields(params, model, stage_two_classifier(params, model))
     described["phase_given"] = phase_given  # the candidate stage decides with the phase when it has one
     return fingerprint(described), described
 
