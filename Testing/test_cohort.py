@@ -23,7 +23,7 @@ from CMBDetectLib.cohort.batch import detect_batch
 from CMBDetectLib.cohort.names import refuse_unsafe_and_duplicates, unsafe_name_reason
 from CMBDetectLib.cohort.workers import DIE_ONCE_ENV
 from CMBDetectLib.commands.detect import main as detect_main
-from CMBDetectLib.detection.outputs import output_paths
+from CMBDetectLib.detection.outputs import every_output_path, output_paths
 from CMBDetectLib.detection.pipeline import DetectionParams
 from CMBDetectLib.io import Geometry, write_volume
 from handmade import constant_classifier, phantom, save_dark_spot_model
@@ -194,6 +194,23 @@ def test_a_changed_candidate_classifier_redoes_the_case(tmp_path, cohort):
     clf.with_suffix(".json").write_text(json.dumps(card))
     assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
     assert list(csv.DictReader(open(rejected))) == []
+
+
+def test_a_redo_leaves_no_file_of_the_earlier_run(tmp_path, cohort):
+    """A case redone with other options keeps none of the files the earlier run wrote and this
+    one does not (a stale `_rejected.csv` beside a single-stage result, say)."""
+    root, model = cohort
+    out = tmp_path / "out"
+    clf = constant_classifier(tmp_path / "veins.safetensors", keep_at=0.5, favourite="vein")
+    case = [str(root / "in" / "c0.nii.gz"), "-o", str(out), "--model", model, "-q"]
+    assert detect_main([*case, "--candidate-model", str(clf), "--preview"]) == 0
+    everything = every_output_path(out, "c0")  # the one list that clearing a case reads: nothing missing
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in everything.values()), "cmbdetect_batch.csv"])
+
+    assert detect_main([*case, "--single-stage"]) == 0 and table(out)["c0"]["status"] == "done"
+    now = output_paths(out, "c0")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in now.values()), "cmbdetect_batch.csv"])
+    assert set(json.loads(now["summary"].read_text())["files"].values()) == {p.name for p in now.values()}
 
 
 def test_debris_and_partial_outputs_of_a_killed_case_are_cleared(tmp_path, cohort):

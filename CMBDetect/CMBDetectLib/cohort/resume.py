@@ -17,7 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..detection.outputs import output_paths
+from ..detection.outputs import every_output_path, output_paths
 from ..detection.pipeline import DetectionParams, DetectionResult
 from ..models import CardIdentity
 
@@ -79,11 +79,12 @@ def done_summary(out_dir: Path, case: str, expected: str, preview: bool) -> dict
 
 
 def remove_case_outputs(out_dir: Path, case: str) -> None:
-    """Remove what an earlier, different or interrupted run left for `case` (the summary first).
+    """Remove every file an earlier, different or interrupted run may have left for `case`,
+    whatever its options (the summary first).
 
     Only files: anything else by those names is not ours, and the case will fail on it, by name.
     """
-    for path in reversed(list(output_paths(out_dir, case, preview=True).values())):
+    for path in reversed(list(every_output_path(out_dir, case).values())):
         if path.is_symlink() or path.is_file():
             try:
                 path.unlink()
