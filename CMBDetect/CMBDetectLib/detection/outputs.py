@@ -23,6 +23,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
+from ..errors import BatchError
 from ..io import Geometry, atomic_path, write_volume
 from .candidates import Candidate
 from .classifier import CLASSES
@@ -87,6 +88,23 @@ def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool
     candidates' CSV when asked for."""
     wanted = {"rejected_csv": rejected, "preview": preview}
     return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
+
+
+def prepare_output_folder(out_dir: Path) -> None:
+    """Create `out_dir` if needed and prove a file can be written there; BatchError if not.
+
+    Called before any case runs: a read-only or uncreatable folder would otherwise show only
+    when each case's detection is done and its files cannot be put anywhere.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A real file, not os.access: ACLs, read-only mounts and full quotas answer only to a write.
+        fd, probe = tempfile.mkstemp(prefix=".cmbdetect_probe_", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
 
 
 def lesion_row(lesion: Lesion) -> dict[str, object]:
