@@ -21,7 +21,7 @@ import pytest
 
 from CMBDetectLib.cohort.batch import detect_batch
 from CMBDetectLib.cohort.names import refuse_unsafe_and_duplicates, unsafe_name_reason
-from CMBDetectLib.cohort.workers import DIE_ONCE_ENV
+from CMBDetectLib.cohort.workers import DIE_ONCE_ENV, HOLD_ENV
 from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.detection.outputs import every_output_path, output_paths
 from CMBDetectLib.detection.pipeline import DetectionParams
@@ -30,6 +30,7 @@ from handmade import constant_classifier, phantom, save_dark_spot_model
 
 CASES = ["c0", "c1", "c2", "c3"]
 SHAPE = (3, 100, 120)
+HOLD = 30.0  # seconds a held case waits before writing (test_workers_die_with_a_killed_parent...)
 # Compared byte for byte: the label map, the probability map (same model, same input:
 # deterministic) and the lesion table; the .seg.nrrd too, but for the date pynrrd writes
 # into its header comment; the summary JSON with its timing masked.
@@ -308,6 +309,54 @@ def test_local_workers_match_the_serial_run_and_survive_a_dead_worker(tmp_path, 
         assert_same_outputs(out, root / "serial", case)
     assert_same_outputs(out, root / "serial", "victim", "c2")
     assert no_debris(out), sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+def test_workers_die_with_a_killed_parent_and_write_nothing_after(tmp_path, cohort):
+    """SIGKILL the parent of `--workers 2` while both workers are in the middle of a case (each
+    holds for HOLD seconds before writing): the workers go at once, not when their case is
+    done, and none of those cases' files appears."""
+    psutil = pytest.importorskip("psutil")
+    root, model = cohort
+    held, out = tmp_path / "held", tmp_path / "out"
+    held.mkdir()
+    inputs = [str(root / "in" / f"{c}.nii.gz") for c in CASES[:3]]
+    env = {**os.environ, HOLD_ENV: f"{HOLD}:{held}"}
+    command = [sys.executable, "-m", "CMBDetectLib.cli", "detect", *inputs, "-o", str(out), "--model", model, "-q", "--workers", "2"]
+    parent = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    descendants = []
+    try:
+        deadline = time.monotonic() + 120  # two spawned workers import torch and load the model
+        while len(list(held.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(held.iterdir())) == 2, "the workers never started their cases"
+        descendants = psutil.Process(parent.pid).children(recursive=True)
+        workers = {int(p.read_text()) for p in held.iterdir()}
+        assert workers <= {p.pid for p in descendants}
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+        def alive() -> list:
+            left = []
+            for p in descendants:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        left.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            return left
+
+        deadline = time.monotonic() + HOLD / 3  # well before any held case could go on to write
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(), f"still running after their parent was killed: {[p.pid for p in alive()]}"
+        time.sleep(1.0)
+        assert not any(p.name.endswith("_summary.json") for p in out.iterdir()), sorted(p.name for p in out.iterdir())
+    finally:
+        for p in descendants:  # a failing run must not leave them behind
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 # --- a real Dask cluster ----------------------------------------------------------------------
