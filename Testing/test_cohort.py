@@ -21,15 +21,16 @@ import pytest
 
 from CMBDetectLib.cohort.batch import detect_batch
 from CMBDetectLib.cohort.names import refuse_unsafe_and_duplicates, unsafe_name_reason
-from CMBDetectLib.cohort.workers import DIE_ONCE_ENV
+from CMBDetectLib.cohort.workers import DIE_ONCE_ENV, HOLD_ENV
 from CMBDetectLib.commands.detect import main as detect_main
-from CMBDetectLib.detection.outputs import output_paths
+from CMBDetectLib.detection.outputs import every_output_path, output_paths
 from CMBDetectLib.detection.pipeline import DetectionParams
 from CMBDetectLib.io import Geometry, write_volume
-from handmade import phantom, save_dark_spot_model
+from handmade import constant_classifier, phantom, save_dark_spot_model
 
 CASES = ["c0", "c1", "c2", "c3"]
 SHAPE = (3, 100, 120)
+HOLD = 30.0  # seconds a held case waits before writing (test_workers_die_with_a_killed_parent...)
 # Compared byte for byte: the label map, the probability map (same model, same input:
 # deterministic) and the lesion table; the .seg.nrrd too, but for the date pynrrd writes
 # into its header comment; the summary JSON with its timing masked.
@@ -168,6 +169,51 @@ def test_rerun_skips_done_cases_and_redoes_failed_and_changed_ones(tmp_path, coh
     assert detect_main([*one, "--force"]) == 0 and table(out)["c0"]["status"] == "done"
 
 
+def test_a_changed_candidate_classifier_redoes_the_case(tmp_path, cohort):
+    """The classifier decides the result as much as the detector: its weights are fingerprinted
+    by sha256, also when its card records none (the file's own sha256 then)."""
+    from CMBDetectLib.detection.outputs import output_paths as paths_of
+
+    root, model = cohort
+    clf = tmp_path / "clf" / "c.safetensors"
+    constant_classifier(clf, keep_at=0.5, favourite="microbleed")
+    one = [str(root / "in" / "c0.nii.gz"), "-o", str(tmp_path / "out"), "--model", model, "--candidate-model", str(clf), "-q"]
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "skipped"
+    rejected = paths_of(tmp_path / "out", "c0", rejected=True)["rejected_csv"]
+    assert list(csv.DictReader(open(rejected))) == []
+
+    constant_classifier(clf, keep_at=0.5, favourite="vein")  # same path, id and version; other weights
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
+    assert {r["reason"] for r in csv.DictReader(open(rejected))} == {"vein"}
+
+    card = json.loads(clf.with_suffix(".json").read_text())
+    del card["sha256"]  # a hand-made card: the weights are fingerprinted by the file itself
+    clf.with_suffix(".json").write_text(json.dumps(card))
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "skipped"
+    constant_classifier(clf, keep_at=0.5, favourite="microbleed")
+    clf.with_suffix(".json").write_text(json.dumps(card))
+    assert detect_main(one) == 0 and table(tmp_path / "out")["c0"]["status"] == "done"
+    assert list(csv.DictReader(open(rejected))) == []
+
+
+def test_a_redo_leaves_no_file_of_the_earlier_run(tmp_path, cohort):
+    """A case redone with other options keeps none of the files the earlier run wrote and this
+    one does not (a stale `_rejected.csv` beside a single-stage result, say)."""
+    root, model = cohort
+    out = tmp_path / "out"
+    clf = constant_classifier(tmp_path / "veins.safetensors", keep_at=0.5, favourite="vein")
+    case = [str(root / "in" / "c0.nii.gz"), "-o", str(out), "--model", model, "-q"]
+    assert detect_main([*case, "--candidate-model", str(clf), "--preview"]) == 0
+    everything = every_output_path(out, "c0")  # the one list that clearing a case reads: nothing missing
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in everything.values()), "cmbdetect_batch.csv"])
+
+    assert detect_main([*case, "--single-stage"]) == 0 and table(out)["c0"]["status"] == "done"
+    now = output_paths(out, "c0")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in now.values()), "cmbdetect_batch.csv"])
+    assert set(json.loads(now["summary"].read_text())["files"].values()) == {p.name for p in now.values()}
+
+
 def test_debris_and_partial_outputs_of_a_killed_case_are_cleared(tmp_path, cohort):
     root, model = cohort
     out = tmp_path / "out"
@@ -263,6 +309,54 @@ def test_local_workers_match_the_serial_run_and_survive_a_dead_worker(tmp_path, 
         assert_same_outputs(out, root / "serial", case)
     assert_same_outputs(out, root / "serial", "victim", "c2")
     assert no_debris(out), sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+def test_workers_die_with_a_killed_parent_and_write_nothing_after(tmp_path, cohort):
+    """SIGKILL the parent of `--workers 2` while both workers are in the middle of a case (each
+    holds for HOLD seconds before writing): the workers go at once, not when their case is
+    done, and none of those cases' files appears."""
+    psutil = pytest.importorskip("psutil")
+    root, model = cohort
+    held, out = tmp_path / "held", tmp_path / "out"
+    held.mkdir()
+    inputs = [str(root / "in" / f"{c}.nii.gz") for c in CASES[:3]]
+    env = {**os.environ, HOLD_ENV: f"{HOLD}:{held}"}
+    command = [sys.executable, "-m", "CMBDetectLib.cli", "detect", *inputs, "-o", str(out), "--model", model, "-q", "--workers", "2"]
+    parent = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    descendants = []
+    try:
+        deadline = time.monotonic() + 120  # two spawned workers import torch and load the model
+        while len(list(held.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(held.iterdir())) == 2, "the workers never started their cases"
+        descendants = psutil.Process(parent.pid).children(recursive=True)
+        workers = {int(p.read_text()) for p in held.iterdir()}
+        assert workers <= {p.pid for p in descendants}
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+        def alive() -> list:
+            left = []
+            for p in descendants:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        left.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            return left
+
+        deadline = time.monotonic() + HOLD / 3  # well before any held case could go on to write
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(), f"still running after their parent was killed: {[p.pid for p in alive()]}"
+        time.sleep(1.0)
+        assert not any(p.name.endswith("_summary.json") for p in out.iterdir()), sorted(p.name for p in out.iterdir())
+    finally:
+        for p in descendants:  # a failing run must not leave them behind
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 # --- a real Dask cluster ----------------------------------------------------------------------

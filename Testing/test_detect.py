@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import nrrd
@@ -184,3 +185,57 @@ def test_preview_outlines_each_detection_in_its_class_colour(tmp_path, dark_spot
 def test_no_preview_unless_asked(oblique_case):
     root, _, _, _ = oblique_case
     assert not (root / "out" / "obl_preview.png").exists()
+
+
+# --- refused as a whole, before any case runs (issue 18, items 7 and 13) ----------------------
+
+
+def _two_cases(folder: Path) -> None:
+    g = Geometry((0.5, 0.5, 2.0), (0.0, 0.0, 0.0))
+    for seed, case in enumerate(("a", "b")):
+        array, _, _ = phantom(shape=(4, 100, 100), geometry=g, seed=seed)
+        write_volume(array, g, folder / f"{case}.nii.gz")
+
+
+def test_one_phase_file_for_several_cases_is_refused(tmp_path, dark_spot_model, capsys):
+    _two_cases(tmp_path / "in")
+    g = Geometry((0.5, 0.5, 2.0), (0.0, 0.0, 0.0))
+    write_volume(np.zeros((4, 100, 100), np.float32), g, tmp_path / "phase.nii.gz")
+    out = tmp_path / "out"
+    code = detect_main([str(tmp_path / "in"), "-o", str(out), "--model", dark_spot_model, "--phase", str(tmp_path / "phase.nii.gz"), "-q"])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "phase.nii.gz" in error[0] and "2 cases" in error[0] and "folder" in error[0]
+    assert captured.out == "" and not out.exists()  # no case ran, nothing was written
+    # One case, one phase file: as before.
+    one = [str(tmp_path / "in" / "a.nii.gz"), "-o", str(out), "--model", dark_spot_model, "--phase", str(tmp_path / "phase.nii.gz"), "-q"]
+    assert detect_main(one) == 0 and output_paths(out, "a")["summary"].is_file()
+
+
+def test_an_uncreatable_output_folder_is_refused_before_any_case(tmp_path, dark_spot_model, capsys):
+    _two_cases(tmp_path / "in")
+    (tmp_path / "file").write_text("a regular file")
+    for out in (tmp_path / "file" / "out", tmp_path / "file"):  # under a file; a file itself
+        code = detect_main([str(tmp_path / "in"), "-o", str(out), "--model", dark_spot_model, "-q"])
+        captured = capsys.readouterr()
+        assert code == 2, captured.err
+        error = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+        assert len(error) == 1 and str(out) in error[0] and "Traceback" not in captured.err
+        assert captured.out == ""  # no case ran
+    assert (tmp_path / "file").read_text() == "a regular file"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into a read-only folder: chmod cannot stop it")
+def test_a_read_only_output_folder_is_refused_before_any_case(tmp_path, dark_spot_model, capsys):
+    _two_cases(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        code = detect_main([str(tmp_path / "in"), "-o", str(out), "--model", dark_spot_model, "-q"])
+    finally:
+        out.chmod(0o755)
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and f"error: " in captured.err and str(out) in captured.err
+    assert list(out.iterdir()) == []

@@ -60,3 +60,61 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         np.testing.assert_array_equal(net(x).numpy(), loaded.network(x).numpy())
     assert loaded.trained and loaded.version == "2"
+
+
+# --- a model given by path is checked against its own card (issue 18, item 6) ----------------
+
+
+def _copy_shipped(tmp_path, model_id: str):
+    """A shipped model's weights and card, copied out of the registry: a model given by path."""
+    registry = models.read_registry()
+    entry = next(e for e in registry["models"] if e["id"] == model_id)
+    weights = tmp_path / entry["file"]
+    shutil.copy(models.models_dir() / entry["file"], weights)
+    shutil.copy(models.card_path(models.models_dir() / entry["file"]), models.card_path(weights))
+    return weights
+
+
+def _zero_64k(path) -> None:
+    """64 KB of the tensor data zeroed: the header still parses, the weights load, the answers are wrong."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    data[start : start + 65536] = bytes(65536)
+    path.write_bytes(bytes(data))
+
+
+def test_detector_given_by_path_is_checked_against_its_card(tmp_path, capsys):
+    from CMBDetectLib.commands.detect import main as detect_main
+
+    registry = models.read_registry()
+    weights = _copy_shipped(tmp_path, registry["default"])
+    assert models.load_model(str(weights)).sha256 == models.sha256_of(weights)  # intact: loads
+    _zero_64k(weights)
+    with pytest.raises(ValueError, match=rf"{weights.name} is corrupt or changed.*its card says"):
+        models.load_model(str(weights))
+    code = detect_main([str(tmp_path / "absent.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(weights), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and weights.name in err and "corrupt or changed" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_classifier_given_by_path_is_checked_against_its_card(tmp_path):
+    from CMBDetectLib.detection.candidates import load_candidate_classifier
+
+    registry = models.read_registry()
+    detector = models.card_path(models.models_dir() / next(e for e in registry["models"] if e["id"] == registry["default"])["file"])
+    weights = _copy_shipped(tmp_path, json.loads(detector.read_text())["candidate_classifier"])
+    assert load_candidate_classifier(str(weights)).sha256 == models.sha256_of(weights)
+    _zero_64k(weights)
+    with pytest.raises(ValueError, match=rf"{weights.name} is corrupt or changed.*its card says"):
+        load_candidate_classifier(str(weights))
+
+
+def test_a_card_without_sha256_is_accepted_and_identified_by_the_file(tmp_path):
+    weights = tmp_path / "hand.safetensors"
+    models.save_model(dark_spot_network(), weights, {"id": "hand", "version": "1"})
+    card = json.loads(models.card_path(weights).read_text())
+    del card["sha256"]  # as a hand-made card may be
+    models.card_path(weights).write_text(json.dumps(card))
+    loaded = models.load_model(str(weights))
+    assert loaded.sha256 == models.sha256_of(weights)

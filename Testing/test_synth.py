@@ -175,6 +175,39 @@ def test_overrides_are_honoured():
     assert c.image.geometry.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
+def _rows(out) -> list[dict]:
+    with (out / "cases.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_matrix_and_slices_are_honoured_on_oblique_grids(tmp_path):
+    """--matrix and --slices give the written image's size also when the case is resampled onto
+    an oblique grid (p_oblique=1: every case); cases.csv and the metadata say what was written."""
+    out = tmp_path / "obl"
+    assert main(["synth", "--n", "2", "--controls", "0", "--seed", "5", "--matrix", "64x48", "--slices", "8",
+                 "--space", "p_oblique=1", "--quiet", "--out", str(out)]) == 0
+    for row in _rows(out):
+        image, labels = read_volume(out / row["image"]), read_volume(out / row["label"])
+        assert image.shape == labels.shape == (8, 64, 48), row["case"]
+        assert not np.allclose(np.reshape(image.geometry.direction, (3, 3)), np.eye(3), atol=1e-3)  # still oblique
+        assert (row["matrix"], row["n_slices"]) == ("64x48", "8")
+        meta = json.loads((out / row["meta"]).read_text())
+        assert meta["shape_kji"] == [8, 64, 48] and meta["matrix"] == [64, 48] and "oblique" in meta
+        assert int(labels.array.max()) == meta["n_lesions"] == int(row["n_lesions"])
+
+
+def test_cases_csv_reports_the_grid_of_the_written_image(tmp_path):
+    """A drawn matrix resampled onto an oblique grid: cases.csv gives the image's own size."""
+    out = tmp_path / "drawn"
+    assert main(["synth", "--n", "1", "--controls", "0", "--seed", "5", "--slices", "8", "--space", "p_oblique=1",
+                 "--quiet", "--out", str(out)]) == 0
+    (row,) = _rows(out)
+    k, j, i = read_volume(out / row["image"]).shape
+    assert (row["matrix"], row["n_slices"]) == (f"{j}x{i}", str(k)) and k == 8
+    meta = json.loads((out / row["meta"]).read_text())
+    assert meta["matrix"] == [j, i] and meta["acquisition"]["matrix"] != meta["matrix"]  # as acquired, as written
+
+
 def test_default_protocols_cover_table_1_and_the_wider_space():
     from CMBDetectLib.synth.acquisition import MATRICES, sample_acquisition
     from CMBDetectLib.synth.space import CONTRAST_CURVES, DEFAULT_SPACE as S

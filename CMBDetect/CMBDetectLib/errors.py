@@ -10,3 +10,8 @@ class CaseError(Exception):
         super().__init__(f"{case}: {problem}")
         self.case = case
         self.problem = problem
+
+
+class BatchError(Exception):
+    """A batch cannot start as asked (an unwritable output folder, one phase image for many
+    cases); raised before any case runs, so nothing is done in vain."""

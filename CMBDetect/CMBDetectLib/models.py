@@ -38,10 +38,11 @@ def read_registry(directory: Path | None = None) -> dict:
 
 class CardIdentity:
     """Id and version of loaded weights, read from their model card (the detector's and the
-    candidate classifier's alike)."""
+    candidate classifier's alike), and the sha256 of the weights file as loaded."""
 
     card: dict
     path: Path
+    sha256: str
 
     @property
     def id(self) -> str:
@@ -57,6 +58,7 @@ class LoadedModel(CardIdentity):
     network: ResUNet
     card: dict
     path: Path
+    sha256: str = ""
 
     @property
     def trained(self) -> bool:
@@ -84,23 +86,31 @@ def resolve(spec: str | None, directory: Path | None = None) -> tuple[Path, str 
     raise KeyError(f"unknown model {wanted!r}; the registry knows: {known}")
 
 
+def verified_sha256(path: Path, card: dict, registry_sha256: str | None, what: str) -> str:
+    """The sha256 of weights about to be loaded, checked against every record of it: the
+    registry's entry and the card's own `sha256`. A record that is absent (a hand-made card)
+    checks nothing; the returned hash still identifies the weights (the resume fingerprint)."""
+    actual = sha256_of(path)
+    for source, expected in (("the registry says", registry_sha256), ("its card says", card.get("sha256"))):
+        if expected is not None and actual != expected:
+            raise ValueError(f"{what} {path.name} is corrupt or changed: sha256 {actual[:12]}..., {source} {str(expected)[:12]}...")
+    return actual
+
+
 def load_model(spec: str | None = None, directory: Path | None = None) -> LoadedModel:
-    """Load weights and card; registry models must match their recorded sha256."""
+    """Load weights and card; the weights must match the sha256 the registry and the card record."""
     path, expected = resolve(spec, directory)
     if not path.is_file():
         raise FileNotFoundError(f"model weights missing: {path}")
-    if expected is not None:
-        actual = sha256_of(path)
-        if actual != expected:
-            raise ValueError(f"model file {path.name} is corrupt or changed: sha256 {actual[:12]}..., registry says {expected[:12]}...")
     card_file = card_path(path)
     if not card_file.is_file():
         raise FileNotFoundError(f"model card missing: {card_file} (it holds the network's configuration)")
     card = json.loads(card_file.read_text())
+    sha256 = verified_sha256(path, card, expected, "model file")
     network = ResUNet(NetworkConfig.from_dict(card["network"]))
     network.load_state_dict(load_file(str(path)))
     network.eval()
-    return LoadedModel(network, card, path)
+    return LoadedModel(network, card, path, sha256)
 
 
 def save_model(network: ResUNet, path: Path, card: dict) -> dict:

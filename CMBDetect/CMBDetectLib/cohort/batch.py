@@ -23,8 +23,10 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from ..io import case_name, is_volume_file, sha256_of
+from ..io import case_name, is_volume_file
+from ..detection.outputs import prepare_output_folder
 from ..detection.pipeline import DetectionParams
+from ..errors import BatchError
 from .names import printable, refuse_unsafe_and_duplicates
 from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
 from .workers import CaseOutcome, CaseTask, run_case, run_in_processes
@@ -78,12 +80,22 @@ def _absolute_model(spec: str | None) -> str | None:
 
 def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, dict]:
     from ..detection.inference import select_device
-    from ..detection.pipeline import get_model
+    from ..detection.pipeline import get_model, stage_two_classifier
 
     model = get_model(params.model, select_device(params.device))  # cached: the command loaded it already
-    described = fingerprint_fields(params, model.id, model.version, sha256_of(model.path))
+    described = fingerprint_fields(params, model, stage_two_classifier(params, model))
     described["phase_given"] = phase_given  # the candidate stage decides with the phase when it has one
     return fingerprint(described), described
+
+
+def _refuse_unrunnable(cases: list[tuple[str, Path]], out_dir: Path, phase: str | Path | None) -> None:
+    """BatchError for a batch that cannot run as asked, before any case starts."""
+    if phase is not None and not Path(phase).is_dir() and len(cases) > 1:
+        raise BatchError(
+            f"the phase image {phase} is one file, and the inputs name {len(cases)} cases: it would be "
+            "taken as every case's phase. For a batch, give a folder of <case>.* phase images"
+        )
+    prepare_output_folder(out_dir)
 
 
 def detect_batch(
@@ -104,7 +116,9 @@ def detect_batch(
 
     `phase`: a phase image (one case) or a folder of `<case>.*` phase images, for the candidate
     stage. `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
-    address, or a `distributed.Client`) sends them to a Dask cluster instead.
+    address, or a `distributed.Client`) sends them to a Dask cluster instead. Raises BatchError,
+    before any case runs, when the output folder cannot be written or one phase image is given
+    for several cases.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -112,6 +126,8 @@ def detect_batch(
     params = replace(params, model=_absolute_model(params.model))
     cases = expand_inputs(inputs)
     out_dir = Path(output_dir).absolute()
+    if cases:
+        _refuse_unrunnable(cases, out_dir, phase)
     outcomes: dict[int, CaseOutcome] = {}
 
     def finish(i: int, outcome: CaseOutcome) -> None:
@@ -130,7 +146,6 @@ def detect_batch(
     if not accepted:
         return [outcomes[i] for i in sorted(outcomes)]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
     if debris:
         tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)

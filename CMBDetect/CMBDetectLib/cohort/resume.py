@@ -2,9 +2,10 @@
 
 A case is done when its `<case>_summary.json` (written last, so its presence means every
 file of the case is in place) records the same parameters fingerprint as this run and every
-file it lists exists. The fingerprint covers what decides the result: the model (id, version
-and the sha256 of its weights) and every detection parameter except those that only decide
-where and how fast it runs (device, batch size). The cmbdetect version is recorded in the
+file it lists exists. The fingerprint covers what decides the result: the model and the
+candidate classifier (id, version and the sha256 of the weights as loaded, whatever their
+cards record) and every detection parameter except those that only decide where and how fast
+it runs (device, batch size). The cmbdetect version is recorded in the
 summary but not fingerprinted: `--force` redoes a folder after an upgrade.
 """
 
@@ -16,21 +17,28 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..detection.outputs import output_paths
+from ..detection.outputs import every_output_path, output_paths
 from ..detection.pipeline import DetectionParams, DetectionResult
+from ..models import CardIdentity
 
 # How write_case_outputs names its hidden staging folders: tempfile.mkdtemp(prefix=f".cmbdetect-{case}-")
 # adds 8 random characters.
 STAGING_PREFIX = ".cmbdetect-"
-# Parameters that change where and how fast a case runs, not its result.
-EXECUTION_ONLY = ("device", "batch_size", "model")  # the model enters by id, version and sha256
+# Parameters that change where and how fast a case runs, not its result; the two models enter
+# by what was loaded (id, version, sha256), not by the path or id that named them.
+EXECUTION_ONLY = ("device", "batch_size", "model", "candidate_model")
 
 
+def fingerprint_fields(params: DetectionParams, model: CardIdentity, classifier: CardIdentity | None) -> dict:
+    """What the fingerprint is made of, kept in the summary so a reader sees why a case was redone.
 
-def fingerprint_fields(params: DetectionParams, model_id: str, model_version: str, model_sha256: str) -> dict:
-    """What the fingerprint is made of, kept in the summary so a reader sees why a case was redone."""
+    `classifier`: the candidate classifier this run uses, None for the single-stage pipeline.
+    """
     decisive = {k: v for k, v in asdict(params).items() if k not in EXECUTION_ONLY}
-    return {"model_id": model_id, "model_version": model_version, "model_sha256": model_sha256, **decisive}
+    stage_two = {"classifier_id": None, "classifier_version": None, "classifier_sha256": None}
+    if classifier is not None:
+        stage_two = {"classifier_id": classifier.id, "classifier_version": classifier.version, "classifier_sha256": classifier.sha256}
+    return {"model_id": model.id, "model_version": model.version, "model_sha256": model.sha256, **stage_two, **decisive}
 
 
 def fingerprint(described: dict) -> str:
@@ -71,11 +79,12 @@ def done_summary(out_dir: Path, case: str, expected: str, preview: bool) -> dict
 
 
 def remove_case_outputs(out_dir: Path, case: str) -> None:
-    """Remove what an earlier, different or interrupted run left for `case` (the summary first).
+    """Remove every file an earlier, different or interrupted run may have left for `case`,
+    whatever its options (the summary first).
 
     Only files: anything else by those names is not ours, and the case will fail on it, by name.
     """
-    for path in reversed(list(output_paths(out_dir, case, preview=True).values())):
+    for path in reversed(list(every_output_path(out_dir, case).values())):
         if path.is_symlink() or path.is_file():
             try:
                 path.unlink()

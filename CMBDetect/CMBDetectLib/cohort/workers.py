@@ -10,6 +10,7 @@ once per worker), and never raises for a bad case: the outcome says what went wr
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -29,6 +30,13 @@ from ..io import read_volume
 # the first time, leaving MARKER behind so that the rerun elsewhere succeeds. It lets the
 # tests kill a worker in the middle of a case for real; nothing else reads it.
 DIE_ONCE_ENV = "CMBDETECT_TEST_DIE_ONCE"
+# Test-only hook: "SECONDS:FOLDER" makes every case, once detected, leave FOLDER/<case>.held
+# (holding the pid) and wait SECONDS before writing its outputs, so that a test can kill the
+# parent while its workers are in the middle of cases. Nothing else reads it.
+HOLD_ENV = "CMBDETECT_TEST_HOLD_BEFORE_WRITE"
+# How often a worker looks for its parent, and how it ends when the parent is gone.
+PARENT_POLL_S = 0.5
+EXIT_ORPHANED = 75
 
 
 @dataclass
@@ -89,6 +97,15 @@ def _die_if_asked(case: str) -> None:
         os._exit(17)  # no cleanup, no exception: as a killed process
 
 
+def _hold_if_asked(case: str) -> None:
+    spec = os.environ.get(HOLD_ENV, "")
+    if not spec or ":" not in spec:
+        return
+    seconds, folder = spec.split(":", 1)
+    Path(folder, f"{case}.held").write_text(str(os.getpid()))
+    time.sleep(float(seconds))
+
+
 def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = None) -> CaseOutcome:
     """Detect and write one case; a bad case comes back as a failed outcome, never as an exception."""
     from ..errors import CaseError
@@ -109,6 +126,7 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         result = detect_volume(volume, task.params, progress=progress, case=case, phase=phase)
         if task.fingerprint:
             result = FingerprintedResult.of(result, task.fingerprint, task.fingerprint_of)
+        _hold_if_asked(case)
         write_case_outputs(result, Path(task.out_dir), case, image=volume.array if task.preview else None)
         s = result.summary()
         return CaseOutcome(
@@ -130,11 +148,54 @@ def died(task: CaseTask, attempts: int, where: str) -> CaseOutcome:
     )  # fmt: skip
 
 
-def _start_worker(n_workers: int, model: str | None, device: str) -> None:
-    """Each local worker process: its share of the cores, and the model loaded once, up front."""
+def die_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """End this process (os._exit, at once, mid-case) as soon as `parent_pid` is gone.
+
+    A pool's worker outlives a killed parent until its case is done and written, minutes
+    later, into a batch nobody runs any more. A daemon thread watches the parent: psutil's
+    is_running() compares the start time, so a reused pid is not mistaken for it (Linux, macOS,
+    Windows); on POSIX a changed os.getppid() (reparented) says it at once, even while the dead
+    parent is still a zombie. What the case staged is left for the next run to clear, as after
+    any kill. (Linux's PR_SET_PDEATHSIG is not used: it fires when the *thread* that started
+    the worker ends, which need not be the parent's end.)
+    """
+    try:
+        import psutil
+    except ImportError:  # a declared dependency; without it, POSIX still has getppid
+        psutil = None
+    parent = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(parent_pid)
+        except psutil.NoSuchProcess:
+            os._exit(EXIT_ORPHANED)
+    reparenting = os.name == "posix" and os.getppid() == parent_pid  # a direct child, as spawn makes it
+
+    def parent_gone() -> bool:
+        if reparenting and os.getppid() != parent_pid:
+            return True
+        if parent is None:
+            return False
+        try:
+            return not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def watch() -> None:
+        while not parent_gone():
+            time.sleep(poll_s)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="cmbdetect-parent-watch", daemon=True).start()
+
+
+def _start_worker(parent_pid: int, n_workers: int, model: str | None, device: str) -> None:
+    """Each local worker process: dies with its parent, takes its share of the cores, and loads
+    the model once, up front."""
     from ..detection.inference import select_device
     from ..detection.pipeline import get_model
 
+    die_with_parent(parent_pid)
     share_threads(n_workers)
     get_model(model, select_device(device))
 
@@ -160,7 +221,7 @@ def run_in_processes(tasks: Iterable[CaseTask], n_workers: int, on_done: Callabl
         ctx = get_context("spawn")  # fork would copy torch's thread pools and locks: unsafe
         with ProcessPoolExecutor(
             n_workers, mp_context=ctx, initializer=_start_worker,
-            initargs=(n_workers, first.params.model, first.params.device),
+            initargs=(os.getpid(), n_workers, first.params.model, first.params.device),
         ) as pool:  # fmt: skip
             futures: dict[Future, CaseTask] = {pool.submit(run_case, t): t for t in pending}
             pending = []

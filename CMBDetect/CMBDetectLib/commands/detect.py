@@ -27,7 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-stage", action="store_true",
                    help="the paper's pipeline: U-Net and --threshold only, no candidate stage (the default model has a candidate classifier; cmbdetect-synth-c16-v0.2.0 is the single-stage model of the paper's design)")
     p.add_argument("--phase", type=Path, default=None, metavar="FILE_OR_FOLDER",
-                   help="optional high-pass phase image(s) on the SWI grid, radians (a file for one case, or a folder of <case>.nii.gz): the candidate stage uses it to tell bleeds from calcifications")
+                   help="optional high-pass phase image(s) on the SWI grid, radians (a file for one case, or a folder of <case>.nii.gz for a batch): the candidate stage uses it to tell bleeds from calcifications")
     p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE",
                    help="candidate classifier (registry id or .safetensors with its card); default: the one the detector's card names")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -40,6 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cohort.batch import detect_batch, exit_code, write_batch_table
     from ..detection.pipeline import DetectionParams
+    from ..errors import BatchError
 
     if not 0 < args.threshold < 1:
         print(f"error: --threshold must lie strictly between 0 and 1, not {args.threshold}", file=sys.stderr)
@@ -95,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
         elif o.ok:
             print(f"{o.case}: {o.n_lesions} microbleeds ({o.n_small} small, {o.n_large} large) in {o.seconds:.1f} s")
 
-    outcomes = detect_batch(
-        args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
-        force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
-    )  # fmt: skip
+    try:
+        outcomes = detect_batch(
+            args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
+            force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
+        )  # fmt: skip
+    except BatchError as exc:  # raised before any case ran
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from ..io import Geometry, sha256_of
-from ..models import CardIdentity, resolve
+from ..models import CardIdentity, resolve, verified_sha256
 from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
@@ -91,6 +91,7 @@ class LoadedClassifier(CardIdentity):
     network: CandidateNet
     card: dict
     path: Path
+    sha256: str = ""
 
     @property
     def settings(self) -> StageSettings:
@@ -303,19 +304,15 @@ def save_classifier(network: CandidateNet, path: Path, card: dict) -> dict:
 
 
 def load_classifier_file(path: Path, expected_sha256: str | None = None) -> LoadedClassifier:
+    """Weights and card; the weights must match the sha256 the registry (`expected_sha256`) and the card record."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"candidate classifier weights missing: {path}")
-    if expected_sha256 is not None:
-        actual = sha256_of(path)
-        if actual != expected_sha256:
-            raise ValueError(
-                f"candidate classifier {path.name} is corrupt or changed: sha256 {actual[:12]}..., registry says {expected_sha256[:12]}..."
-            )
     card_file = path.with_suffix(".json")
     if not card_file.is_file():
         raise FileNotFoundError(f"candidate classifier card missing: {card_file}")
     card = json.loads(card_file.read_text())
+    sha256 = verified_sha256(path, card, expected_sha256, "candidate classifier")
     if card.get("kind") != "candidate-classifier":
         raise ValueError(f"{path.name} is not a candidate classifier (its card's kind is {card.get('kind')!r})")
     if list(card.get("classes", [])) != list(CLASSES):
@@ -323,7 +320,7 @@ def load_classifier_file(path: Path, expected_sha256: str | None = None) -> Load
     network = CandidateNet(ClassifierConfig.from_dict(card["network"]))
     network.load_state_dict(load_file(str(path)))
     network.eval()
-    return LoadedClassifier(network, card, path)
+    return LoadedClassifier(network, card, path, sha256)
 
 
 def load_candidate_classifier(spec: str, directory: Path | None = None) -> LoadedClassifier:

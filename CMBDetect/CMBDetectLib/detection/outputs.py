@@ -23,6 +23,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
+from ..errors import BatchError
 from ..io import Geometry, atomic_path, write_volume
 from .candidates import Candidate
 from .classifier import CLASSES
@@ -61,20 +62,49 @@ REJECTED_COLUMNS = [
 ]  # fmt: skip
 
 
+# Every file a case can have, in the order they are moved into place: the one list of a case's
+# outputs, which writing, resuming and clearing a case all read (a file missing here could not be
+# written, so none can be forgotten when a case is cleared). The summary comes last: its presence
+# means the case is complete.
+OUTPUT_FILES = {
+    "segmentation": "{case}.seg.nrrd",
+    "labels": "{case}_lesions.nii.gz",
+    "probability": "{case}_prob.nii.gz",
+    "lesions_csv": "{case}_lesions.csv",
+    "rejected_csv": "{case}_rejected.csv",  # with the candidate stage only
+    "preview": "{case}_preview.png",  # on request only
+    "summary": "{case}_summary.json",
+}
+OPTIONAL_FILES = ("rejected_csv", "preview")
+
+
+def every_output_path(out_dir: Path, case: str) -> dict[str, Path]:
+    """Every file `case` may have in `out_dir`, whichever options wrote it (what a redo clears)."""
+    return {key: Path(out_dir) / name.format(case=case) for key, name in OUTPUT_FILES.items()}
+
+
 def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool = False) -> dict[str, Path]:
+    """The files one run writes for `case`: the fixed ones, plus the preview and the rejected
+    candidates' CSV when asked for."""
+    wanted = {"rejected_csv": rejected, "preview": preview}
+    return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
+
+
+def prepare_output_folder(out_dir: Path) -> None:
+    """Create `out_dir` if needed and prove a file can be written there; BatchError if not.
+
+    Called before any case runs: a read-only or uncreatable folder would otherwise show only
+    when each case's detection is done and its files cannot be put anywhere.
+    """
     out_dir = Path(out_dir)
-    paths = {
-        "segmentation": out_dir / f"{case}.seg.nrrd",
-        "labels": out_dir / f"{case}_lesions.nii.gz",
-        "probability": out_dir / f"{case}_prob.nii.gz",
-        "lesions_csv": out_dir / f"{case}_lesions.csv",
-    }
-    if rejected:
-        paths["rejected_csv"] = out_dir / f"{case}_rejected.csv"
-    if preview:
-        paths["preview"] = out_dir / f"{case}_preview.png"
-    paths["summary"] = out_dir / f"{case}_summary.json"  # last: its presence means the case is complete
-    return paths
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A real file, not os.access: ACLs, read-only mounts and full quotas answer only to a write.
+        fd, probe = tempfile.mkstemp(prefix=".cmbdetect_probe_", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
 
 
 def lesion_row(lesion: Lesion) -> dict[str, object]:

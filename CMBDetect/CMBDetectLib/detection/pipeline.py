@@ -20,7 +20,7 @@ from .head import HALO_PX, head_boxes
 from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
 from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, resolve
 from .candidates import LoadedClassifier, load_candidate_classifier, run_candidate_stage
 from .preprocess import preprocess, restore
 
@@ -79,37 +79,54 @@ class DetectionResult:
         }
 
 
-_MODEL_CACHE: dict[tuple[str | None, str], LoadedModel] = {}
+def _weights_state(spec: str | None) -> tuple[str, int, int, int]:
+    """The file `spec` names now, and its state: weights replaced at the same path (a model
+    retrained in place) are loaded afresh, not served stale by a long-lived process such as a
+    Dask worker, whose results would then carry the new weights' fingerprint."""
+    path = resolve(spec)[0]
+    try:
+        st = path.stat()
+    except OSError:
+        return str(path), 0, 0, 0  # missing: the loader says so, in its own words
+    return str(path), st.st_mtime_ns, st.st_size, st.st_ino
+
+
+# Per (model, device): the file's state when it was loaded, and what was loaded.
+_MODEL_CACHE: dict[tuple[str | None, str], tuple[tuple, LoadedModel]] = {}
 
 
 def get_model(spec: str | None, device: torch.device) -> LoadedModel:
     """Load once per (model, device): a batch over a cohort must not re-read the weights."""
-    key = (spec, str(device))
-    if key not in _MODEL_CACHE:
+    key, state = (spec, str(device)), _weights_state(spec)
+    cached = _MODEL_CACHE.get(key)
+    if cached is None or cached[0] != state:
         loaded = load_model(spec)
         loaded.network = prepare_for_inference(loaded.network, device)
-        _MODEL_CACHE[key] = loaded
-    return _MODEL_CACHE[key]
+        _MODEL_CACHE[key] = (state, loaded)
+    return _MODEL_CACHE[key][1]
 
 
-_ENGINE_CACHE: dict[tuple[str | None, str, str], Engine] = {}
+_ENGINE_CACHE: dict[tuple[str | None, str, str], tuple[LoadedModel, Engine]] = {}
 
 
 def get_engine(spec: str | None, device: torch.device, engine: str = "auto") -> Engine:
     """Build once per (model, device, engine): the ONNX export is paid once per process."""
-    key = (spec, str(device), engine)
-    if key not in _ENGINE_CACHE:
-        _ENGINE_CACHE[key] = make_engine(get_model(spec, device).network, device, engine)
-    return _ENGINE_CACHE[key]
+    key, model = (spec, str(device), engine), get_model(spec, device)
+    cached = _ENGINE_CACHE.get(key)
+    if cached is None or cached[0] is not model:  # the model was reloaded: rebuild from it
+        _ENGINE_CACHE[key] = (model, make_engine(model.network, device, engine))
+    return _ENGINE_CACHE[key][1]
 
 
-_CLASSIFIER_CACHE: dict[str, LoadedClassifier] = {}
+_CLASSIFIER_CACHE: dict[str, tuple[tuple, LoadedClassifier]] = {}
 
 
 def get_classifier(spec: str) -> LoadedClassifier:
-    if spec not in _CLASSIFIER_CACHE:
-        _CLASSIFIER_CACHE[spec] = load_candidate_classifier(spec)
-    return _CLASSIFIER_CACHE[spec]
+    state = _weights_state(spec)
+    cached = _CLASSIFIER_CACHE.get(spec)
+    if cached is None or cached[0] != state:
+        _CLASSIFIER_CACHE[spec] = (state, load_candidate_classifier(spec))
+    return _CLASSIFIER_CACHE[spec][1]
 
 
 def stage_two_classifier(params: DetectionParams, model: LoadedModel) -> LoadedClassifier | None:

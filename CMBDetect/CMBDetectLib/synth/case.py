@@ -408,8 +408,10 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     del raster
     if acq.oblique is not None:
         with stage("resample"):
+            matrix = overrides.get("matrix")
+            fixed = (overrides.get("n_slices"), *(matrix if matrix is not None else (None, None)))  # type: ignore[misc]
             geometry, image, labels, mimics, maps = _resample_case(meta, geometry, image, labels, mimics, maps,
-                                                                   acq.oblique)
+                                                                   acq.oblique, fixed)
     del vein_fraction
     meta["mimics"]["map_codes"] = dict(MIMIC_CODES)  # type: ignore[index]
     meta["mimics"]["map_voxels"] = mimic_summary(mimics)  # type: ignore[index]
@@ -418,11 +420,12 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
 
 def _resample_case(
     meta: dict[str, object], geometry: Geometry, image: np.ndarray, labels: np.ndarray, mimics: np.ndarray,
-    maps: dict[str, np.ndarray], oblique: dict[str, object],
+    maps: dict[str, np.ndarray], oblique: dict[str, object], fixed_kji: tuple[int | None, int | None, int | None],
 ) -> tuple[Geometry, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """The reconstructed case on its oblique / resampled grid (resample.py); the metadata's
-    geometry and lesion entries are brought up to date."""
-    grid, shape = oblique_geometry(geometry, image.shape, oblique)
+    """The reconstructed case on its oblique / resampled grid (resample.py), with the sizes the
+    user fixed (`fixed_kji`: --slices, --matrix); the metadata's matrix, shape, geometry and
+    lesion entries are brought up to date (the acquisition's stay under "acquisition")."""
+    grid, shape = oblique_geometry(geometry, image.shape, oblique, fixed_kji)
     image = resample(image, geometry, grid, shape, nearest=False)
     moved = resample(labels, geometry, grid, shape, nearest=True)
     mimics = resample(mimics, geometry, grid, shape, nearest=True)
@@ -451,6 +454,7 @@ def _resample_case(
     meta["lesions"] = kept
     meta["n_lesions"] = len(kept)
     meta["shape_kji"] = list(shape)
+    meta["matrix"] = list(shape[1:])
     meta["spacing_mm"] = [_r(v, 5) for v in grid.spacing]
     meta["geometry"] = {"origin_lps": [_r(v, 4) for v in grid.origin], "spacing_mm": [_r(v, 5) for v in grid.spacing],
                         "direction": [_r(v, 8) for v in grid.direction],

@@ -28,9 +28,17 @@ MAX_VOXEL_GROWTH = 1.5  # the resampled grid holds at most this many times the a
 # grows on all axes alike when the drawn one would exceed it)
 
 
-def oblique_geometry(geometry: Geometry, shape_kji: tuple[int, int, int], oblique: dict[str, object]) -> tuple[Geometry, tuple[int, int, int]]:
+def oblique_geometry(
+    geometry: Geometry, shape_kji: tuple[int, int, int], oblique: dict[str, object],
+    fixed_kji: tuple[int | None, int | None, int | None] = (None, None, None),
+) -> tuple[Geometry, tuple[int, int, int]]:
     """The resampled grid: direction, spacing, origin and size (k, j, i) covering the
-    acquired grid's corners."""
+    acquired grid's corners.
+
+    `fixed_kji`: sizes the user asked for (--slices, --matrix rows and columns), None where
+    drawn. Such an axis gets exactly that many voxels, spaced to span the same extent (its
+    first and last voxel centres on the extreme acquired corners), so the grid still holds
+    every acquired voxel."""
     rotation = Rotation.from_rotvec(np.deg2rad(float(oblique["angle_deg"])) * np.asarray(oblique["axis"], float))  # type: ignore[arg-type]
     direction = rotation.as_matrix() @ geometry.direction_matrix
     s = float(oblique["spacing_mm"])  # type: ignore[arg-type]
@@ -46,6 +54,11 @@ def oblique_geometry(geometry: Geometry, shape_kji: tuple[int, int, int], obliqu
         spacing *= np.cbrt(np.prod(size.astype(float)) / limit)
         size = np.ceil((hi - lo) / spacing).astype(int)
     size = np.maximum(size, 4)
+    for axis, wanted in enumerate(fixed_kji[::-1]):  # i, j, k
+        if wanted is not None:
+            size[axis] = int(wanted)
+            spacing[axis] = max(float(local[:, axis].max() - local[:, axis].min()), 1e-3) / (int(wanted) - 1)
+            lo[axis] = local[:, axis].min() - spacing[axis] / 2.0
     origin = direction @ (lo + spacing / 2.0)
     grid = Geometry(tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
                     tuple(float(v) for v in direction.ravel()))

@@ -82,8 +82,9 @@ def write_case(case: SynthCase, out: Path, fmt: str = "nifti", with_phase: bool 
         "n_large": sum(1 for x in lesions if x["size_class"] == "large"),  # type: ignore[index]
         "vendor": m["vendor"],
         "scanner_model": m["acquisition"]["scanner_model"],  # type: ignore[index]
-        "matrix": "x".join(str(v) for v in m["matrix"]),  # type: ignore[union-attr]
-        "n_slices": m["shape_kji"][0],  # type: ignore[index]
+        # The written image's own size (a case resampled onto an oblique grid differs from its acquisition).
+        "matrix": "x".join(str(v) for v in case.image.array.shape[1:]),
+        "n_slices": case.image.array.shape[0],
         "snr": m["snr"],
         "seed": m["seed"],
         "index": m["index"],
