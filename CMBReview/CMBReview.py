@@ -3,18 +3,24 @@ missed, label ground truth slice by slice, endorse each other's labelling; the s
 (the paper's Table 4, kappas) and a consensus ground truth come out of it.
 
 This file only wires widgets to CMBReviewLib (the study store, statistics and MRML adapter),
-which is imported once its requirements are set up, never at import time.
+which is imported once its requirements are set up, never at import time. The requirements are
+installed through CMBDetectLib.installer, shared with CMBDetect, only after the user agrees.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 import os
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import qt
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -23,33 +29,33 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-try:  # translatable strings in Slicer >= 5.4; plain strings before
-    from slicer.i18n import tr as _
-except ImportError:  # pragma: no cover - older Slicer
-
-    def _(text: str) -> str:
-        return text
-
-
-# Keyboard: case navigation, lesion navigation and triage (also listed in the help text).
-# Plain arrows stay with the slice views (they move slices there); lesions move with Ctrl+arrows.
+# Keyboard: case navigation, lesion navigation and triage (also listed in the help text). They
+# live on the main window while the module is shown, so that they work with the focus in a slice
+# view; hence no bare keys (those would take the slice views' own letters and fire while typing)
+# and none Slicer binds already (Ctrl+C/X/V are Edit's, Alt+F/E/V/H open its menus). Plain
+# arrows stay with the slice views (they move slices there); lesions move with Ctrl+arrows.
 SHORTCUTS = {
     "nextCase": "Ctrl+Right", "previousCase": "Ctrl+Left", "nextLesion": "Ctrl+Down", "previousLesion": "Ctrl+Up",
-    "correct": "C", "incorrect": "X", "possible": "P", "addMissed": "M",
+    "correct": "Alt+C", "incorrect": "Alt+X", "possible": "Alt+P", "addMissed": "Alt+M",
 }  # fmt: skip
+
+# CMBReviewLib reaches torch through CMBDetectLib.detection.outputs (-> candidates), so torch is
+# installed with the rest; Testing/test_review_requirements.py keeps this True while that holds.
+NEEDS_TORCH = True
 
 
 class CMBReview(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CMBReview")
-        self.parent.categories = [_("Segmentation")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["CMBDetect"]
         self.parent.contributors = ["CMBDetect contributors"]
         keys = ", ".join(f"{name}: {key}" for name, key in SHORTCUTS.items())
         self.parent.helpText = _(
             "Expert review of cerebral microbleed detections made by the CMBDetect module (or `cmbdetect detect`).<br><br>"
-            "Open a study (create one with <tt>cmbdetect review create</tt>), choose a reader, and go through the cases: "
+            "Open a study, or create one under <i>New study</i> from a folder of SWI volumes and the folder of "
+            "their CMBDetect results (the same checks as <tt>cmbdetect review create</tt>); choose a reader, and go through the cases: "
             "each detected lesion is judged correct or incorrect (with the mimic it is: vessel, calcification, ...; "
             "definite or possible), missed lesions are added with one click or painted, ground truth can be labelled "
             "in the Segment Editor and endorsed by a second reader. Every decision is stored at once. "
@@ -64,18 +70,45 @@ class CMBReview(ScriptedLoadableModule):
 
 
 #
+# CMBReviewParameterNode
+#
+
+
+@parameterNodeWrapper
+class CMBReviewParameterNode:
+    """
+    The widget's persistent choices (saved with the scene); an empty path field reads as "."
+    (CMBReviewLib.session.chosen_path treats that as not chosen).
+    studyPath - the study file to open.
+    newStudyPath - where New study writes a study.
+    imagesFolder - the SWI volumes of the new study's cases.
+    detectionsFolder - their CMBDetect results (<case>_lesions.csv, _lesions.nii.gz, _summary.json).
+    readers - the new study's readers, separated by commas or spaces.
+    """
+
+    studyPath: Path
+    newStudyPath: Path
+    imagesFolder: Path
+    detectionsFolder: Path
+    readers: str
+
+
+#
 # CMBReviewWidget
 #
 
 
 class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wires the widgets to the reading session (CMBReviewLib/session.py), which holds the study,
-    the reader, the open case and its nodes; every click is one session call."""
+    the reader, the open case and its nodes; every click is one session call. A failure shows
+    one dialog: no step shown inside another's tryWithErrorDisplay shows one of its own."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic: Optional[CMBReviewLogic] = None
+        self._parameterNode: Optional[CMBReviewParameterNode] = None
+        self._parameterNodeGuiTag = None
         self._shortcuts: list[Any] = []
         self._clickNode = None
         self._groundTruthNode = None
@@ -92,8 +125,11 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.studyPathLineEdit.filters = ctkPathFilters()
         self.ui.studyPathLineEdit.nameFilters = ["Review study (*.db *.sqlite)"]
+        self.ui.newStudyPathLineEdit.filters = ctkPathFilters(writable=True)  # a save dialog
+        self.ui.newStudyPathLineEdit.nameFilters = ["Review study (*.db)"]
         self.ui.reasonComboBox.addItems(list(MIMIC_REASONS))
         self.ui.openStudyButton.connect("clicked(bool)", self.onOpenStudy)
+        self.ui.createStudyButton.connect("clicked(bool)", self.onCreateStudy)
         self.ui.addReaderButton.connect("clicked(bool)", self.onAddReader)
         self.ui.readerComboBox.connect("currentIndexChanged(int)", lambda _: self.onReaderChanged())
         self.ui.caseListWidget.connect("currentRowChanged(int)", self.onCaseSelected)
@@ -113,24 +149,66 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
         self._timer.connect("timeout()", self._onTick)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self._enableCaseWidgets(False)
+        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         try:
             self._finishCase()
         finally:
+            self._timer.stop()
             self.removeObservers()
             self._removeShortcuts()
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Closing the scene removes the case's nodes: leave the case (storing it) first."""
-        self._finishCase()
+        """Closing the scene removes the case's nodes and the widget's own: the session stores
+        what it can and lets go of them (CMBReviewLib.session.ReviewSession.scene_closing), and
+        so does the widget; the reader opens the case again in the next scene."""
+        self._timer.stop()
+        problems = self.session.scene_closing() if self.session is not None else []
+        if self._clickNode is not None:
+            self.removeObserver(self._clickNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onClick)
+        self._clickNode = None
+        self._groundTruthNode = None
+        self._enableCaseWidgets(False)
+        self.setParameterNode(None)
+        if problems:
+            text = _("The scene was closed while a case was open; not everything could be stored:") + "\n\n" + "\n".join(problems)
+            self.ui.statusLabel.text = text
+            # Shown once the scene has closed: a modal dialog inside the close would hold it up.
+            qt.QTimer.singleShot(0, lambda: slicer.util.errorDisplay(text, windowTitle=_("CMBReview")))
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self._refreshCaseList()
+        self.ui.caseListWidget.blockSignals(True)
+        self.ui.caseListWidget.setCurrentRow(-1)  # a click on the case opens it again
+        self.ui.caseListWidget.blockSignals(False)
+        self._showCase()
 
     def enter(self) -> None:
+        self.initializeParameterNode()
         self._installShortcuts()
 
     def exit(self) -> None:
         self._removeShortcuts()
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode: Optional[CMBReviewParameterNode]) -> None:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Two-way binding through the SlicerParameterName properties of the .ui widgets.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
     @property
     def session(self):
@@ -157,24 +235,88 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.setParent(None)
         self._shortcuts = []
 
-    # --- study, reader, cases -----------------------------------------------------------
+    # --- requirements, study, reader, cases ---------------------------------------------
 
     def _studyOpen(self) -> bool:
         return self.session is not None and self.session.study is not None
 
+    def _setupRequirements(self) -> bool:
+        """Install what is missing, after asking (CMBDetectLib.installer, as CMBDetect does). Open
+        and Create stay disabled and the cursor waits meanwhile; a failure is one message."""
+        buttons = (self.ui.openStudyButton, self.ui.createStudyButton)
+        for button in buttons:
+            button.enabled = False
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            self.logic.setupPythonRequirements(confirm=self._confirmInstall)
+            return True
+        except Exception as exc:  # noqa: BLE001 - every failure ends in a message, not a traceback popup
+            slicer.util.errorDisplay(str(exc), windowTitle=_("CMBReview"))
+            logging.exception("CMBReview: Python requirements")
+            return False
+        finally:
+            slicer.app.restoreOverrideCursor()
+            for button in buttons:
+                button.enabled = True
+
+    @staticmethod
+    def _confirmInstall(text: str) -> bool:
+        slicer.app.setOverrideCursor(qt.Qt.ArrowCursor)  # a question, not a wait
+        try:
+            return slicer.util.confirmOkCancelDisplay(text, windowTitle=_("CMBReview"))
+        finally:
+            slicer.app.restoreOverrideCursor()
+
     def onOpenStudy(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not open the study."), waitCursor=True):
-            self._timer.stop()
-            self.logic.openStudy(self.ui.studyPathLineEdit.currentPath)
-            self._enableCaseWidgets(False)
-            self.ui.readerComboBox.blockSignals(True)
-            self.ui.readerComboBox.clear()
-            self.ui.readerComboBox.addItems(self.session.readers())
-            if self.session.reader:
-                self.ui.readerComboBox.setCurrentText(self.session.reader)
-            self.ui.readerComboBox.blockSignals(False)
-            self.onReaderChanged()
-            self.onStatistics()
+        path = self._parameterNode.studyPath
+        if not self._setupRequirements():
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not open the study {path}.").format(path=path), waitCursor=True):
+                self._timer.stop()
+                self.logic.openStudy(path)
+        except Exception:  # shown once, by tryWithErrorDisplay
+            logging.exception("CMBReview: opening %s", path)
+            return
+        self._showStudy()
+
+    def onCreateStudy(self) -> None:
+        """New study: the images folder and the detections folder checked as `cmbdetect review
+        create` checks them; the study opens, and the cases left out are listed in one message."""
+        p = self._parameterNode
+        if not self._setupRequirements():
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not create the study {path}.").format(path=p.newStudyPath), waitCursor=True):
+                self._timer.stop()
+                added, leftOut = self.logic.createStudy(p.newStudyPath, p.imagesFolder, p.detectionsFolder, p.readers)
+        except Exception:  # shown once, by tryWithErrorDisplay
+            logging.exception("CMBReview: creating %s", p.newStudyPath)
+            return
+        p.studyPath = self.session.study.path
+        self._showStudy()
+        text = _("Created the study {path} with {n} case(s).").format(path=self.session.study.path, n=len(added))
+        self.ui.statusLabel.text = text
+        if leftOut:
+            slicer.util.warningDisplay(
+                text + "\n\n" + _("Left out:") + "\n" + "\n".join(str(e) for e in leftOut), windowTitle=_("CMBReview")
+            )
+
+    def _showStudy(self) -> None:
+        """The open study in the panel: its readers (the first is chosen if none was), this
+        reader's cases, and the statistics, whose failure is its own one message naming the study."""
+        readers = self.session.readers()
+        if self.session.reader is None and readers:
+            self.session.select_reader(readers[0])
+        self.ui.readerComboBox.blockSignals(True)
+        self.ui.readerComboBox.clear()
+        self.ui.readerComboBox.addItems(readers)
+        self.ui.readerComboBox.setCurrentText(self.session.reader or "")
+        self.ui.readerComboBox.blockSignals(False)
+        self._enableCaseWidgets(False)
+        self._refreshCaseList()
+        self._showCase()
+        self._showStatistics(_("The study {path} is open, but its statistics could not be computed.").format(path=self.session.study.path))
 
     def onAddReader(self) -> None:
         if not self._studyOpen():
@@ -352,7 +494,7 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(self._groundTruthNode)
-        (editor.setSourceVolumeNode if hasattr(editor, "setSourceVolumeNode") else editor.setMasterVolumeNode)(nodes.volume)
+        editor.setSourceVolumeNode(nodes.volume)
 
     def onSaveGroundTruth(self) -> None:
         if self._groundTruthNode is None:
@@ -371,8 +513,11 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStatistics(self) -> None:
         if self._studyOpen():
-            with slicer.util.tryWithErrorDisplay(_("Could not compute the statistics."), waitCursor=True):
-                self.ui.statisticsTextBrowser.setHtml(self.session.statistics_html())
+            self._showStatistics(_("Could not compute the statistics of the study {path}.").format(path=self.session.study.path))
+
+    def _showStatistics(self, message: str) -> None:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            self.ui.statisticsTextBrowser.setHtml(self.session.statistics_html())
 
     def onReport(self) -> None:
         if not self._studyOpen():
@@ -384,10 +529,11 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Wrote {path}").format(path=paths.get("html"))
 
 
-def ctkPathFilters() -> int:
+def ctkPathFilters(writable: bool = False) -> int:
     import ctk
 
-    return ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+    # Files | Writable makes the browse button a save dialog (a new study's file).
+    return ctk.ctkPathLineEdit.Files | (ctk.ctkPathLineEdit.Writable if writable else ctk.ctkPathLineEdit.Readable)
 
 
 MIMIC_REASONS = ("vessel", "calcification", "cavernous_malformation", "partial_volume", "artefact", "iron_deposit", "other")
@@ -399,33 +545,52 @@ MIMIC_REASONS = ("vessel", "calcification", "cavernous_malformation", "partial_v
 
 
 class CMBReviewLogic(ScriptedLoadableModuleLogic):
-    """Works without the widget: sets up CMBReviewLib's requirements, then holds the reading
-    session (CMBReviewLib.session.ReviewSession), where everything a reader does is done."""
+    """Works without the widget: sets up CMBReviewLib's requirements (CMBDetectLib.installer, with
+    the user's consent), then holds the reading session (CMBReviewLib.session.ReviewSession),
+    where everything a reader does is done. Never opens a dialog: questions go through the
+    `confirm` callback the widget passes; scripts and tests pass none, and then nothing is
+    ever installed."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.session = None  # created once the requirements are in place (not at import time)
 
+    def getParameterNode(self):
+        return CMBReviewParameterNode(super().getParameterNode())
+
     @staticmethod
     def requirementsPath() -> str:
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
+        # Not Resources/requirements.txt: both modules install into one folder, where that is CMBDetect's.
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "CMBReview-requirements.txt")
 
-    def setupPythonRequirements(self, interactive: bool = True) -> None:
-        """Install what CMBReviewLib needs and Slicer lacks (statsmodels, pynrrd), asking first."""
-        if hasattr(slicer, "packaging"):
-            import inspect
+    def setupPythonRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
+        """Install what CMBReviewLib needs and Slicer lacks, only if `confirm(question)` returns True;
+        RuntimeError with a readable message otherwise (nothing to ask with, declined, or failed)."""
+        from CMBDetectLib import installer  # needs only `packaging`: importable on a fresh Slicer
 
-            options = {"requester": "CMBReview"}
-            if "prompt_install" in inspect.signature(slicer.packaging.pip_ensure).parameters:
-                options["prompt_install"] = interactive
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(self.requirementsPath()), **options)
-        importlib.invalidate_caches()
+        installer.setup(self.requirementsPath(), "CMBReview", confirm, need_torch=NEEDS_TORCH)
 
-    def openStudy(self, path: str, interactive: bool = True) -> None:
-        self.setupPythonRequirements(interactive)
+    def _session(self):
         if self.session is None:
-            self.session = importlib.import_module("CMBReviewLib.session").ReviewSession()
-        self.session.open_study(path)
+            from CMBReviewLib.session import ReviewSession
+
+            self.session = ReviewSession()
+        return self.session
+
+    def openStudy(self, path, confirm: Optional[Callable[[str], bool]] = None) -> None:
+        self.setupPythonRequirements(confirm)
+        session = self._session()
+        session.open_study(path)
+
+    def createStudy(self, path, imagesFolder, detectionsFolder, readers: str = "", confirm: Optional[Callable[[str], bool]] = None):
+        """A new study from a folder of SWI volumes and the folder of their CMBDetect results, with
+        `cmbdetect review create`'s checks, and the readers typed (commas or spaces); opened at
+        once. Returns (cases added, CaseErrors of the cases left out)."""
+        self.setupPythonRequirements(confirm)
+        from CMBReviewLib.session import reader_names
+
+        session = self._session()
+        return session.create_study(path, imagesFolder, detectionsFolder, reader_names(readers))
 
 
 #
@@ -455,8 +620,6 @@ class CMBReviewTest(ScriptedLoadableModuleTest):
             from CMBDetectLib.detection.lesions import extract_lesions
             from CMBDetectLib.detection.outputs import write_lesion_csv
             from CMBDetectLib.io import Geometry, write_volume
-            from CMBReviewLib.store import Study
-            from CMBReviewLib.study import add_cases
         except ImportError as exc:
             self.skipTest(f"CMBReview's Python requirements are not installed in this Slicer ({exc})")
 
@@ -478,13 +641,13 @@ class CMBReviewTest(ScriptedLoadableModuleTest):
         write_lesion_csv(os.path.join(folder, "det", "c1_lesions.csv"), lesions)
         with open(os.path.join(folder, "det", "c1_summary.json"), "w") as f:
             json.dump({"n_lesions": len(lesions), "seconds": 1.0}, f)
-        study = Study.create(os.path.join(folder, "study.db"))
-        add_cases(study, [("c1", os.path.join(folder, "images", "c1.nii.gz"), os.path.join(folder, "det"))])
-        study.add_reader("ana")
-        study.close()
-
         logic = CMBReviewLogic()
-        logic.openStudy(os.path.join(folder, "study.db"), interactive=False)
+        added, leftOut = logic.createStudy(
+            os.path.join(folder, "study.db"), os.path.join(folder, "images"), os.path.join(folder, "det"), "ana"
+        )
+        self.assertEqual((added, leftOut), (["c1"], []))
+        logic.session.close()
+        logic.openStudy(os.path.join(folder, "study.db"))
         session = logic.session
         session.select_reader("ana")
         self.assertEqual(session.case_list(), [("c1", False)])

@@ -7,6 +7,8 @@ decision lands in the store under the right reader and case.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -202,3 +204,144 @@ def test_a_failed_commit_does_not_leave_the_long_lived_connection_in_a_transacti
     session.open_case(0)
     session.set_verdict(0, "correct")
     assert verdicts_of(study_path, "ana") == {"CMB 1": "correct"}
+
+
+# --- a study created from the module ------------------------------------------------------
+
+
+@pytest.fixture
+def case_folders(tmp_path):
+    """An images folder and a detections folder as `cmbdetect detect` leaves them (case c1)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    make_study(source).close()
+    return source / "images", source / "det"
+
+
+def test_a_study_created_from_the_module_is_checked_as_review_create_checks_it_and_opened(mrml, tmp_path, case_folders):
+    from CMBDetectLib.io import write_volume
+
+    images, det = case_folders
+    # A second image without detections: named and left out, as `review create` does.
+    write_volume(np.zeros(SHAPE, np.float32) + 400, GEOMETRY, images / "c2.nii.gz")
+    session = ReviewSession(mrml.scene)
+    added, errors = session.create_study(tmp_path / "new" / "study.db", images, det, ["ana", "ben"])
+    assert added == ["c1"]
+    (error,) = errors
+    assert error.case == "c2" and "no complete CMBDetect result" in str(error)
+    assert session.study.path == tmp_path / "new" / "study.db", "the new study is open"
+    assert session.readers() == ["ana", "ben"]
+    assert "Table 4" in session.statistics_html(n_boot=0), "what the panel shows right after: a study without decisions yet"
+    session.select_reader("ben")
+    session.open_case(0)
+    session.set_verdict(0, "correct")
+    session.close()
+    assert verdicts_of(tmp_path / "new" / "study.db", "ben") == {"CMB 1": "correct"}
+
+
+@pytest.mark.parametrize(
+    "problem, arguments, message",
+    [
+        ("no case passes", lambda images, det, tmp: (tmp / "x.db", images, tmp / "empty", ["ana"]), "detections folder not found"),
+        ("a bad reader name", lambda images, det, tmp: (tmp / "x.db", images, det, ["ana", "b/en"]), "reader name 'b/en'"),
+        ("no study file chosen", lambda images, det, tmp: (None, images, det, ["ana"]), "choose where to write the new study"),
+        ("no images folder chosen", lambda images, det, tmp: (tmp / "x.db", None, det, ["ana"]), "give a folder of images"),
+        ("an existing study", lambda images, det, tmp: (tmp / "source" / "study.db", images, det, ["ana"]), "exists already"),
+    ],
+)
+def test_a_study_that_cannot_be_created_writes_nothing_and_leaves_the_session_as_it_was(
+    session, study_path, tmp_path, case_folders, problem, arguments, message
+):
+    images, det = case_folders
+    session.select_reader("ana")
+    session.open_case(0)
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    with pytest.raises(StudyError, match=re.escape(message)):
+        session.create_study(*arguments(images, det, tmp_path))
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before, f"{problem}: nothing written"
+    assert session.study.path == study_path and session.nodes is not None, f"{problem}: the open study and case stay"
+
+
+def test_creating_a_study_leaves_the_open_case_of_the_old_one_stored(session, study_path, tmp_path, case_folders, mrml):
+    images, det = case_folders
+    session.select_reader("ana")
+    session.open_case(0)
+    session.nodes.markups.SetNthControlPointDescription(0, "incorrect:vessel")  # not stored yet
+    session.create_study(tmp_path / "new.db", images, det, ["ana"])
+    assert session.nodes is None and case_nodes_in(mrml.scene) == []
+    assert verdicts_of(study_path, "ana") == {"CMB 1": "incorrect"}
+    assert session.reader == "ana", "the reader is in the new study too: still selected"
+
+
+def test_an_empty_path_field_reads_as_not_chosen():
+    from pathlib import Path
+
+    from CMBReviewLib.session import chosen_path
+
+    # Slicer's parameter node keeps an empty pathlib.Path as "." (pathlib.Path("") == Path(".")).
+    assert chosen_path(Path()) is None and chosen_path("") is None and chosen_path(None) is None and chosen_path(" ") is None
+    assert chosen_path(Path("/data/study.db")) == Path("/data/study.db")
+
+
+def test_opening_with_no_study_chosen_says_so(session, study_path):
+    from pathlib import Path
+
+    with pytest.raises(StudyError, match="choose the study file to open"):
+        session.open_study(Path())
+    assert session.study.path == study_path
+
+
+def test_reader_names_typed_in_one_field():
+    from CMBReviewLib.session import reader_names
+
+    assert reader_names(" ana, ben;carl  dora,,ana ") == ["ana", "ben", "carl", "dora"]
+    assert reader_names("") == []
+
+
+# --- closing the scene ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def scene_close_reports(session, mrml):
+    """What the widget's StartClose observer does: hand the closing over to the session; collects
+    what each call reports."""
+    reported: list[list[str]] = []
+    tag = mrml.scene.AddObserver(mrml.scene.StartCloseEvent, lambda caller, event: reported.append(session.scene_closing()))
+    yield reported
+    mrml.scene.RemoveObserver(tag)
+
+
+def test_closing_the_scene_stores_the_case_and_leaves_no_dangling_nodes(session, study_path, mrml, scene_close_reports):
+    reported = scene_close_reports
+    session.select_reader("ana")
+    session.open_case(0)
+    session.nodes.markups.SetNthControlPointDescription(1, "incorrect:vessel")  # typed, not stored yet
+    mrml.clear()
+    assert reported == [[]], "stored without a problem"
+    assert session.nodes is None, "no reference to the removed nodes is kept"
+    assert verdicts_of(study_path, "ana") == {"CMB 2": "incorrect"}
+    with Study.open(study_path) as study:
+        assert (study.case("c1").id, study.reader_id("ana")) in study.reading_seconds(), "the sitting is recorded"
+    assert session.store_edits_if_changed() is None and session.elapsed_seconds() == 0.0
+    nodes = session.open_case(0)  # the reader goes on in the new scene
+    assert nodes.volume.GetScene() is mrml.scene and sorted(case_nodes_in(mrml.scene)) == ["c1 lesions (ana)", "c1 lesions (ana) points"]
+    assert [verdict for _, verdict in session.lesion_rows()] == ["", "incorrect:vessel"]
+
+
+def test_closing_the_scene_with_an_edit_that_cannot_be_stored_says_so_and_still_lets_go(session, study_path, mrml, scene_close_reports):
+    reported = scene_close_reports
+    session.select_reader("ana")
+    nodes = session.open_case(0)
+    blocker = study_path.with_name(study_path.name + ".files") / "c1"
+    blocker.parent.mkdir(exist_ok=True)
+    blocker.write_text("a file where the case's voxel folder should be")
+    paint(nodes, "Segment_1", sphere_mask(SHAPE, GEOMETRY, *MISSED))
+    nodes.markups.SetNthControlPointDescription(0, "correct")
+    mrml.clear()
+    ((error,),) = reported
+    assert error.startswith("c1, segment 'my bleed': not stored") and error.endswith("lost: the scene was closed"), error
+    assert session.nodes is None, "the scene took the nodes: the session does not hold on to them"
+    assert verdicts_of(study_path, "ana") == {"CMB 1": "correct"}, "what could be stored was"
+    blocker.unlink()
+    session.open_case(0)
+    assert case_nodes_in(mrml.scene)

@@ -50,6 +50,7 @@ ADDED_COLOR = (0.1, 0.75, 0.95)  # reader-added lesions in cyan, apart from the 
 VERDICT_FORMAT = "verdict[:reason][:certainty], e.g. 'correct', 'correct:possible', 'incorrect:vessel'"
 LESION_TAG = "CMBReview.LesionId"  # on a reader's segment: the stored lesion it shows
 MASK_TAG = "CMBReview.MaskDigest"  # ... and the digest of the voxels stored for that lesion
+STAYS = "; it stays in the scene"  # ends the message of a painted segment that could not be stored
 
 
 def verdict_text(verdict: str | None, reason: str | None = None, certainty: str = "definite") -> str:
@@ -322,7 +323,7 @@ def store_edits(study: Study, nodes: CaseNodes) -> dict[str, Any]:
                 study.withdraw_added(lesion_id, reader_id)
                 done["replaced"] += 1
         except (StudyError, OSError) as exc:
-            done["errors"].append(f"{nodes.case}, segment '{segment.GetName()}': not stored ({exc}); it stays in the scene")
+            done["errors"].append(f"{nodes.case}, segment '{segment.GetName()}': not stored ({exc}){STAYS}")
             continue  # not marked as seen: tried again at the next store
         nodes.seen[segment_id] = _modified_key(nodes, segment_id)
     for lesion_id in sorted(mine - handled):  # its segment deleted or erased

@@ -10,14 +10,31 @@ Speaks MRML only through `mrml.py`; never opens a dialog or prints: problems are
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from CMBDetectLib.errors import CaseError
 
 from . import mrml
 from .mrml import CaseNodes
 from .store import Study, StudyError
+
+
+def chosen_path(value: str | Path | None) -> Path | None:
+    """A path a user chose, or None when the field was left empty. Slicer's parameter node keeps
+    an empty pathlib.Path as "." (Path("") is Path(".")), which no one picks on purpose."""
+    text = str(value).strip() if value is not None else ""
+    return Path(text) if text not in ("", ".") else None
+
+
+def reader_names(text: str) -> list[str]:
+    """Reader names typed in one field, separated by commas or spaces ("ana, ben"), in order,
+    each once; their spelling is checked where they are added (store.check_reader_name)."""
+    return list(dict.fromkeys(name for name in re.split(r"[,;\s]+", text or "") if name))
 
 
 class ReviewSession:
@@ -38,7 +55,10 @@ class ReviewSession:
         """Open another study. The open case belongs to the old one: it is stored there and
         closed (its nodes and lesion ids mean nothing in the new study). A study that cannot be
         opened leaves the session as it was."""
-        study = Study.open(path)
+        chosen = chosen_path(path)
+        if chosen is None:
+            raise StudyError("choose the study file to open")
+        study = Study.open(chosen)
         try:
             self.close_case()
         except BaseException:
@@ -49,6 +69,26 @@ class ReviewSession:
         self.study = study
         if self.reader and self.reader not in self.readers():
             self.reader = None
+
+    def create_study(
+        self, path: str | Path | None, images: str | Path | None, detections: str | Path | None, readers: Sequence[str] = ()
+    ) -> tuple[list[str], list[CaseError]]:
+        """Create a study from a folder of images and the folder of their CMBDetect results, with
+        these readers, checked as `cmbdetect review create` checks it (study.case_list and
+        study.create_study: a bad case is named and left out; when none passes, or a reader's
+        name is refused, nothing is written), then open it here. Returns the cases added and
+        the cases left out."""
+        from .study import case_list, create_study
+
+        path = chosen_path(path)
+        if path is None:
+            raise StudyError("choose where to write the new study (a .db file)")
+        added, errors = create_study(path, case_list(chosen_path(images), chosen_path(detections)), readers=list(readers))
+        try:
+            self.open_study(path)
+        except StudyError as exc:
+            raise StudyError(f"the study {path} was created with {len(added)} case(s) but not opened: {exc}") from None
+        return added, errors
 
     def close(self) -> None:
         """Leave the open case (storing it) and close the study."""
@@ -129,17 +169,46 @@ class ReviewSession:
         nodes. The case counts as completed (when not said) once every detector lesion is judged."""
         if self.nodes is None:
             return
-        study, nodes = self._study(), self.nodes
+        nodes = self.nodes
         done = self.store_edits()
         if done["errors"]:
             raise StudyError("; ".join(done["errors"]) + f". {nodes.case} stays open so that nothing is lost: correct or delete that, then leave it")
+        self._record_reading(completed)
+        mrml.remove_case_nodes(nodes)
+        self._forget_case()
+
+    def _record_reading(self, completed: bool | None) -> None:
+        """This sitting's reading time; completed (when not said) once every detector lesion is judged."""
+        study, nodes = self._study(), self._case()
         if completed is None:
             completed = all(verdict for label, verdict in self.lesion_rows() if label.startswith("CMB"))
         study.record_reading(study.case(nodes.case).id, study.reader_id(nodes.reader), self.elapsed_seconds(), completed)
-        mrml.remove_case_nodes(nodes)
+
+    def _forget_case(self) -> None:
         self.nodes = None
         self._opened_at = None
         self._stored_stamp = None
+
+    def scene_closing(self) -> list[str]:
+        """The scene is about to close and take the case's nodes with it (what the widget's
+        StartClose observer calls). Stores what the reader changed and the reading time, as
+        leaving the case does, then lets go of the nodes even when something could not be
+        stored, so that no removed node is kept; returns one message per thing not stored
+        (naming the case), for the widget to show. Never raises: the scene closes regardless."""
+        if self.nodes is None:
+            return []
+        case = self.nodes.case
+        problems: list[str] = []
+        try:
+            problems += self.store_edits()["errors"]
+        except (StudyError, OSError, sqlite3.Error) as exc:
+            problems.append(f"{case}: the edits were not stored ({exc})")
+        try:
+            self._record_reading(None)
+        except (StudyError, OSError, sqlite3.Error) as exc:
+            problems.append(f"{case}: the reading time was not stored ({exc})")
+        self._forget_case()  # the scene removes the nodes themselves
+        return [f"{p.removesuffix(mrml.STAYS)}; lost: the scene was closed" for p in problems]
 
     def lesion_rows(self) -> list[tuple[str, str]]:
         """(point label, verdict text) of each lesion of the open case, in the table's order."""

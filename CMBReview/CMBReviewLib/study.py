@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from CMBDetectLib.io import Geometry, Volume, case_name, is_volume_file, read_vo
 
 from . import voxelfiles
 from .regiongrow import grow_from_click
-from .store import Study, StudyError, now
+from .store import Study, StudyError, check_reader_name, now
 
 
 def _stored_path(study: Study, path: Path) -> str:
@@ -200,13 +201,17 @@ def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[s
 
 
 def create_study(
-    path: str | Path, cases: list[tuple[str, Path, Path]], name: str | None = None, match_radius_mm: float = 5.0
-) -> tuple[list[str], list[CaseError]]:
-    """A new study with the cases that pass `check_cases` (the others reported); when none
-    does, nothing is created: a study cannot take cases later, so an empty one is no use."""
+    path: str | Path, cases: list[tuple[str, Path, Path]], name: str | None = None, match_radius_mm: float = 5.0,
+    readers: Sequence[str] = (),
+) -> tuple[list[str], list[CaseError]]:  # fmt: skip
+    """A new study with the cases that pass `check_cases` (the others reported) and `readers`;
+    when no case passes or a reader's name is refused, nothing is created: a study cannot take
+    cases later, so an empty one is no use."""
     path = Path(path)
     if path.exists():
         raise StudyError(f"study {path} exists already: open it instead")
+    for reader in readers:
+        check_reader_name(reader)
     if not cases:
         raise StudyError("no cases found")
     good, errors = check_cases(cases)
@@ -214,6 +219,8 @@ def create_study(
         raise StudyError("no case could be added, so no study was created:\n" + "\n".join(f"  {e}" for e in errors))
     with Study.create(path, name, match_radius_mm) as study:
         added, failed = _insert_cases(study, good)
+        for reader in readers:
+            study.add_reader(reader)
     return added, errors + failed
 
 
