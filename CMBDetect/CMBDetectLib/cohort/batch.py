@@ -91,7 +91,7 @@ def detect_batch(
     output_dir: str | Path,
     params: DetectionParams | None = None,
     show_progress: bool = True,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
     on_case: Callable[[CaseOutcome], None] | None = None,
     preview: bool = False,
     *,
@@ -108,6 +108,7 @@ def detect_batch(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
+    log = log or sys.stderr  # looked up now: the stream may have been replaced since import
     params = params or DetectionParams()
     params = replace(params, model=_absolute_model(params.model))
     cases = expand_inputs(inputs)
