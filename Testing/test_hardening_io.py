@@ -177,3 +177,109 @@ def test_truncated_cases_fail_by_name_and_the_batch_goes_on(tmp_path, model):
         for case in ("a_float", "b_int"):
             assert rows[case]["status"] == "failed" and rows[case]["error"].startswith(f"{case}: file is truncated")
             assert not any(out.glob(f"{case}*"))
+
+
+# --- item 11: full disks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
+def test_write_on_a_full_disk_fails_and_leaves_the_old_file(tmp_path, suffix):
+    array = (np.random.default_rng(2).random((40, 100, 100)) * 1000).astype(np.int16)  # 800 kB
+    with small_disk(tmp_path / "disk", 1024) as disk:
+        target = disk / f"x{suffix}"
+        target.write_bytes(b"the previous, complete version")
+        leave_free(disk, 200 * 1024)
+        with pytest.raises(OSError, match=f"x{suffix}"):
+            write_volume(array, FLAT, target)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", f"x{suffix}"]  # no temporary left
+        assert target.read_bytes() == b"the previous, complete version"
+
+
+CHILD_WRITE = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import numpy as np
+    from CMBDetectLib.io import Geometry, write_volume
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    array = (np.random.default_rng(2).random((40, 100, 100)) * 1000).astype(np.int16)
+    try:
+        write_volume(array, Geometry((1, 1, 1), (0, 0, 0)), sys.argv[1])
+    except OSError as exc:
+        print("OSError:", exc)
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_write_past_a_file_size_limit_fails_and_leaves_nothing(tmp_path, suffix):
+    target = tmp_path / f"limited{suffix}"
+    done = subprocess.run([sys.executable, "-c", CHILD_WRITE, str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"limited{suffix}" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_on_a_full_disk_says_so_and_leaves_no_truncated_image(tmp_path):
+    from CMBDetectLib.cli import main as cli_main
+
+    with small_disk(tmp_path / "disk", 256) as disk:
+        leave_free(disk, 48 * 1024)  # less than one compressed synthetic image
+        code = cli_main(["synth", "--n", "1", "--controls", "0", "--matrix", "64x64", "--slices", "12", "--out", str(disk / "out"), "--quiet"])
+        assert code == 2
+        volumes = [p for p in (disk / "out").rglob("*") if p.is_file() and not p.name.startswith(".") and p.name.endswith(".nii.gz")]
+        assert all(fully_readable(p) for p in volumes), [p.name for p in volumes if not fully_readable(p)]
+        assert not any(p.name.startswith(".") for p in (disk / "out").rglob("*"))
+
+
+def test_batch_table_is_replaced_whole_or_not_at_all(tmp_path, model, capsys):
+    good_case(tmp_path / "in" / "c.nii.gz")
+    with small_disk(tmp_path / "disk", 512) as disk:
+        out = disk / "out"
+        assert detect_main([str(tmp_path / "in"), "-o", str(out), "--model", model, "-q"]) == 0
+        before = (out / "cmbdetect_batch.csv").read_bytes()
+        leave_free(disk, 0)
+        # The rerun skips c and lists 80 missing cases: a table of several pages, more than the
+        # one page that truncating the old table in place would free.
+        missing = [str(tmp_path / f"missing-{i:02d}.nii.gz") for i in range(80)]
+        code = detect_main([str(tmp_path / "in"), *missing, "-o", str(out), "--model", model, "-q"])
+        assert code == 1
+        assert (out / "cmbdetect_batch.csv").read_bytes() == before
+        assert "error: cannot write the batch table" in capsys.readouterr().err
+        assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_cases_on_a_filling_disk_are_complete_or_failed_and_the_batch_goes_on(tmp_path, model):
+    """Whichever write the disk fills up in, each case is complete or absent and reported."""
+    for i in range(3):
+        good_case(tmp_path / "in" / f"c{i}.nii.gz", shape=(4, 100, 120), seed=i)
+    with small_disk(tmp_path / "disk", 512) as disk:
+        for free_kib in (0, 4, 8, 12, 16, 24, 32, 48):
+            out = disk / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            (disk / "filler").unlink(missing_ok=True)
+            out.mkdir()
+            leave_free(disk, free_kib * 1024)
+            code = detect_main([str(tmp_path / "in"), "-o", str(out), "--model", model, "-q"])  # never raises
+            assert code in (0, 1)
+            for i in range(3):
+                paths = output_paths(out, f"c{i}")
+                present = [p for p in paths.values() if p.exists()]
+                if paths["summary"].exists():
+                    assert all(fully_readable(paths[k]) for k in ("segmentation", "labels", "probability")), (free_kib, i)
+                else:
+                    assert present == [], (free_kib, i, present)
+            assert not any(p.name.startswith(".") for p in out.iterdir()), free_kib
+
+
+def test_nifti_write_error_message_only_for_a_write_that_fails(tmp_path, model, capfd):
+    """niftilib (inside ITK's NIfTI writer) prints `** ERROR: NWAD: wrote only ...` when a write
+    runs out of space, but returns as if it had succeeded. A case that completes must not print
+    it, and a case whose write printed it must fail."""
+    good_case(tmp_path / "in" / "big.nii.gz", shape=(16, 256, 256))  # a 2 MiB uncompressed uint16 map
+    with small_disk(tmp_path / "disk", 1536) as disk:
+        code = detect_main([str(tmp_path / "in"), "-o", str(disk / "out"), "--model", model, "-q"])
+        err = capfd.readouterr().err
+        assert code == 0 and table(disk / "out")["big"]["status"] == "done"
+        assert "NWAD" not in err

@@ -422,17 +422,42 @@ def _check_nifti_nan(path: Path, case: str) -> None:
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write an array on the given grid, atomically (a temporary file renamed into place)."""
+    """Write an array on the given grid, atomically (a hidden temporary file renamed into place
+    once it is complete); a write that fails raises OSError naming `path`, and leaves nothing."""
     path = Path(path)
     image = to_sitk(array, geometry)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise OSError(errno.EIO, _first_line(exc), str(path)) from None
+        if _is_nifti(path):
+            # niftilib, inside ITK's NIfTI writer, prints "** ERROR: NWAD: wrote only ..." when the
+            # disk fills up, then returns as if all went well: check what reached the file.
+            try:
+                short = nifti_shortfall(tmp) is not None
+            except ValueError:  # not even a whole header
+                short = True
+            if short:
+                stopped = f"the NIfTI writer stopped short after {tmp.stat().st_size} bytes (disk full, or a file size limit)"
+                raise OSError(errno.EIO, stopped, str(path))
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk; a deferred write error (NFS, a full disk) raises here."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows' fsync needs write access
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class atomic_path:
-    """Context manager giving a temporary path beside `path`, renamed onto it on success.
+    """Context manager giving a hidden temporary path beside `path`, renamed onto it on success.
 
-    Readers never see a half-written file, and a failure leaves nothing behind.
+    Readers never see a half-written file: the temporary name starts with a dot (never taken
+    for a case or a result), the file is flushed to the disk before it is renamed, and any
+    failure, the flush's included, removes it and leaves `path` as it was.
     """
 
     def __init__(self, path: Path) -> None:
@@ -447,14 +472,19 @@ class atomic_path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        try:
+            fsync_file(self.tmp)
             # mkstemp makes owner-only files; results are ordinary files, so honour the umask.
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
-        else:
+        except BaseException:
             self.tmp.unlink(missing_ok=True)
+            raise
 
 
 def _first_line(exc: Exception) -> str:

@@ -23,7 +23,7 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from ..io import case_name, is_volume_file, sha256_of
+from ..io import atomic_path, case_name, is_volume_file, sha256_of
 from ..detection.pipeline import DetectionParams
 from .names import printable, refuse_unsafe_and_duplicates
 from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
@@ -193,8 +193,9 @@ def exit_code(outcomes: list[CaseOutcome]) -> int:
 
 
 def write_batch_table(path: Path, outcomes: list[CaseOutcome]) -> None:
+    """The batch table, replaced whole or not at all (a full disk leaves the previous one)."""
     fields = ["case", "source", "status", "ok", "n_lesions", "n_small", "n_large", "seconds", "error"]
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for o in outcomes:

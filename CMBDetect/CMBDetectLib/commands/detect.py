@@ -102,8 +102,13 @@ def run(args: argparse.Namespace) -> int:
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_batch_table(args.output / "cmbdetect_batch.csv", outcomes)
+    table = args.output / "cmbdetect_batch.csv"
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+        write_batch_table(table, outcomes)
+    except OSError as exc:
+        print(f"error: cannot write the batch table {table}: {exc}", file=sys.stderr)
+        table = None
     failed = [o for o in outcomes if not o.ok]
     done = len(outcomes) - len(failed)
     total = sum(o.n_lesions for o in outcomes if o.ok)
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{done} of {len(outcomes)} cases done{note}, {total} microbleeds in all; results in {args.output}")
     for o in failed:
         print(f"  failed: {o.error}", file=sys.stderr)
-    return exit_code(outcomes)
+    return exit_code(outcomes) if table is not None else 1
 
 
 def main(argv: list[str] | None = None) -> int:
