@@ -283,3 +283,46 @@ def test_nifti_write_error_message_only_for_a_write_that_fails(tmp_path, model, 
         err = capfd.readouterr().err
         assert code == 0 and table(disk / "out")["big"]["status"] == "done"
         assert "NWAD" not in err
+
+
+# --- item 14: case lists, models, links -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [("", "is empty"), ("case,image\n", "has no rows"), ("case,scan\nx,x.nii.gz\n", "needs a column named image")],
+)
+def test_bad_case_list_is_an_error_line(tmp_path, model, capsys, text, problem):
+    (tmp_path / "list.csv").write_text(text)
+    assert detect_main([str(tmp_path / "list.csv"), "-o", str(tmp_path / "out"), "--model", model, "-q"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the untrained model's warning
+    assert last.startswith("error: ") and "list.csv" in last and problem in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_case_list_is_an_error_line(tmp_path, model, capsys):
+    assert detect_main([str(tmp_path / "nowhere.csv"), "-o", str(tmp_path / "out"), "--model", model, "-q"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and "nowhere.csv" in last
+
+
+def test_empty_image_cell_is_refused_by_row_and_the_others_run(tmp_path, model):
+    good_case(tmp_path / "data" / "x1.nii.gz")
+    (tmp_path / "cases.csv").write_text("case,image\nsubject-1,data/x1.nii.gz\nsubject-2,\n")
+    assert detect_main([str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out"), "--model", model, "-q"]) == 1
+    rows = table(tmp_path / "out")
+    assert rows["subject-1"]["status"] == "done"
+    assert rows["subject-2"]["status"] == "refused"
+    assert "row 3" in rows["subject-2"]["error"] and "image cell is empty" in rows["subject-2"]["error"]
+
+
+def test_dangling_and_looping_links_are_reported(tmp_path, model):
+    cases = tmp_path / "in"
+    good_case(cases / "good.nii.gz")
+    (cases / "dangling.nii.gz").symlink_to(tmp_path / "moved-away.nii.gz")
+    (cases / "loop.nii.gz").symlink_to(cases / "loop.nii.gz")
+    assert detect_main([str(cases), "-o", str(tmp_path / "out"), "--model", model, "-q"]) == 1
+    rows = table(tmp_path / "out")
+    assert rows["good"]["status"] == "done"
+    assert rows["dangling"]["status"] == "failed" and "symbolic link" in rows["dangling"]["error"] and "moved-away.nii.gz" in rows["dangling"]["error"]
+    assert rows["loop"]["status"] == "failed" and "symbolic link" in rows["loop"]["error"] and "loop" in rows["loop"]["error"]

@@ -10,3 +10,8 @@ class CaseError(Exception):
         super().__init__(f"{case}: {problem}")
         self.case = case
         self.problem = problem
+
+
+class InputError(ValueError):
+    """The inputs of a batch cannot be listed (a case list that is missing, empty or has no
+    image column): nothing has run and nothing was written."""

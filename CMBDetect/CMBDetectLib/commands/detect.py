@@ -40,6 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cohort.batch import detect_batch, exit_code, write_batch_table
     from ..detection.pipeline import DetectionParams
+    from ..errors import InputError
 
     if not 0 < args.threshold < 1:
         print(f"error: --threshold must lie strictly between 0 and 1, not {args.threshold}", file=sys.stderr)
@@ -95,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
         elif o.ok:
             print(f"{o.case}: {o.n_lesions} microbleeds ({o.n_small} small, {o.n_large} large) in {o.seconds:.1f} s")
 
-    outcomes = detect_batch(
-        args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
-        force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
-    )  # fmt: skip
+    try:
+        outcomes = detect_batch(
+            args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
+            force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
+        )  # fmt: skip
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1
