@@ -306,6 +306,16 @@ def test_missing_case_list_is_an_error_line(tmp_path, model, capsys):
     assert last.startswith("error: ") and "nowhere.csv" in last
 
 
+def test_corrupt_model_file_is_an_error_line(tmp_path, model, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01 not a safetensors file")
+    shutil.copy(Path(model).with_suffix(".json"), bad.with_suffix(".json"))
+    good_case(tmp_path / "c.nii.gz")
+    assert detect_main([str(tmp_path / "c.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(bad), "-q"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and "bad.safetensors" in last
+
+
 def test_empty_image_cell_is_refused_by_row_and_the_others_run(tmp_path, model):
     good_case(tmp_path / "data" / "x1.nii.gz")
     (tmp_path / "cases.csv").write_text("case,image\nsubject-1,data/x1.nii.gz\nsubject-2,\n")
