@@ -135,8 +135,9 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         )  # fmt: skip
     except CaseError as exc:
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=str(exc))
-    except (MemoryError, RuntimeError, OSError, ValueError) as exc:
-        # Unexpected, but one case must not stop a cohort: report it in full and go on.
+    except Exception as exc:
+        # Unexpected (a library's own error class: nibabel's, zlib's, EOFError), but one case
+        # must not stop a cohort: report it in full and go on.
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=f"{case}: {detail}")
 

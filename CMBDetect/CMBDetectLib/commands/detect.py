@@ -40,7 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cohort.batch import detect_batch, exit_code, write_batch_table
     from ..detection.pipeline import DetectionParams
-    from ..errors import BatchError
+    from ..errors import BatchError, InputError
 
     if not 0 < args.threshold < 1:
         print(f"error: --threshold must lie strictly between 0 and 1, not {args.threshold}", file=sys.stderr)
@@ -101,14 +101,19 @@ def run(args: argparse.Namespace) -> int:
             args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
             force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
         )  # fmt: skip
-    except BatchError as exc:  # raised before any case ran
+    except (BatchError, InputError) as exc:  # raised before any case ran
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_batch_table(args.output / "cmbdetect_batch.csv", outcomes)
+    table = args.output / "cmbdetect_batch.csv"
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+        write_batch_table(table, outcomes)
+    except OSError as exc:
+        print(f"error: cannot write the batch table {table}: {exc}", file=sys.stderr)
+        table = None
     failed = [o for o in outcomes if not o.ok]
     done = len(outcomes) - len(failed)
     total = sum(o.n_lesions for o in outcomes if o.ok)
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{done} of {len(outcomes)} cases done{note}, {total} microbleeds in all; results in {args.output}")
     for o in failed:
         print(f"  failed: {o.error}", file=sys.stderr)
-    return exit_code(outcomes)
+    return exit_code(outcomes) if table is not None else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from scipy import ndimage
 
 from ..io import Geometry, sha256_of
-from ..models import CardIdentity, resolve, verified_sha256
+from ..models import CardIdentity, read_weights, resolve, verified_sha256
 from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
@@ -318,7 +318,7 @@ def load_classifier_file(path: Path, expected_sha256: str | None = None) -> Load
     if list(card.get("classes", [])) != list(CLASSES):
         raise ValueError(f"{path.name} was trained for classes {card.get('classes')}, this version knows {list(CLASSES)}")
     network = CandidateNet(ClassifierConfig.from_dict(card["network"]))
-    network.load_state_dict(load_file(str(path)))
+    network.load_state_dict(read_weights(path))
     network.eval()
     return LoadedClassifier(network, card, path, sha256)
 

@@ -6,8 +6,8 @@ Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<cas
 With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
 down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
 P(microbleed). Everything is written into a
-hidden folder first and moved into place only when every file exists, the summary last, so a
-failed case leaves nothing behind.
+hidden folder first, flushed to the disk, and moved into place only when every file exists,
+the summary last, so a failed case (a full disk included) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
-from ..errors import BatchError
-from ..io import Geometry, atomic_path, write_volume
+from ..errors import BatchError, CaseError
+from ..io import Geometry, atomic_path, fsync_file, write_volume
 from .candidates import Candidate
 from .classifier import CLASSES
 from .lesions import CLASS_COLORS, Lesion
@@ -226,11 +226,14 @@ def write_probability(path: Path, probability: np.ndarray, geometry: Geometry) -
     for k in range(0, probability.shape[0], 16):  # in slabs: no full-size float temporary
         slab = np.rint(probability[k : k + 16] * np.float32(PROBABILITY_LEVELS))
         scaled[k : k + 16] = np.clip(slab, 0, PROBABILITY_LEVELS)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=path.parent) as scratch:
         # SimpleITK writes the grid (qform and sform) exactly as for every other output; nibabel
-        # then adds the scaling, which SimpleITK cannot set, and gzips at its fastest level.
+        # then adds the scaling, which SimpleITK cannot set, and gzips at its fastest level. The
+        # header depends on the geometry alone, so a 2x2x2 image gives it: writing the full map
+        # here would cost time and, on a nearly full disk, print niftilib's "NWAD" error for a
+        # scratch file whose voxels nobody reads.
         plain = Path(scratch) / "grid.nii"
-        write_volume(scaled, geometry, plain, compress=False)
+        write_volume(np.zeros((2, 2, 2), np.uint16), geometry, plain, compress=False)
         header = nib.load(str(plain)).header.copy()
     image = nib.Nifti1Image(scaled.T, None, header=header)
     image.header.set_slope_inter(1.0 / PROBABILITY_LEVELS, 0.0)  # after construction, which resets it
@@ -241,7 +244,8 @@ def write_probability(path: Path, probability: np.ndarray, geometry: Geometry) -
 def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | None = None) -> dict[str, Path]:
     """Write every file of one case, then move them into `out_dir` together (summary last).
 
-    With the input `image` (k, j, i), a preview PNG of the detections is written too.
+    With the input `image` (k, j, i), a preview PNG of the detections is written too. A file
+    that cannot be written (a full disk) raises CaseError naming it, and nothing is left.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,19 +255,25 @@ def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | Non
     moved: list[Path] = []
     try:
         staged = output_paths(staging, case, preview=image is not None, rejected=two_stage)
-        write_segmentation_nrrd(staged["segmentation"], result.labels, result.lesions, result.geometry)
-        write_volume(result.labels, result.geometry, staged["labels"])
-        write_probability(staged["probability"], result.probability, result.geometry)
-        write_lesion_csv(staged["lesions_csv"], result.lesions)
-        if two_stage:
-            write_rejected_csv(staged["rejected_csv"], result.rejected)
-        if image is not None:
-            write_preview(
-                image, result.labels, result.lesions, result.geometry, staged["preview"], case,
-                rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
-            )  # fmt: skip
         summary = {"case": case, **result.summary(), "files": {k: v.name for k, v in final.items()}}
-        staged["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        writers = {
+            "segmentation": lambda p: write_segmentation_nrrd(p, result.labels, result.lesions, result.geometry),
+            "labels": lambda p: write_volume(result.labels, result.geometry, p),
+            "probability": lambda p: write_probability(p, result.probability, result.geometry),
+            "lesions_csv": lambda p: write_lesion_csv(p, result.lesions),
+            "rejected_csv": lambda p: write_rejected_csv(p, result.rejected),
+            "preview": lambda p: write_preview(
+                image, result.labels, result.lesions, result.geometry, p, case,
+                rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
+            ),
+            "summary": lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"),
+        }  # fmt: skip
+        for key, path in staged.items():  # the summary last
+            try:
+                writers[key](path)
+                fsync_file(path)  # a write error the disk reports late (NFS, quota) surfaces here
+            except OSError as exc:
+                raise CaseError(case, f"cannot write {final[key].name} in {out_dir}: {exc.strerror or exc}") from None
         for key, path in staged.items():
             os.chmod(path, 0o644)
             os.replace(path, final[key])
