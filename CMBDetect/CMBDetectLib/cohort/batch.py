@@ -25,7 +25,7 @@ from typing import Callable, TextIO
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..io import atomic_path, case_name, is_volume_file, sha256_of
+from ..io import atomic_path, case_name, is_volume_file
 from ..detection.outputs import prepare_output_folder
 from ..detection.pipeline import DetectionParams
 from ..errors import BatchError

@@ -20,7 +20,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 
 from ..detection.pipeline import DetectionParams
 from ..errors import CaseError
@@ -108,8 +107,7 @@ def _hold_if_asked(case: str) -> None:
 
 def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = None) -> CaseOutcome:
     """Detect and write one case; a bad case comes back as a failed outcome, never as an exception."""
-    from ..errors import CaseError
-    from ..io import read_phase, read_volume
+    from ..io import read_phase
     from ..detection.outputs import write_case_outputs
     from ..detection.pipeline import detect_volume
     from .names import inside, unsafe_name_reason

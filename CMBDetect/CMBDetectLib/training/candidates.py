@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
