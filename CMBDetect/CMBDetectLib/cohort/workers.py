@@ -20,7 +20,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
-
 from ..detection.pipeline import DetectionParams
 from ..errors import CaseError
 from ..io import read_volume
