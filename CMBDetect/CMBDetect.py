@@ -431,16 +431,19 @@ _ADAPTER = {"module": None, "failed": False}
 
 
 def _adapter():
-    """CMBDetectLib's MRML adapter (its `nodes`, `results` and `navigation` modules) if the
-    requirements are installed, else None. A failed import is remembered until the
-    requirements are set up again, so it is not retried on every event."""
+    """CMBDetectLib's MRML adapter (its `nodes`, `results`, `navigation` and `display` modules)
+    if the requirements are installed, else None. A failed import is logged once and remembered
+    until the requirements are set up again, so it is not retried on every event. Any exception
+    counts, not only ImportError: a broken binary package raises OSError (a DLL that does not
+    load) or others, and module setup must survive it."""
     if _ADAPTER["module"] is None and not _ADAPTER["failed"]:
         try:
             _ADAPTER["module"] = types.SimpleNamespace(
-                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation")}
+                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation", "display")}
             )
-        except ImportError:
+        except Exception:  # noqa: BLE001
             _ADAPTER["failed"] = True
+            logging.exception("CMBDetect: the results cannot be shown until the Python requirements import")
     return _ADAPTER["module"]
 
 

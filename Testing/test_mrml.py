@@ -35,7 +35,7 @@ from CMBDetectLib.mrml.nodes import (  # noqa: E402
     vtk_matrix,
 )
 from CMBDetectLib.mrml.results import probability_of, rethreshold, write_result  # noqa: E402
-from CMBDetectLib.detection import outputs  # noqa: E402
+from CMBDetectLib.detection import outputs, records  # noqa: E402
 from CMBDetectLib.io import Geometry, read_volume  # noqa: E402
 from CMBDetectLib.detection.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
 from CMBDetectLib.detection.pipeline import DetectionParams, DetectionResult  # noqa: E402
@@ -155,7 +155,7 @@ def test_write_result_segments_table_markups(mrml):
         segment = segmentation.GetSegment(f"CMB_{lesion.id}")
         assert segment is not None and segment.GetName() == f"CMB {lesion.id}"
         np.testing.assert_allclose(segment.GetColor(), CLASS_COLORS[lesion.size_class], atol=1e-6)
-        assert segment.GetTerminology() == outputs.TERMINOLOGY_ENTRY
+        assert segment.GetTerminology() == records.TERMINOLOGY_ENTRY
         assert _tag(segment, "CMBDetect.SizeClass") == lesion.size_class
         assert float(_tag(segment, "CMBDetect.DiameterMm")) == pytest.approx(lesion.diameter_mm, abs=0.006)
         assert float(_tag(segment, "CMBDetect.MaxProbability")) == pytest.approx(lesion.max_probability, abs=6e-4)
@@ -173,11 +173,11 @@ def test_write_result_segments_table_markups(mrml):
     # Table: one row per lesion, the CSV's columns, values as the lesions say.
     t = table.GetTable()
     assert t.GetNumberOfRows() == len(result.lesions)
-    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == outputs.LESION_COLUMNS
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == records.LESION_COLUMNS
     for r, lesion in enumerate(result.lesions):
-        assert table.GetCellText(r, outputs.LESION_COLUMNS.index("id")) == str(lesion.id)
-        assert table.GetCellText(r, outputs.LESION_COLUMNS.index("size_class")) == lesion.size_class
-        assert float(table.GetCellText(r, outputs.LESION_COLUMNS.index("diameter_mm"))) == pytest.approx(lesion.diameter_mm, abs=1e-4)
+        assert table.GetCellText(r, records.LESION_COLUMNS.index("id")) == str(lesion.id)
+        assert table.GetCellText(r, records.LESION_COLUMNS.index("size_class")) == lesion.size_class
+        assert float(table.GetCellText(r, records.LESION_COLUMNS.index("diameter_mm"))) == pytest.approx(lesion.diameter_mm, abs=1e-4)
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "n_voxels"), [l.n_voxels for l in result.lesions])
     assert table.GetColumnUnitLabel("diameter_mm") == "mm"
     assert table.GetColumnTitle("diameter_mm") == "Diameter (mm)"
@@ -215,7 +215,7 @@ def test_write_result_zero_lesions(mrml):
     seg, table, markups = write_result(result, node)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0
     assert table.GetTable().GetNumberOfRows() == 0
-    assert table.GetTable().GetNumberOfColumns() == len(outputs.LESION_COLUMNS)
+    assert table.GetTable().GetNumberOfColumns() == len(records.LESION_COLUMNS)
     assert markups.GetNumberOfControlPoints() == 0
     matrix, _ = reference_geometry_matrix_and_extent(seg)
     np.testing.assert_allclose(matrix, ijk_to_ras_of(node), atol=1e-6)
@@ -310,7 +310,7 @@ def test_outputs_go_beside_the_input_in_the_subject_hierarchy(mrml):
 
 def test_terminology_entry_is_slicer_dicom_haemorrhage_in_brain():
     entry = slicer.vtkSlicerTerminologyEntry()
-    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(outputs.TERMINOLOGY_ENTRY, entry)
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(records.TERMINOLOGY_ENTRY, entry)
     assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
     assert (entry.GetCategoryObject().GetCodeValue(), entry.GetCategoryObject().GetCodingSchemeDesignator()) == ("49755003", "SCT")
     assert (entry.GetTypeObject().GetCodeValue(), entry.GetTypeObject().GetCodeMeaning()) == ("50960005", "Hemorrhage")
@@ -329,7 +329,7 @@ def _check_loaded_segmentation(loaded, result, volume_node) -> None:
         assert segmentation.GetNthSegmentID(n) == f"CMB_{lesion.id}"
         assert segment.GetName() == f"CMB {lesion.id}"
         np.testing.assert_allclose(segment.GetColor(), CLASS_COLORS[lesion.size_class], atol=1e-5)
-        assert segment.GetTerminology() == outputs.TERMINOLOGY_ENTRY
+        assert segment.GetTerminology() == records.TERMINOLOGY_ENTRY
         assert _tag(segment, "CMBDetect.SizeClass") == lesion.size_class
         assert _tag(segment, "CMBDetect.DiameterMm") == f"{lesion.diameter_mm:.2f}"
         # The segment's own labelmap lies on the input's grid (oblique, anisotropic) ...

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,10 @@ from scipy import ndimage
 
 from ..io import Geometry, sha256_of
 from ..models import CardIdentity, resolve
-from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
+from .classifier import CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .preprocess import white_matter_peak
+from .records import CALCIFICATION, CLASSES, MICROBLEED, Candidate
 
 CANDIDATE_THRESHOLD = 0.15  # the U-Net threshold for candidates (the paper's 0.4 is stage 1 alone)
 CANDIDATE_MIN_MM = 2.0
@@ -46,25 +47,6 @@ PHASE_SCALE_RAD = 1.0  # phase enters the network in radians, clipped to +-pi
 # Beyond this the image is not phase in radians (scanner units such as +-4096, or unfiltered
 # unwrapped phase): refused rather than clipped into nonsense.
 PHASE_LIMIT_RAD = 2.0 * np.pi
-CERTAINTIES = ("definite", "possible")
-
-
-@dataclass
-class Candidate(Lesion):
-    """A candidate after stage 2: a Lesion plus the classifier's verdict."""
-
-    p_microbleed: float = 0.0
-    certainty: str = ""  # kept: "definite" | "possible"; rejected: ""
-    reason: str = ""  # rejected: the most likely mimic (CLASSES[1:]); kept: ""
-    class_probabilities: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def kept(self) -> bool:
-        return not self.reason
-
-    @property
-    def name(self) -> str:
-        return f"CMB {self.id}" if self.kept else f"Rejected {self.id}"
 
 
 @dataclass

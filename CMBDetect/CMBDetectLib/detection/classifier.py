@@ -20,9 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-CLASSES = ("microbleed", "vein", "calcification", "nucleus", "air_edge", "other")
-MICROBLEED = 0
-CALCIFICATION = CLASSES.index("calcification")
+from .records import CALCIFICATION, CLASSES, MICROBLEED  # noqa: F401 - the class order is the records' (torch-free)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import numpy as np
 import slicer
 import vtk
 
-from ..detection import outputs
+from ..detection import records
 from ..detection.lesions import CLASS_COLORS, Lesion
-from ..detection.outputs import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
+from ..detection.records import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
 from .nodes import CREATED_ATTRIBUTE, INPUT_ROLE, REJECTED_ROLE, ijk_to_ras_of, labelmap_image, own
 
 CENTROID_COLOR = (1.0, 0.55, 0.0)  # orange markups: visible on dark SWI, distinct from the segments
@@ -92,15 +92,15 @@ def fill_segmentation(segmentation_node: Any, volume_node: Any, labels: np.ndarr
 def segment_tags(lesion: Lesion) -> dict[str, str]:
     """The lesion's measurement tags, taken from the .seg.nrrd writer so both stay identical.
 
-    outputs.segment_tags gives Slicer's file form "key:value|key:value|"; the terminology
+    records.segment_tags gives Slicer's file form "key:value|key:value|"; the terminology
     entry among them is set by _fill_segmentation itself.
     """
-    pairs = (item.split(":", 1) for item in outputs.segment_tags(lesion).split("|") if item)
+    pairs = (item.split(":", 1) for item in records.segment_tags(lesion).split("|") if item)
     return {key: value for key, value in pairs if key != slicer.vtkSegment.GetTerminologyEntryTagName()}
 
 
 def fill_table(table_node: Any, lesions: list[Lesion]) -> None:
-    """One row per lesion, the columns of the command line's CSV (outputs.LESION_COLUMNS)."""
+    """One row per lesion, the columns of the command line's CSV (records.LESION_COLUMNS)."""
     rows = [lesion_row(lesion) for lesion in lesions]
     was_modifying = table_node.StartModify()
     try:
@@ -180,7 +180,7 @@ def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[d
     """The candidates stage 2 rejected, as locked grey points labelled with their reason, so
     that a reader sees why a dark dot was not called a bleed.
 
-    `rejected`: rows of `<case>_rejected.csv` (outputs.REJECTED_COLUMNS). The node is linked
+    `rejected`: rows of `<case>_rejected.csv` (records.REJECTED_COLUMNS). The node is linked
     from the segmentation (REJECTED_ROLE) and refilled by the next run on it; a run without
     rejections empties it, and none is made until there is something to show. Returns the node
     or None. The live threshold leaves it alone: the rejections belong to the run.

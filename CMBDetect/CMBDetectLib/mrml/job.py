@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..detection import outputs
+from ..detection import records
 from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
 from ..detection.rethreshold import LesionMap, lesions_from_probability
 from ..io import write_volume
@@ -144,7 +144,7 @@ class DetectionJob:
             output.probability.array, geometry, self.threshold, self.min_diameter_mm, self.max_diameter_mm, run
         )
         nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
-        rejected_csv = outputs.output_paths(output.out_dir, "input", rejected=True)["rejected_csv"]
+        rejected_csv = records.output_paths(output.out_dir, "input", rejected=True)["rejected_csv"]
         rejected: list[dict] = []
         if rejected_csv.is_file():
             with open(rejected_csv, newline="") as f:
