@@ -212,3 +212,38 @@ def test_a_phase_volume_on_another_grid_is_refused_before_anything_runs(mrml, tm
     with pytest.raises(ValueError, match="both the SWI and the phase"):
         DetectionJob(node, tmp_path / "work2", model=model, phase_volume_node=node)
     assert scene_state(mrml.scene) == before and not (tmp_path / "work").exists()
+
+
+def scanner_units_phase(shape) -> np.ndarray:
+    return np.random.default_rng(0).uniform(-4096, 4096, shape).astype(np.float32)
+
+
+def test_a_phase_in_scanner_units_is_refused_before_anything_runs(mrml, tmp_path, model):
+    """The module already holds the phase array: it is checked before the input is written and
+    before the child starts, and the message names the phase volume."""
+    node, _ = phantom_node((3, 60, 70), name="swi")
+    phase = slicer.util.addVolumeFromArray(scanner_units_phase((3, 60, 70)), geometry_of_node(node).ijk_to_ras(), "raw phase")
+    before = scene_state(mrml.scene)
+    with pytest.raises(ValueError, match=r"phase volume 'raw phase'.*radians"):
+        DetectionJob(node, tmp_path / "work", model=model, phase_volume_node=phase)
+    assert scene_state(mrml.scene) == before and not (tmp_path / "work").exists()
+
+
+def test_the_worker_refuses_a_phase_in_scanner_units_before_the_network_runs(tmp_path, model):
+    """The worker on its own (as a script would start it): the run fails naming the phase
+    problem, and the stage markers show that it never reached inference."""
+    from CMBDetectLib.detection.runner import WorkerRun, worker_arguments
+    from CMBDetectLib.io import write_volume
+
+    array, geometry, _ = phantom(shape=(3, 60, 70))
+    write_volume(array, geometry, tmp_path / "input.nrrd", compress=False)
+    write_volume(scanner_units_phase(array.shape), geometry, tmp_path / "phase.nrrd", compress=False)
+    calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5)
+    two_stage = str(save_dark_spot_model(tmp_path / "two-stage.safetensors", candidate_classifier=calc))
+    arguments = worker_arguments(tmp_path / "input.nrrd", tmp_path / "out", "input", model=two_stage, phase_path=tmp_path / "phase.nrrd")
+    run = WorkerRun(arguments, tmp_path / "out")
+    run.start()
+    assert run.wait(STAGE_TIMEOUT_S) == FAILED
+    assert "radians" in run.error and "4096" in run.error
+    assert "inference" not in run.stages_seen, run.stages_seen
+    assert not (tmp_path / "out").exists()

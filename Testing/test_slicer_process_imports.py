@@ -28,6 +28,7 @@ GUI_MODULES = (
     "CMBDetectLib.mrml.job",
     "CMBDetectLib.detection.records",
     "CMBDetectLib.detection.runner",
+    "CMBDetectLib.detection.phase",
 )
 HEAVY = ("torch", "safetensors")
 

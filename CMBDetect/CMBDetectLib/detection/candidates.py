@@ -35,6 +35,7 @@ from ..io import Geometry, sha256_of
 from ..models import CardIdentity, resolve
 from .classifier import CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
+from .phase import check_phase
 from .preprocess import white_matter_peak
 from .records import CALCIFICATION, CLASSES, MICROBLEED, Candidate
 
@@ -44,9 +45,6 @@ CANDIDATE_MAX_MM = 10.0
 KEEP_AT = 0.5
 DEFINITE_AT = 0.8
 PHASE_SCALE_RAD = 1.0  # phase enters the network in radians, clipped to +-pi
-# Beyond this the image is not phase in radians (scanner units such as +-4096, or unfiltered
-# unwrapped phase): refused rather than clipped into nonsense.
-PHASE_LIMIT_RAD = 2.0 * np.pi
 
 
 @dataclass
@@ -139,21 +137,6 @@ def scaled_magnitude(image: np.ndarray) -> np.ndarray:
     """SWI magnitude divided by its white-matter peak: scanner units cancel, WM is about 1."""
     peak = white_matter_peak(image)
     return (np.asarray(image, np.float32) / np.float32(peak if peak > 0 else 1.0)).astype(np.float32, copy=False)
-
-
-def check_phase(phase: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
-    if phase is None:
-        return
-    if phase.shape != tuple(image_shape):
-        raise ValueError(f"phase image has shape {phase.shape} but the SWI image {tuple(image_shape)}; it must lie on the same grid")
-    if not np.isfinite(phase).all():
-        raise ValueError("phase image contains NaN or infinite values")
-    peak = float(np.abs(phase).max(initial=0.0))
-    if peak > PHASE_LIMIT_RAD:
-        raise ValueError(
-            f"phase image values reach {peak:.4g}: the candidate stage expects high-pass filtered phase in radians "
-            "(within -pi..pi); rescale it first (scanner units of -4096..4096 are value x pi/4096)"
-        )
 
 
 # ---------------------------------------------------------------------------- classifier

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..detection import records
 from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
+from ..detection.phase import check_phase
 from ..detection.rethreshold import LesionMap, lesions_from_probability
 from ..io import write_volume
 from .display import show_rejected
@@ -88,6 +89,10 @@ class DetectionJob:
                     f"(shape {phase.shape} vs {volume.shape}, or spacing, origin or direction differ); "
                     "the candidate stage needs the phase of the same acquisition"
                 )
+            try:
+                check_phase(phase.array, volume.shape)  # here, not after the whole network in the child
+            except ValueError as exc:
+                raise ValueError(f"phase volume '{phase_volume_node.GetName()}': {exc}") from None
         self.input_volume_node = input_volume_node
         self.input_id = input_volume_node.GetID()
         self.scene = input_volume_node.GetScene()
