@@ -15,6 +15,7 @@ process, the protocol and the kill are the real ones, only the stage's duration 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -36,6 +37,14 @@ from CMBDetectLib.detection.worker import HOLD_ENV, STAGES  # noqa: E402
 from handmade import constant_classifier, phantom, save_dark_spot_model  # noqa: E402
 
 STAGE_TIMEOUT_S = 180  # generous: the machine is shared; a hang fails instead of blocking
+
+# Slicer's PythonSlicer is a CTKAppLauncher: it sets up the environment and starts the real
+# interpreter (python-real) as its own child, then waits for it. This script does the same, so
+# that a Cancel is tested against a launcher with the worker as its grandchild.
+LAUNCHER = """#!{python}
+import subprocess, sys
+sys.exit(subprocess.call([{python!r}, *sys.argv[1:]]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +256,62 @@ def test_the_worker_refuses_a_phase_in_scanner_units_before_the_network_runs(tmp
     assert "radians" in run.error and "4096" in run.error
     assert "inference" not in run.stages_seen, run.stages_seen
     assert not (tmp_path / "out").exists()
+
+
+def launcher(tmp_path) -> str:
+    path = tmp_path / "PythonSlicer"
+    path.write_text(LAUNCHER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def gone(pid: int) -> bool:
+    """The process ended (a zombie waiting for its reaper has ended too: it runs nothing)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_cancel_ends_the_worker_behind_a_launcher_and_it_writes_nothing(mrml, tmp_path, model):
+    """Cancel kills the launcher and the interpreter it started: the grandchild holding the CPU
+    (or GPU) must not run on and write its results into the work folder."""
+    psutil = pytest.importorskip("psutil")
+    node, _ = phantom_node((3, 60, 70))
+    env = {**os.environ, HOLD_ENV: "inference", "OMP_NUM_THREADS": "1"}
+    job = DetectionJob(node, tmp_path / "work", model=model, python=launcher(tmp_path), env=env)
+    job.start()
+    deadline = time.monotonic() + STAGE_TIMEOUT_S
+    while job.run.stage != "inference" and not job.run.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.run.stage == "inference", job.run.error + "\n".join(job.run.log)
+    workers = psutil.Process(job.run.pid).children(recursive=True)
+    assert [p.cmdline()[0] for p in workers] == [sys.executable]  # the launcher's child runs the worker
+    worker = workers[0].pid
+
+    job.cancel()
+    deadline = time.monotonic() + STAGE_TIMEOUT_S
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(worker), "the worker behind the launcher is still running after Cancel"
+    out = tmp_path / "work" / "out"
+    assert not out.exists() or not any(out.iterdir())
+    job.cleanup()
+
+
+def test_the_worker_does_not_recreate_a_deleted_work_folder(tmp_path, model):
+    """A second line of defence: a worker whose work folder was removed (the run was cancelled,
+    the scene closed) fails instead of making the folder again and writing into it."""
+    from CMBDetectLib.detection.runner import WorkerRun, worker_arguments
+    from CMBDetectLib.io import write_volume
+
+    array, geometry, _ = phantom(shape=(3, 60, 70))
+    write_volume(array, geometry, tmp_path / "input.nrrd", compress=False)
+    work = tmp_path / "work"  # never made, as if deleted by cleanup()
+    run = WorkerRun(worker_arguments(tmp_path / "input.nrrd", work / "out", "input", model=model), work / "out")
+    run.start()
+    assert run.wait(STAGE_TIMEOUT_S) == FAILED
+    assert not work.exists()

@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> None:
 
     _stage("writing")
     _say("PROGRESS 0.90 writing the results")
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Never the parents: a missing work folder means the run was cancelled and cleaned up
+    # (FileNotFoundError), and nothing may be written there again.
+    args.out.mkdir(exist_ok=True)
     write_case_outputs(result, args.out, args.case)
     write_volume(result.probability, result.geometry, args.out / PROBABILITY_FILE, compress=False)
     summary = {"case": args.case, **result.summary()}
