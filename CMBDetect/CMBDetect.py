@@ -97,7 +97,9 @@ class CMBDetectParameterNode:
     inputVolume - the SWI magnitude volume.
     phaseVolume - optional: its high-pass filtered phase (radians, same grid); the candidate
         stage then tells paramagnetic bleeds from diamagnetic calcifications.
-    threshold - probability threshold (the paper's operating point is 0.4).
+    threshold - what makes a lesion: the network's probability (the paper's single-stage
+        pipeline, 0.4) or, with the candidate stage, P(microbleed) per candidate (a run sets it
+        to the stage's own cut, as the command line decides).
     sizeRange - kept lesion sizes, equivalent diameter in mm (2-10 in the paper).
     useGpu - run the network on CUDA (CPU otherwise).
     outputSegmentation - where lesions go; created on Apply when empty.
@@ -356,6 +358,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             slicer.app.restoreOverrideCursor()
             job.cleanup()
+        # With the candidate stage the run cut P(microbleed) at the stage's own value: the slider
+        # shows it, so that slider, summary and command line name one threshold. Setting it must
+        # not start a re-threshold of its own.
+        self._lesionParameters = None
+        self._parameterNode.threshold = result.threshold
         self._lesionParameters = self._currentLesionParameters()
         self._parameterNode.outputSegmentation = segmentation  # also refreshes table and summary
         self._showOutputs(segmentation)
@@ -406,6 +413,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lesionParameters = self._currentLesionParameters() if summary and self._parameterNode else None
         if self._job is None:
             self.ui.summaryLabel.text = _summaryText(summary) if summary else ""
+        # The slider names what it cuts: the network's probability, or P(microbleed) per candidate.
+        twoStage = bool(summary) and summary.get("threshold_of") == "p_microbleed"
+        self.ui.thresholdLabel.text = _("P(microbleed) threshold:") if twoStage else _("Probability threshold:")
 
     def onLesionClicked(self, index) -> None:
         """Centre the slice views on the lesion of the clicked table row."""
@@ -448,10 +458,12 @@ def _adapter():
 
 
 def _summaryText(summary: dict) -> str:
-    text = _("{n} microbleeds ({small} small, {large} large) at threshold {threshold}; detection took {seconds} s; model {model} v{version}").format(
+    quantity = _("P(microbleed)") if summary.get("threshold_of") == "p_microbleed" else _("network probability")
+    text = _("{n} microbleeds ({small} small, {large} large) at {quantity} >= {threshold}; detection took {seconds} s; model {model} v{version}").format(
         n=summary["n_lesions"],
         small=summary["n_small"],
         large=summary["n_large"],
+        quantity=quantity,
         threshold=summary.get("threshold"),
         seconds=summary.get("seconds"),
         model=summary.get("model_id"),
@@ -459,7 +471,7 @@ def _summaryText(summary: dict) -> str:
     )
     stage = summary.get("candidate_stage")
     if stage:
-        text += "<br>" + _("{n} candidates examined, {rejected} rejected as mimics; {phase}").format(
+        text += "<br>" + _("{n} candidates examined, {rejected} below the threshold (Rejected candidates); {phase}").format(
             n=stage.get("n_candidates"),
             rejected=stage.get("n_rejected"),
             phase=_("phase used.") if stage.get("phase_used") else _("no phase: a calcification-like spot is kept as a possible microbleed."),

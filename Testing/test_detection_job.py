@@ -315,3 +315,52 @@ def test_the_worker_does_not_recreate_a_deleted_work_folder(tmp_path, model):
     run.start()
     assert run.wait(STAGE_TIMEOUT_S) == FAILED
     assert not work.exists()
+
+
+def test_a_two_stage_run_and_a_rethreshold_at_its_cut_give_the_command_lines_lesions(mrml, tmp_path):
+    """The threshold names one quantity everywhere. With the candidate stage the command line
+    keeps a candidate when P(microbleed) reaches the stage's cut; the module's run shows those
+    lesions with their P(microbleed) and certainty (not a cut of the map at the slider's 0.4),
+    its summary says so, and a re-threshold at that cut gives them back unchanged."""
+    from CMBDetectLib.detection.pipeline import DetectionParams, detect_volume
+    from CMBDetectLib.detection.rethreshold import BELOW_THRESHOLD
+    from CMBDetectLib.mrml.nodes import volume_from_node
+    from CMBDetectLib.mrml.results import rethreshold
+
+    # Calcification favoured, no phase: both spheres kept, P(microbleed) about 0.84, "possible".
+    calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
+    two_stage = str(save_dark_spot_model(tmp_path / "two-stage.safetensors", candidate_classifier=calc))
+    node, _ = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
+    cli = detect_volume(volume_from_node(node), DetectionParams(model=two_stage, device="cpu"), case="input")
+    keep_at = cli.candidate_stage["keep_at"]
+    assert cli.summary()["threshold"] == keep_at and cli.summary()["threshold_of"] == "p_microbleed"
+
+    def verdicts(lesions):
+        return [(l.id, l.n_voxels, l.size_class, l.centroid_ijk, round(l.p_microbleed, 6), l.certainty,
+                 round(l.mean_probability, 6), round(l.max_probability, 6)) for l in lesions]  # fmt: skip
+
+    job = DetectionJob(node, tmp_path / "work", model=two_stage, threshold=0.4)  # the slider's default
+    job.start()
+    assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
+    result, seg, table, _ = job.finish()
+    job.cleanup()
+    assert len(cli.lesions) == 2 and verdicts(result.lesions) == verdicts(cli.lesions)
+    summary = summary_of(seg)
+    assert (summary["threshold"], summary["threshold_of"], summary["n_lesions"]) == (keep_at, "p_microbleed", 2)
+    columns = [table.GetTable().GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    shown = [(table.GetCellText(r, columns.index("p_microbleed")), table.GetCellText(r, columns.index("certainty"))) for r in range(2)]
+    assert shown == [(str(round(l.p_microbleed, 4)), l.certainty) for l in cli.lesions]
+
+    again, *_ = rethreshold(seg, keep_at, 2.0, 10.0)
+    assert verdicts(again.lesions) == verdicts(cli.lesions) and summary_of(seg)["threshold"] == keep_at
+    # Above both verdicts: no lesion, and both candidates are shown as rejected, saying why.
+    above, *_ = rethreshold(seg, 0.9, 2.0, 10.0)
+    rejected_points = seg.GetNodeReference(REJECTED_ROLE)
+    assert above.lesions == [] and [c.reason for c in above.rejected] == [BELOW_THRESHOLD] * 2
+    assert rejected_points.GetNumberOfControlPoints() == 2
+    back, *_ = rethreshold(seg, keep_at, 2.0, 10.0)
+    assert verdicts(back.lesions) == verdicts(cli.lesions) and rejected_points.GetNumberOfControlPoints() == 0
+    # Below the candidate threshold the map is not P(microbleed): refused, the outputs unchanged.
+    with pytest.raises(ValueError, match="P\\(microbleed\\)"):
+        rethreshold(seg, cli.candidate_stage["candidate_threshold"] / 2, 2.0, 10.0)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2

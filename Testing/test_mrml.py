@@ -36,6 +36,7 @@ from CMBDetectLib.mrml.nodes import (  # noqa: E402
 )
 from CMBDetectLib.mrml.results import probability_of, rethreshold, write_result  # noqa: E402
 from CMBDetectLib.detection import outputs, records  # noqa: E402
+from CMBDetectLib.detection.records import Candidate  # noqa: E402
 from CMBDetectLib.io import Geometry, read_volume  # noqa: E402
 from CMBDetectLib.detection.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
 from CMBDetectLib.detection.pipeline import DetectionParams, DetectionResult  # noqa: E402
@@ -522,11 +523,14 @@ def test_markups_labels_are_off_by_default(mrml):
 def test_rejected_candidates_are_grey_points_on_the_input_grid_labelled_while_few(mrml):
     node = swi_node(mrml)
     seg, _, _ = write_result(make_result(node), node)
-    assert show_rejected(seg, node, []) is None  # nothing to show: no node made
+    assert show_rejected(seg, node, None) is None  # a single-stage result: no node made
     ijk_to_ras = ijk_to_ras_of(node)
 
     def rows(n):
-        return [{"centroid_i": 3.5 + i, "centroid_j": 7.25, "centroid_k": 2.0, "reason": "vein", "p_microbleed": 0.1, "diameter_mm": 3.0} for i in range(n)]
+        return [Candidate(id=i + 1, n_voxels=10, volume_mm3=14.0, diameter_mm=3.0, size_class="small",
+                          centroid_ijk=(3.5 + i, 7.25, 2.0), centroid_lps=(0.0, 0.0, 0.0), centroid_ras=(0.0, 0.0, 0.0),
+                          mean_probability=0.5, max_probability=0.6, p_microbleed=0.1, reason="vein")
+                for i in range(n)]  # fmt: skip
 
     few = show_rejected(seg, node, rows(3))
     assert seg.GetNodeReference(REJECTED_ROLE) is few and is_own_output(few)

@@ -72,7 +72,10 @@ class DetectionResult:
             "model_version": self.model_version,
             "model_trained": self.model_trained,
             "engine": self.engine,
-            "threshold": self.params.threshold,
+            # What cut the lesions: the network's probability (the paper's pipeline), or, with the
+            # candidate stage, P(microbleed) at the stage's own cut (params.threshold is unused).
+            "threshold": self.params.threshold if self.candidate_stage is None else self.candidate_stage["keep_at"],
+            "threshold_of": "probability" if self.candidate_stage is None else "p_microbleed",
             "size_range_mm": [self.params.min_diameter_mm, self.params.max_diameter_mm],
             "cmbdetect_version": __version__,
             "stages": 1 if self.candidate_stage is None else 2,

@@ -9,7 +9,7 @@ writers of the files (outputs.py) take these definitions from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .lesions import Lesion
@@ -127,3 +127,18 @@ def segment_tags(lesion: Lesion) -> str:
         tags["CMBDetect.PMicrobleed"] = f"{lesion.p_microbleed:.3f}"
         tags["CMBDetect.Certainty"] = lesion.certainty
     return "".join(f"{k}:{v}|" for k, v in tags.items())
+
+
+def candidate_record(candidate: Candidate) -> dict[str, object]:
+    """A candidate and its verdict as plain JSON values, exactly (no rounding): the worker
+    hands the run's candidates to Slicer this way, and the scene keeps them for the live
+    threshold (mrml/results.py)."""
+    return asdict(candidate)
+
+
+def candidate_from_record(record: dict) -> Candidate:
+    fields = dict(record)
+    for key in ("centroid_ijk", "centroid_lps", "centroid_ras"):
+        fields[key] = tuple(float(v) for v in fields[key])
+    fields["class_probabilities"] = dict(fields.get("class_probabilities") or {})
+    return Candidate(**fields)

@@ -18,7 +18,8 @@ Anything else (warnings, a traceback) is log text. Exit status 0 only after DONE
 Files in DIR: the standard case outputs of `cmbdetect detect` (outputs.write_case_outputs),
 plus `probability.nrrd` (float32, the input's grid, uncompressed: it is read back at once,
 and NRRD keeps the oblique geometry in double precision where NIfTI stores float32) and,
-written last, `result.json` (the run's summary).
+written last, `result.json` (the run's summary; with the candidate stage, also every candidate
+and its verdict under "candidates", records.candidate_record).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> None:
     from .inference import select_device
     from .outputs import write_case_outputs
     from .pipeline import DetectionParams, detect_volume, get_model
+    from .records import candidate_record
 
     params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
     get_model(params.model, select_device(params.device))  # cached: detect_volume reuses it
@@ -99,6 +101,9 @@ def run(args: argparse.Namespace) -> None:
     write_case_outputs(result, args.out, args.case)
     write_volume(result.probability, result.geometry, args.out / PROBABILITY_FILE, compress=False)
     summary = {"case": args.case, **result.summary()}
+    if result.candidate_stage is not None:
+        # Every candidate with its verdict, exactly: the module's live threshold re-cuts them.
+        summary["candidates"] = [candidate_record(c) for c in (*result.lesions, *result.rejected)]
     tmp = args.out / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, args.out / RESULT_FILE)  # last: its presence means the run is complete

@@ -12,7 +12,7 @@ import vtk
 
 from ..detection import records
 from ..detection.lesions import CLASS_COLORS, Lesion
-from ..detection.records import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
+from ..detection.records import LESION_COLUMNS, TERMINOLOGY_ENTRY, Candidate, lesion_row
 from .nodes import CREATED_ATTRIBUTE, INPUT_ROLE, REJECTED_ROLE, ijk_to_ras_of, labelmap_image, own
 
 CENTROID_COLOR = (1.0, 0.55, 0.0)  # orange markups: visible on dark SWI, distinct from the segments
@@ -176,18 +176,20 @@ def _fill_points(node: Any, volume_node: Any, points: Sequence[tuple], color: tu
         node.EndModify(was_modifying)
 
 
-def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[dict]) -> Any:
+def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[Candidate] | None) -> Any:
     """The candidates stage 2 rejected, as locked grey points labelled with their reason, so
     that a reader sees why a dark dot was not called a bleed.
 
-    `rejected`: rows of `<case>_rejected.csv` (records.REJECTED_COLUMNS). The node is linked
-    from the segmentation (REJECTED_ROLE) and refilled by the next run on it; a run without
-    rejections empties it, and none is made until there is something to show. Returns the node
-    or None. The live threshold leaves it alone: the rejections belong to the run.
+    `rejected`: the candidates below the threshold (a two-stage result's `rejected`), or None
+    for a single-stage result. The node is linked from the segmentation (REJECTED_ROLE) and
+    refilled by every run and re-threshold on it; a two-stage result makes it even when empty
+    (a re-threshold may fill it), a single-stage one only empties an existing one. Returns the
+    node or None.
     """
     node = own(segmentation_node.GetNodeReference(REJECTED_ROLE))
-    if node is None and not rejected:
+    if node is None and rejected is None:
         return None
+    rejected = list(rejected or [])
     if node is None:
         node = segmentation_node.GetScene().AddNewNodeByClass(
             "vtkMRMLMarkupsFiducialNode", f"{volume_node.GetName()} rejected candidates"
@@ -195,9 +197,9 @@ def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[d
         node.SetAttribute(CREATED_ATTRIBUTE, "1")
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     points = [
-        ([float(row[f"centroid_{a}"]) for a in "ijk"], str(row["reason"]),
-         f"rejected as {row['reason']}: P(microbleed) {float(row['p_microbleed']):.2f}, {float(row['diameter_mm']):.1f} mm")
-        for row in rejected
+        (c.centroid_ijk, c.reason,
+         f"{c.name}: rejected as {c.reason}, P(microbleed) {c.p_microbleed:.2f}, {c.diameter_mm:.1f} mm")
+        for c in rejected
     ]  # fmt: skip
     # The reason is the point of showing them, but tens of labels would cover the slice views
     # (a shifted-domain case had 62 rejections); a click still shows one.

@@ -6,18 +6,16 @@ cancelled or failed run, or one whose input was deleted meanwhile, leaves the sc
 
 from __future__ import annotations
 
-import csv
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..detection import records
 from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
 from ..detection.phase import check_phase
-from ..detection.rethreshold import LesionMap, lesions_from_probability
+from ..detection.records import candidate_from_record
+from ..detection.rethreshold import LesionMap, lesions_from_probability, stage_cut
 from ..io import write_volume
-from .display import show_rejected
 from .nodes import geometry_of_node, volume_from_node
 from .results import write_result
 
@@ -131,8 +129,9 @@ class DetectionJob:
 
         Raises RuntimeError if the run failed or was cancelled (the worker's error message),
         InputGone if the input left the scene meanwhile. The probability map is re-read here
-        and its lesions extracted with this run's threshold and size range: the same code
-        as `rethreshold`, so the segments of a run and of a re-threshold never differ.
+        and its lesions extracted with this run's threshold (with the candidate stage: the
+        stage's own cut on P(microbleed)) and size range: the same code as `rethreshold`, so
+        the segments of a run and of a re-threshold at the same threshold never differ.
         """
         from ..detection.runner import SUCCEEDED
 
@@ -144,17 +143,17 @@ class DetectionJob:
         geometry = geometry_of_node(self.input_volume_node)
         if not output.probability.geometry.matches(geometry):
             raise ValueError(f"volume '{self.input_volume_node.GetName()}' changed its grid during the detection")
-        run = {k: v for k, v in output.summary.items() if k != "case"}
+        run = {k: v for k, v in output.summary.items() if k not in ("case", "candidates")}
+        records_ = output.summary.get("candidates")
+        candidates = None if records_ is None else [candidate_from_record(r) for r in records_]
+        # With the candidate stage, the stage's own cut on P(microbleed), as on the command line;
+        # this job's threshold is the paper pipeline's cut on the network's probability.
+        cut = stage_cut(run)
         result = lesions_from_probability(
-            output.probability.array, geometry, self.threshold, self.min_diameter_mm, self.max_diameter_mm, run
-        )
+            output.probability.array, geometry, self.threshold if cut is None else cut, self.min_diameter_mm,
+            self.max_diameter_mm, run, candidates,
+        )  # fmt: skip
         nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
-        rejected_csv = records.output_paths(output.out_dir, "input", rejected=True)["rejected_csv"]
-        rejected: list[dict] = []
-        if rejected_csv.is_file():
-            with open(rejected_csv, newline="") as f:
-                rejected = list(csv.DictReader(f))
-        show_rejected(nodes[0], self.input_volume_node, rejected)
         return (result, *nodes)
 
     def cleanup(self) -> None:

@@ -28,6 +28,9 @@ REJECTED_ROLE = "CMBDetectRejectedCandidates"
 ATTRIBUTE_PREFIX = "CMBDetect."
 SUMMARY_ATTRIBUTE = ATTRIBUTE_PREFIX + "Summary"  # JSON of DetectionResult.summary()
 CREATED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Created"  # "1" on every node CMBDetect made: only those are reused
+# On the kept probability map of a two-stage run: JSON list of every candidate and its verdict
+# (records.candidate_record), which the live threshold re-cuts.
+CANDIDATES_ATTRIBUTE = ATTRIBUTE_PREFIX + "Candidates"
 
 
 def is_own_output(node: Any) -> bool:
