@@ -19,7 +19,6 @@ import importlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 import types
 import unittest
@@ -266,6 +265,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 output = None
         if not self._setupRequirements():
             return
+        # The input (and phase) are copied and written for the child first: a moment on a large
+        # volume, under a wait cursor.
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             self._job = self.logic.startDetection(
                 p.inputVolume,
@@ -276,9 +278,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 phaseVolume=p.phaseVolume,
             )
         except Exception as exc:  # noqa: BLE001
+            slicer.app.restoreOverrideCursor()
             slicer.util.errorDisplay(_("Microbleed detection could not start.") + "\n\n" + str(exc), windowTitle=_("Cerebral Microbleed Detection"))
             logging.exception("CMBDetect: start")
             return
+        slicer.app.restoreOverrideCursor()
         self._jobOutput = (output, reuseForeign)
         self._setRunning(True)
         self.ui.summaryLabel.text = ""
@@ -385,7 +389,20 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = p.outputSegmentation if p else None
         if segmentation is None or self._job is not None or not self.logic.canRethreshold(segmentation):
             return
+        if self._lesionParameters is None or self._currentLesionParameters() == self._lesionParameters:
+            return  # nothing shown yet, or moved and moved back
         threshold, minimum, maximum = self._currentLesionParameters()
+        if self.logic.segmentationEdited(segmentation) and not slicer.util.confirmOkCancelDisplay(
+            _("The segments of '{name}' were edited since the detection wrote them. Moving the threshold or the size range "
+              "extracts every lesion again and discards these edits. Discard them?").format(name=segmentation.GetName()),
+            windowTitle=_("Cerebral Microbleed Detection"),
+        ):  # fmt: skip
+            # Keep the edits: the controls go back to what the shown lesions were made with.
+            shownThreshold, low, high = self._lesionParameters
+            p.threshold = shownThreshold
+            p.sizeRange = FloatRange(low, high)
+            self._rethresholdTimer.stop()  # restarted by the two changes just made
+            return
         with slicer.util.tryWithErrorDisplay(_("Re-extracting the microbleeds failed."), waitCursor=True):
             self.logic.rethreshold(segmentation, threshold, minimum, maximum)
             self._lesionParameters = (threshold, minimum, maximum)
@@ -563,7 +580,9 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         python, env = self.workerPython()
         job = DetectionJob(
             inputVolume,
-            work_dir=tempfile.mkdtemp(prefix="CMBDetect-", dir=slicer.util.tempDirectory()),
+            # One folder of the job's own in Slicer's temporary folder, removed by job.cleanup()
+            # (slicer.util's tempDirectory would leave an empty folder behind per run).
+            temp_dir=slicer.app.temporaryPath,
             python=python,
             env=env,
             threshold=threshold,
@@ -620,6 +639,13 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             job.cleanup()
 
     # --- Live threshold ------------------------------------------------------------------
+
+    @staticmethod
+    def segmentationEdited(segmentation) -> bool:
+        """Whether its segments were edited by hand since CMBDetect wrote them (a re-threshold would discard that)."""
+        from CMBDetectLib.mrml.results import edited_since_written
+
+        return edited_since_written(segmentation)
 
     @staticmethod
     def canRethreshold(segmentation) -> bool:

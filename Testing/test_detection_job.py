@@ -30,7 +30,6 @@ from CMBDetectLib.mrml.job import DetectionJob, InputGone  # noqa: E402
 from CMBDetectLib.mrml.nodes import REJECTED_ROLE, SUMMARY_ATTRIBUTE, geometry_of_node, summary_of  # noqa: E402
 from CMBDetectLib.mrml.results import probability_of, write_result  # noqa: E402
 from CMBDetectLib.detection.lesions import extract_lesions  # noqa: E402
-from CMBDetectLib.detection.outputs import output_paths  # noqa: E402
 from CMBDetectLib.detection.rethreshold import LesionMap  # noqa: E402
 from CMBDetectLib.detection.runner import CANCELLED, FAILED, RUNNING, SUCCEEDED, parse_line  # noqa: E402
 from CMBDetectLib.detection.worker import HOLD_ENV, STAGES  # noqa: E402
@@ -97,8 +96,9 @@ def test_detection_in_a_child_process_touches_the_scene_only_when_finished(mrml,
     assert job.run.stages_seen == list(STAGES)
     assert fractions[0] == 0.0 and fractions[-1] == 1.0 and np.all(np.diff(fractions) >= 0)
     assert scene_state(mrml.scene) == before
-    # The child also wrote the standard case outputs of `cmbdetect detect`.
-    assert all(p.is_file() for p in output_paths(tmp_path / "work" / "out", "input").values())
+    # The child wrote only what the module reads: not the command line's file set (a gzipped
+    # probability map, a .seg.nrrd, a label map, CSVs) that nobody would open.
+    assert sorted(p.name for p in (tmp_path / "work" / "out").iterdir()) == ["probability.nrrd", "result.json"]
 
     result, seg, table, markups = job.finish()
     assert sorted(l.size_class for l in result.lesions) == ["large", "small"]  # the 4 and 7 mm spheres
@@ -343,6 +343,7 @@ def test_a_two_stage_run_and_a_rethreshold_at_its_cut_give_the_command_lines_les
     job.start()
     assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
     result, seg, table, _ = job.finish()
+    assert sorted(p.name for p in job.run.out_dir.iterdir()) == ["probability.nrrd", "result.json"]  # the verdicts are in result.json
     job.cleanup()
     assert len(cli.lesions) == 2 and verdicts(result.lesions) == verdicts(cli.lesions)
     summary = summary_of(seg)
@@ -364,3 +365,15 @@ def test_a_two_stage_run_and_a_rethreshold_at_its_cut_give_the_command_lines_les
     with pytest.raises(ValueError, match="P\\(microbleed\\)"):
         rethreshold(seg, cli.candidate_stage["candidate_threshold"] / 2, 2.0, 10.0)
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def test_a_job_in_a_temporary_folder_leaves_nothing_behind(mrml, tmp_path, model):
+    """The module gives Slicer's temporary folder: each job makes its own folder there and
+    removes it, so runs leave no empty folders behind."""
+    node, _ = phantom_node((3, 60, 70))
+    temporary = tmp_path / "slicer-temp"
+    temporary.mkdir()
+    job = DetectionJob(node, temp_dir=temporary, model=model)
+    assert [p.parent for p in temporary.iterdir()] == [temporary] and job.work_dir.parent == temporary
+    job.cleanup()
+    assert list(temporary.iterdir()) == []

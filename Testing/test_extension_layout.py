@@ -349,3 +349,11 @@ def test_a_lib_that_fails_to_import_in_any_way_does_not_break_module_setup():
     handlers = [h for h in ast.walk(adapter) if isinstance(h, ast.ExceptHandler)]
     assert handlers and all(h.type is not None and ast.unparse(h.type) == "Exception" for h in handlers)
     assert any("logging." in ast.unparse(h) for h in handlers), "the failure is logged"
+
+
+def test_runs_leave_no_folders_in_slicers_temporary_folder():
+    """slicer.util.tempDirectory() makes a new folder per call and nothing removes it: the
+    module gives the job Slicer's temporary folder instead, and the job removes its own."""
+    source = (ROOT / "CMBDetect/CMBDetect.py").read_text()
+    assert "tempDirectory(" not in source
+    assert "temp_dir=slicer.app.temporaryPath" in source

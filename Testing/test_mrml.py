@@ -542,3 +542,39 @@ def test_rejected_candidates_are_grey_points_on_the_input_grid_labelled_while_fe
     assert many is few and many.GetNumberOfControlPoints() == MAX_REJECTED_LABELS + 1
     assert not many.GetDisplayNode().GetPointLabelsVisibility()  # tens of labels would cover the views
     assert show_rejected(seg, node, []) is few and few.GetNumberOfControlPoints() == 0
+
+
+def test_manual_edits_since_the_module_wrote_the_segments_are_noticed(mrml, tmp_path):
+    """Moving the threshold rewrites every segment: the module asks first when a reader has
+    edited them. What counts as an edit: a voxel painted or erased, a segment added, removed or
+    renamed. Re-writing (a run, a re-threshold) or saving and reloading the scene's file is not."""
+    from CMBDetectLib.mrml.nodes import WRITTEN_ATTRIBUTE
+    from CMBDetectLib.mrml.results import edited_since_written
+
+    node = swi_node(mrml)
+    seg, _, _ = write_result(make_result(node), node)
+    assert not edited_since_written(seg)
+    assert not edited_since_written(mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "never written"))
+
+    first = seg.GetSegmentation().GetNthSegmentID(0)
+    painted = segment_array(seg, first, node).copy()
+    painted[0, 0, 0] = 1  # one voxel painted with the Segment Editor
+    slicer.util.updateSegmentBinaryLabelmapFromArray(painted, seg, first, node)
+    assert edited_since_written(seg)
+    rethreshold(seg, 0.4, 2.0, 10.0)  # after the user agreed: written again, nothing edited
+    assert not edited_since_written(seg)
+
+    seg.GetSegmentation().GetNthSegment(1).SetName("reader's name")
+    assert edited_since_written(seg)
+    rethreshold(seg, 0.4, 2.0, 10.0)
+    seg.GetSegmentation().RemoveSegment(first)
+    assert edited_since_written(seg)
+    rethreshold(seg, 0.4, 2.0, 10.0)
+    seg.GetSegmentation().AddEmptySegment("missed lesion")
+    assert edited_since_written(seg)
+
+    rethreshold(seg, 0.4, 2.0, 10.0)
+    save_segmentation_file(seg, tmp_path / "saved.seg.nrrd")
+    reloaded = load_segmentation_file(tmp_path / "saved.seg.nrrd", mrml.scene)
+    reloaded.SetAttribute(WRITTEN_ATTRIBUTE, seg.GetAttribute(WRITTEN_ATTRIBUTE))  # as a saved scene keeps it
+    assert not edited_since_written(reloaded)

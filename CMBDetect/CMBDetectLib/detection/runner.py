@@ -68,6 +68,7 @@ def worker_arguments(
     model: str | None = None,
     batch_size: int | None = None,
     phase_path: str | os.PathLike | None = None,
+    for_slicer: bool = False,
 ) -> list[str]:
     args = ["--input", str(input_path), "--out", str(out_dir), "--case", case, "--threshold", repr(float(threshold)),
             "--min-size", repr(float(min_diameter_mm)), "--max-size", repr(float(max_diameter_mm)), "--device", device]  # fmt: skip
@@ -77,6 +78,8 @@ def worker_arguments(
         args += ["--batch-size", str(int(batch_size))]
     if phase_path:
         args += ["--phase", str(phase_path)]
+    if for_slicer:
+        args.append("--for-slicer")
     return args
 
 

@@ -52,7 +52,7 @@ class DetectionJob:
     """One detection of a volume node in a child process: the MRML side of runner.WorkerRun.
 
     `__init__` copies the node's voxels and grid to `work_dir/input.nrrd` (the child never sees
-    the scene); `start()` launches the worker; `poll()` and `cancel()` are the runner's;
+    the scene; it writes back only the probability map and the summary, worker --for-slicer); `start()` launches the worker; `poll()` and `cancel()` are the runner's;
     `finish()` loads the result into nodes, only after success and only if the input is still
     in its scene. Nothing in the scene changes before `finish()`. `cleanup()` removes the files.
     """
@@ -70,6 +70,7 @@ class DetectionJob:
         model: str | None = None,
         batch_size: int | None = None,
         phase_volume_node: Any = None,
+        temp_dir: str | Path | None = None,
     ) -> None:
         from ..detection.runner import WorkerRun, worker_arguments
 
@@ -95,7 +96,9 @@ class DetectionJob:
         self.input_id = input_volume_node.GetID()
         self.scene = input_volume_node.GetScene()
         self.threshold, self.min_diameter_mm, self.max_diameter_mm = threshold, min_diameter_mm, max_diameter_mm
-        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="cmbdetect-"))
+        # Without work_dir, a folder of its own inside temp_dir (Slicer's temporary folder), which
+        # cleanup() removes: runs leave nothing behind.
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="CMBDetect-", dir=temp_dir))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         input_path = self.work_dir / "input.nrrd"
         write_volume(volume.array, volume.geometry, input_path, compress=False)  # fast; read at once
@@ -105,7 +108,7 @@ class DetectionJob:
             write_volume(phase.array, phase.geometry, phase_path, compress=False)
         arguments = worker_arguments(
             input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size,
-            phase_path,
+            phase_path, for_slicer=True,
         )
         self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
 

@@ -31,6 +31,9 @@ CREATED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Created"  # "1" on every node CMBDetect 
 # On the kept probability map of a two-stage run: JSON list of every candidate and its verdict
 # (records.candidate_record), which the live threshold re-cuts.
 CANDIDATES_ATTRIBUTE = ATTRIBUTE_PREFIX + "Candidates"
+# On a segmentation: the fingerprint of its segments as CMBDetect last wrote them, so that
+# manual edits are noticed before a re-threshold would replace them (results.edited_since_written).
+WRITTEN_ATTRIBUTE = ATTRIBUTE_PREFIX + "WrittenFingerprint"
 
 
 def is_own_output(node: Any) -> bool:

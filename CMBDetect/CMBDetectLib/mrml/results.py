@@ -16,10 +16,12 @@ candidates and summary. It cuts what the run cut (detection/rethreshold.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
 
@@ -34,6 +36,7 @@ from .nodes import (
     PROBABILITY_ROLE,
     SUMMARY_ATTRIBUTE,
     TABLE_ROLE,
+    WRITTEN_ATTRIBUTE,
     geometry_of_node,
     ijk_to_ras_of,
     is_own_output,
@@ -102,12 +105,56 @@ def write_result(
         node.SetNodeReferenceID(INPUT_ROLE, input_volume_node.GetID())
         if hasattr(result, "summary"):
             node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(result.summary()))
+    segmentation_node.SetAttribute(WRITTEN_ATTRIBUTE, segments_fingerprint(segmentation_node))
     candidates, rejected = _stage_lists(result)
     if getattr(result, "probability", None) is not None:
         _keep_probability(result.probability, input_volume_node, segmentation_node, scene, candidates)
     place_in_subject_hierarchy(scene, input_volume_node, (segmentation_node, table_node, markups_node))
     show_rejected(segmentation_node, input_volume_node, rejected)
     return segmentation_node, table_node, markups_node
+
+
+def segments_fingerprint(segmentation_node: Any) -> str:
+    """sha256 over each segment's id, name and voxels, whatever layers hold them.
+
+    Voxels are taken as indices on the labelmap's grid (the input's), from the nonzero voxels
+    of each layer once: the same segments give the same fingerprint after the Segment Editor
+    moved them between layers, or after the scene was saved and loaded (files may be cropped)."""
+    segmentation = segmentation_node.GetSegmentation()
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    layers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    digest = hashlib.sha256()
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(n)
+        digest.update(f"{segmentation.GetNthSegmentID(n)}\0{segment.GetName()}\0".encode())
+        image = segment.GetRepresentation(labelmap_name)
+        if image is None:
+            continue
+        key = image.GetAddressAsString("vtkObject")
+        if key not in layers:
+            layers[key] = _nonzero_voxels(image)
+        where, values = layers[key]
+        digest.update(np.ascontiguousarray(where[values == segment.GetLabelValue()]).tobytes())
+    return digest.hexdigest()
+
+
+def _nonzero_voxels(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) int64 (k, j, i) indices of the nonzero voxels on the image's own grid, and their values."""
+    scalars = image.GetPointData().GetScalars()
+    extent = image.GetExtent()
+    if scalars is None or extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+        return np.zeros((0, 3), np.int64), np.zeros(0)
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    array = numpy_support.vtk_to_numpy(scalars).reshape(dims)
+    where = np.argwhere(array)
+    return where + np.array([extent[4], extent[2], extent[0]]), array[tuple(where.T)]
+
+
+def edited_since_written(segmentation_node: Any) -> bool:
+    """Whether the segments changed (voxels, segments added, removed or renamed) since
+    CMBDetect last wrote them; False for a segmentation it never wrote."""
+    written = segmentation_node.GetAttribute(WRITTEN_ATTRIBUTE)
+    return bool(written) and written != segments_fingerprint(segmentation_node)
 
 
 def _stage_lists(result: Any) -> tuple[list[Candidate] | None, list[Candidate] | None]:
