@@ -102,6 +102,7 @@ class CMBDetectParameterNode:
     sizeRange - kept lesion sizes, equivalent diameter in mm (2-10 in the paper).
     useGpu - run the network on CUDA (CPU otherwise).
     outputSegmentation - where lesions go; created on Apply when empty.
+    showRejected - show the candidates stage 2 rejected in the views.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -110,6 +111,7 @@ class CMBDetectParameterNode:
     sizeRange: Annotated[FloatRange, RangeBounds(0.0, 20.0), Default(FloatRange(2.0, 10.0))]
     useGpu: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
+    showRejected: bool = True
 
 
 #
@@ -134,6 +136,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = False  # installing requirements: Apply stays disabled
         self._shownSegmentation = None
         self._shownTable = None
+        self._shownRejectedTable = None
         self._lesionParameters = None  # (threshold, min, max) the shown lesions were made with
 
     def setup(self) -> None:
@@ -152,6 +155,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         # Only a click on a row moves the views; a refreshed table (any parameter change) does not.
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
+        self.ui.rejectedTableView.connect("clicked(QModelIndex)", self.onRejectedClicked)
         self.ui.progressBar.hide()
 
         self._pollTimer = qt.QTimer()
@@ -416,13 +420,19 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         The table view gets a node only when the node changes: setMRMLTableNode emits
         selectionChanged and resets the columns, which must not happen on every parameter change."""
         adapter = _adapter()
-        table = summary = None
+        table = summary = rejectedTable = None
         if segmentation is not None and adapter is not None:
             table = adapter.nodes.outputs_of(segmentation)[1]
             summary = adapter.nodes.summary_of(segmentation)
+            rejectedTable = adapter.nodes.rejected_of(segmentation)[1]
+            adapter.display.set_rejected_visibility(segmentation, self._parameterNode.showRejected)
         if table is not self._shownTable:
             self._shownTable = table
             self.ui.lesionTableView.setMRMLTableNode(table)
+        if rejectedTable is not self._shownRejectedTable:
+            self._shownRejectedTable = rejectedTable
+            self.ui.rejectedTableView.setMRMLTableNode(rejectedTable)
+        self.ui.rejectedCollapsibleButton.visible = rejectedTable is not None  # a single-stage run has none
         if segmentation is not self._shownSegmentation:
             self._shownSegmentation = segmentation
             # Choosing a segmentation does not re-threshold it; moving a control afterwards does
@@ -438,19 +448,31 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Centre the slice views on the lesion of the clicked table row."""
         adapter = _adapter()
         segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
-        if adapter is None or segmentation is None or index is None or not index.isValid():
+        if adapter is not None and segmentation is not None:
+            self._jumpToRow(self.ui.lesionTableView, index, adapter.nodes.outputs_of(segmentation)[2], adapter.navigation.lesion_index)
+
+    def onRejectedClicked(self, index) -> None:
+        """Centre the slice views on the rejected candidate of the clicked table row."""
+        adapter = _adapter()
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if adapter is not None and segmentation is not None:
+            self._jumpToRow(self.ui.rejectedTableView, index, adapter.nodes.rejected_of(segmentation)[0], adapter.navigation.rejected_index)
+
+    @staticmethod
+    def _jumpToRow(view, index, markups, findPoint) -> None:
+        """`findPoint(markups, id)`: the point of the id in column 0 of the row as displayed (the
+        view may be sorted)."""
+        if markups is None or index is None or not index.isValid():
             return
-        markups = adapter.nodes.outputs_of(segmentation)[2]
-        # The view may be sorted: read the lesion id (column 0) of the row as displayed.
-        model = self.ui.lesionTableView.model()
+        model = view.model()
         try:
-            lesionId = int(float(model.data(model.index(index.row(), 0))))
+            rowId = int(float(model.data(model.index(index.row(), 0))))
         except (TypeError, ValueError):
             return
-        pointIndex = adapter.navigation.lesion_index(markups, lesionId) if markups else None
+        pointIndex = findPoint(markups, rowId)
         if pointIndex is None:
             return
-        position = adapter.navigation.lesion_position_world(markups, pointIndex)
+        position = _adapter().navigation.lesion_position_world(markups, pointIndex)
         slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
 

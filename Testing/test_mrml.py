@@ -578,3 +578,74 @@ def test_manual_edits_since_the_module_wrote_the_segments_are_noticed(mrml, tmp_
     reloaded = load_segmentation_file(tmp_path / "saved.seg.nrrd", mrml.scene)
     reloaded.SetAttribute(WRITTEN_ATTRIBUTE, seg.GetAttribute(WRITTEN_ATTRIBUTE))  # as a saved scene keeps it
     assert not edited_since_written(reloaded)
+
+
+def test_points_are_small_hollow_glyphs_that_leave_the_dots_visible(mrml):
+    """Slicer's default glyph (a filled 3D sphere, scale 3, projected into other slices) covers a
+    2-5 mm bleed. Lesions and rejected candidates are drawn as small hollow 2D outlines of two
+    shapes, in their own slice only."""
+    node = swi_node(mrml)
+    seg, _, markups = write_result(make_result(node), node)
+    rejected = show_rejected(seg, node, [])
+    default = slicer.vtkMRMLMarkupsFiducialDisplayNode()
+    shapes = set()
+    for points in (markups, rejected):
+        display = points.GetDisplayNode()
+        shapes.add(display.GetGlyphTypeAsString())
+        assert display.GetGlyphTypeAsString() in ("Circle2D", "Square2D", "Diamond2D")
+        assert display.GetUseGlyphScale() and display.GetGlyphScale() < default.GetGlyphScale()
+        assert not display.GetSliceProjection() and not display.GetFillVisibility()
+    assert len(shapes) == 2  # told apart by shape, not by colour alone
+
+
+def make_rejected(n: int, reason: str = "vein") -> list:
+    return [Candidate(id=i + 1, n_voxels=10, volume_mm3=14.0, diameter_mm=3.0 + i, size_class="small",
+                      centroid_ijk=(3.5 + 2 * i, 7.25, 2.0), centroid_lps=(0.0, 0.0, 0.0), centroid_ras=(0.0, 0.0, 0.0),
+                      mean_probability=0.5, max_probability=0.6, p_microbleed=0.1 * i, reason=reason,
+                      class_probabilities={"microbleed": 0.1 * i, reason: 0.9 - 0.1 * i})
+            for i in range(n)]  # fmt: skip
+
+
+def test_rejected_candidates_get_a_table_with_their_reasons_and_a_jump_to_each(mrml):
+    """Above a few rejections labels would cover the views: every reason is readable in a table
+    (the command line's rejected-CSV columns), linked from the segmentation, and a row finds
+    its point."""
+    from CMBDetectLib.detection.records import REJECTED_COLUMNS, rejected_row
+    from CMBDetectLib.mrml.navigation import rejected_index
+    from CMBDetectLib.mrml.nodes import REJECTED_TABLE_ROLE
+
+    node = swi_node(mrml)
+    seg, _, _ = write_result(make_result(node), node)
+    rejected = make_rejected(MAX_REJECTED_LABELS + 5)
+    points = show_rejected(seg, node, rejected)
+    table = seg.GetNodeReference(REJECTED_TABLE_ROLE)
+    assert table is not None and table.IsA("vtkMRMLTableNode") and is_own_output(table) and table.GetLocked()
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == REJECTED_COLUMNS
+    assert (table.GetColumnTitle("id"), table.GetColumnTitle("reason")) == ("Candidate", "Reason")
+    assert table.GetNumberOfRows() == len(rejected)
+    for r, candidate in enumerate(rejected):
+        row = rejected_row(candidate)
+        assert table.GetCellText(r, REJECTED_COLUMNS.index("reason")) == "vein"
+        assert float(table.GetCellText(r, REJECTED_COLUMNS.index("p_microbleed"))) == pytest.approx(row["p_microbleed"])
+        index = rejected_index(points, candidate.id)
+        np.testing.assert_allclose(points.GetNthControlPointPosition(index), (ijk_to_ras_of(node) @ [*candidate.centroid_ijk, 1.0])[:3], atol=1e-6)
+    assert rejected_index(points, len(rejected) + 1) is None
+    assert show_rejected(seg, node, []) is points and table.GetNumberOfRows() == 0  # emptied with the points
+    single_stage = make_result(node)
+    write_result(single_stage, node, seg)
+    assert seg.GetNodeReference(REJECTED_TABLE_ROLE) is table and table.GetNumberOfRows() == 0
+
+
+def test_the_rejected_candidates_can_be_hidden_and_stay_hidden_through_a_rethreshold(mrml):
+    from CMBDetectLib.mrml.display import set_rejected_visibility
+
+    node = swi_node(mrml)
+    seg, _, _ = write_result(make_result(node), node)
+    assert set_rejected_visibility(seg, False) is None  # nothing to hide yet
+    points = show_rejected(seg, node, make_rejected(3))
+    assert points.GetDisplayNode().GetVisibility()
+    assert set_rejected_visibility(seg, False) is points and not points.GetDisplayNode().GetVisibility()
+    show_rejected(seg, node, make_rejected(2))  # refilled by a re-threshold: the reader's choice stays
+    assert not points.GetDisplayNode().GetVisibility()
+    set_rejected_visibility(seg, True)
+    assert points.GetDisplayNode().GetVisibility()
