@@ -19,7 +19,8 @@ from CMBDetectLib.detection.candidates import (
     run_candidate_stage,
     sample_patches,
 )
-from CMBDetectLib.detection.classifier import CLASSES, ClassifierConfig
+from CMBDetectLib.detection.classifier import ClassifierConfig
+from CMBDetectLib.detection.records import CLASSES
 from CMBDetectLib.detection.outputs import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
 from CMBDetectLib.io import Geometry, read_volume, write_volume
 from CMBDetectLib.training.candidates import candidate_classes, collect

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .records import CALCIFICATION, CLASSES, MICROBLEED  # noqa: F401 - the class order is the records' (torch-free)
+from .records import CLASSES  # the class order (torch-free: Slicer's process shows verdicts)
 
 
 @dataclass(frozen=True)
