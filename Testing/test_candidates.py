@@ -19,8 +19,9 @@ from CMBDetectLib.detection.candidates import (
     run_candidate_stage,
     sample_patches,
 )
-from CMBDetectLib.detection.classifier import CLASSES, ClassifierConfig
-from CMBDetectLib.detection.outputs import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
+from CMBDetectLib.detection.classifier import ClassifierConfig
+from CMBDetectLib.detection.records import CLASSES
+from CMBDetectLib.detection.records import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
 from CMBDetectLib.io import Geometry, read_volume, write_volume
 from CMBDetectLib.training.candidates import candidate_classes, collect
 from handmade import constant_classifier, oblique_geometry, phantom, save_dark_spot_model
@@ -278,6 +279,25 @@ def test_phase_in_scanner_units_is_refused_naming_the_case(tmp_path, dark_spot_m
     assert not (tmp_path / "out" / "obl_summary.json").exists()  # nothing partial
     error = list(csv.DictReader(open(tmp_path / "out" / "cmbdetect_batch.csv")))[0]["error"]
     assert "obl" in error and "radians" in error and "4096" in error
+
+
+def test_phase_in_scanner_units_is_refused_before_the_network_runs(tmp_path, dark_spot_model):
+    """detect_volume (which the command line, the cohort workers and the Slicer worker all call)
+    checks the phase first: the error comes back before the first progress message, so the
+    U-Net never ran on a case the candidate stage would refuse."""
+    from CMBDetectLib.detection.pipeline import DetectionParams, detect_volume
+    from CMBDetectLib.errors import CaseError
+    from CMBDetectLib.io import Volume
+
+    array, geometry, _ = phantom(shape=(6, 80, 90))
+    phase = np.random.default_rng(0).uniform(-4096, 4096, array.shape).astype(np.float32)
+    clf = constant_classifier(tmp_path / "c.safetensors", keep_at=0.5)
+    params = DetectionParams(model=dark_spot_model, candidate_model=str(clf), device="cpu")
+    messages: list[str] = []
+    with pytest.raises(CaseError, match=r"radians") as caught:
+        detect_volume(Volume(array, geometry), params, progress=lambda f, m: messages.append(m), case="obl", phase=phase)
+    assert caught.value.case == "obl" and "4096" in str(caught.value)
+    assert messages == [], f"the pipeline ran before refusing the phase: {messages[:3]}"
 
 
 def test_classifier_registry_entry_is_checked(tmp_path):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from CMBDetectLib.io import write_volume
-from CMBDetectLib.detection.outputs import output_paths
+from CMBDetectLib.detection.records import output_paths
 from handmade import phantom, save_dark_spot_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "CMBDetect" / "Scripts" / "cmbdetect_slicer_batch.py"

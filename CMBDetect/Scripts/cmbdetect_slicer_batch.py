@@ -50,10 +50,12 @@ REQUIRED = {
     "tqdm": "tqdm",
     "nibabel": "nibabel",
 }
-# In requirements.txt, but detection works without them (torch eager runs the network instead).
+# In requirements.txt, but this script works without them: torch eager runs the network
+# instead of onnxruntime; psutil serves the module's Cancel, which a batch run has not.
 OPTIONAL = {
     "onnxruntime": "onnxruntime",
     "onnx": "onnx",
+    "psutil": "psutil",
 }
 
 

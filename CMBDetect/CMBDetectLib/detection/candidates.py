@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,11 @@ from scipy import ndimage
 
 from ..io import Geometry, sha256_of
 from ..models import CardIdentity, read_weights, resolve, verified_sha256
-from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
+from .classifier import CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
+from .phase import check_phase
 from .preprocess import white_matter_peak
+from .records import CALCIFICATION, CLASSES, MICROBLEED, Candidate
 
 CANDIDATE_THRESHOLD = 0.15  # the U-Net threshold for candidates (the paper's 0.4 is stage 1 alone)
 CANDIDATE_MIN_MM = 2.0
@@ -43,28 +45,6 @@ CANDIDATE_MAX_MM = 10.0
 KEEP_AT = 0.5
 DEFINITE_AT = 0.8
 PHASE_SCALE_RAD = 1.0  # phase enters the network in radians, clipped to +-pi
-# Beyond this the image is not phase in radians (scanner units such as +-4096, or unfiltered
-# unwrapped phase): refused rather than clipped into nonsense.
-PHASE_LIMIT_RAD = 2.0 * np.pi
-CERTAINTIES = ("definite", "possible")
-
-
-@dataclass
-class Candidate(Lesion):
-    """A candidate after stage 2: a Lesion plus the classifier's verdict."""
-
-    p_microbleed: float = 0.0
-    certainty: str = ""  # kept: "definite" | "possible"; rejected: ""
-    reason: str = ""  # rejected: the most likely mimic (CLASSES[1:]); kept: ""
-    class_probabilities: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def kept(self) -> bool:
-        return not self.reason
-
-    @property
-    def name(self) -> str:
-        return f"CMB {self.id}" if self.kept else f"Rejected {self.id}"
 
 
 @dataclass
@@ -158,21 +138,6 @@ def scaled_magnitude(image: np.ndarray) -> np.ndarray:
     """SWI magnitude divided by its white-matter peak: scanner units cancel, WM is about 1."""
     peak = white_matter_peak(image)
     return (np.asarray(image, np.float32) / np.float32(peak if peak > 0 else 1.0)).astype(np.float32, copy=False)
-
-
-def check_phase(phase: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
-    if phase is None:
-        return
-    if phase.shape != tuple(image_shape):
-        raise ValueError(f"phase image has shape {phase.shape} but the SWI image {tuple(image_shape)}; it must lie on the same grid")
-    if not np.isfinite(phase).all():
-        raise ValueError("phase image contains NaN or infinite values")
-    peak = float(np.abs(phase).max(initial=0.0))
-    if peak > PHASE_LIMIT_RAD:
-        raise ValueError(
-            f"phase image values reach {peak:.4g}: the candidate stage expects high-pass filtered phase in radians "
-            "(within -pi..pi); rescale it first (scanner units of -4096..4096 are value x pi/4096)"
-        )
 
 
 # ---------------------------------------------------------------------------- classifier

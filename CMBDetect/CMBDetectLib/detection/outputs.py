@@ -5,9 +5,9 @@ Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<cas
 `<case>_lesions.csv`, on request `<case>_preview.png` (preview.py), and `<case>_summary.json`.
 With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
 down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
-P(microbleed). Everything is written into a
-hidden folder first, flushed to the disk, and moved into place only when every file exists,
-the summary last, so a failed case (a full disk included) leaves nothing behind.
+P(microbleed). The columns, rows and tags are records.py's (torch-free, for Slicer's process).
+Everything is written into a hidden folder first, flushed to the disk, and moved into place only
+when every file exists, the summary last, so a failed case (a full disk included) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -25,69 +25,9 @@ import numpy as np
 
 from ..errors import BatchError, CaseError
 from ..io import Geometry, atomic_path, fsync_file, write_volume
-from .candidates import Candidate
-from .classifier import CLASSES
 from .lesions import CLASS_COLORS, Lesion
 from .preview import write_preview
-
-# Slicer's DICOM-based terminology has no microbleed code; haemorrhage in the brain is the nearest.
-TERMINOLOGY_ENTRY = (
-    "Segmentation category and type - DICOM master list"
-    "~SCT^49755003^Morphologically Altered Structure"
-    "~SCT^50960005^Hemorrhage"
-    "~^^"
-    "~Anatomic codes - DICOM master list"
-    "~SCT^12738006^Brain"
-    "~^^"
-)
-
-LESION_COLUMNS = [
-    "id", "size_class", "diameter_mm", "volume_mm3", "n_voxels",
-    "centroid_i", "centroid_j", "centroid_k",
-    "centroid_r", "centroid_a", "centroid_s",
-    "centroid_l", "centroid_p", "centroid_s_lps",
-    "mean_probability", "max_probability",
-    # Stage 2 (candidates.py); empty in the single-stage pipeline.
-    "p_microbleed", "certainty",
-]  # fmt: skip
-
-# `<case>_rejected.csv`: the candidates stage 2 turned down, with the reason (the most likely mimic).
-REJECTED_COLUMNS = [
-    "id", "reason", "p_microbleed", *(f"p_{c}" for c in CLASSES[1:]),
-    "diameter_mm", "volume_mm3", "n_voxels",
-    "centroid_i", "centroid_j", "centroid_k",
-    "centroid_r", "centroid_a", "centroid_s",
-    "centroid_l", "centroid_p", "centroid_s_lps",
-    "mean_probability", "max_probability",
-]  # fmt: skip
-
-
-# Every file a case can have, in the order they are moved into place: the one list of a case's
-# outputs, which writing, resuming and clearing a case all read (a file missing here could not be
-# written, so none can be forgotten when a case is cleared). The summary comes last: its presence
-# means the case is complete.
-OUTPUT_FILES = {
-    "segmentation": "{case}.seg.nrrd",
-    "labels": "{case}_lesions.nii.gz",
-    "probability": "{case}_prob.nii.gz",
-    "lesions_csv": "{case}_lesions.csv",
-    "rejected_csv": "{case}_rejected.csv",  # with the candidate stage only
-    "preview": "{case}_preview.png",  # on request only
-    "summary": "{case}_summary.json",
-}
-OPTIONAL_FILES = ("rejected_csv", "preview")
-
-
-def every_output_path(out_dir: Path, case: str) -> dict[str, Path]:
-    """Every file `case` may have in `out_dir`, whichever options wrote it (what a redo clears)."""
-    return {key: Path(out_dir) / name.format(case=case) for key, name in OUTPUT_FILES.items()}
-
-
-def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool = False) -> dict[str, Path]:
-    """The files one run writes for `case`: the fixed ones, plus the preview and the rejected
-    candidates' CSV when asked for."""
-    wanted = {"rejected_csv": rejected, "preview": preview}
-    return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
+from .records import LESION_COLUMNS, REJECTED_COLUMNS, Candidate, lesion_row, output_paths, rejected_row, segment_tags
 
 
 def prepare_output_folder(out_dir: Path) -> None:
@@ -107,33 +47,6 @@ def prepare_output_folder(out_dir: Path) -> None:
         raise BatchError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
 
 
-def lesion_row(lesion: Lesion) -> dict[str, object]:
-    i, j, k = lesion.centroid_ijk
-    r, a, s = lesion.centroid_ras
-    l_, p, s2 = lesion.centroid_lps
-    values = [
-        lesion.id, lesion.size_class, lesion.diameter_mm, lesion.volume_mm3, lesion.n_voxels,
-        i, j, k, r, a, s, l_, p, s2, lesion.mean_probability, lesion.max_probability,
-        getattr(lesion, "p_microbleed", ""), getattr(lesion, "certainty", ""),
-    ]  # fmt: skip
-    if not isinstance(lesion, Candidate):
-        values[-2:] = ["", ""]
-    return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(LESION_COLUMNS, values)}
-
-
-def rejected_row(candidate: Candidate) -> dict[str, object]:
-    i, j, k = candidate.centroid_ijk
-    r, a, s = candidate.centroid_ras
-    l_, p, s2 = candidate.centroid_lps
-    values = [
-        candidate.id, candidate.reason, candidate.p_microbleed,
-        *(candidate.class_probabilities.get(c, 0.0) for c in CLASSES[1:]),
-        candidate.diameter_mm, candidate.volume_mm3, candidate.n_voxels,
-        i, j, k, r, a, s, l_, p, s2, candidate.mean_probability, candidate.max_probability,
-    ]  # fmt: skip
-    return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(REJECTED_COLUMNS, values)}
-
-
 def write_rejected_csv(path: Path, rejected: list[Candidate]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=REJECTED_COLUMNS)
@@ -146,21 +59,6 @@ def write_lesion_csv(path: Path, lesions: list[Lesion]) -> None:
         writer = csv.DictWriter(f, fieldnames=LESION_COLUMNS)
         writer.writeheader()
         writer.writerows(lesion_row(l) for l in lesions)
-
-
-def segment_tags(lesion: Lesion) -> str:
-    tags = {
-        "TerminologyEntry": TERMINOLOGY_ENTRY,
-        "CMBDetect.SizeClass": lesion.size_class,
-        "CMBDetect.DiameterMm": f"{lesion.diameter_mm:.2f}",
-        "CMBDetect.VolumeMm3": f"{lesion.volume_mm3:.2f}",
-        "CMBDetect.MeanProbability": f"{lesion.mean_probability:.3f}",
-        "CMBDetect.MaxProbability": f"{lesion.max_probability:.3f}",
-    }
-    if isinstance(lesion, Candidate):
-        tags["CMBDetect.PMicrobleed"] = f"{lesion.p_microbleed:.3f}"
-        tags["CMBDetect.Certainty"] = lesion.certainty
-    return "".join(f"{k}:{v}|" for k, v in tags.items())
 
 
 def write_segmentation_nrrd(path: Path, labels: np.ndarray, lesions: list[Lesion], geometry: Geometry) -> None:

@@ -22,6 +22,7 @@ from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
 from ..models import LoadedModel, load_model, resolve
 from .candidates import LoadedClassifier, load_candidate_classifier, run_candidate_stage
+from .phase import check_phase
 from .preprocess import preprocess, restore
 
 __all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_engine", "get_model"]
@@ -71,7 +72,10 @@ class DetectionResult:
             "model_version": self.model_version,
             "model_trained": self.model_trained,
             "engine": self.engine,
-            "threshold": self.params.threshold,
+            # What cut the lesions: the network's probability (the paper's pipeline), or, with the
+            # candidate stage, P(microbleed) at the stage's own cut (params.threshold is unused).
+            "threshold": self.params.threshold if self.candidate_stage is None else self.candidate_stage["keep_at"],
+            "threshold_of": "probability" if self.candidate_stage is None else "p_microbleed",
             "size_range_mm": [self.params.min_diameter_mm, self.params.max_diameter_mm],
             "cmbdetect_version": __version__,
             "stages": 1 if self.candidate_stage is None else 2,
@@ -151,6 +155,11 @@ def detect_volume(
     candidates that stage 2 keeps or rejects; `phase` (k, j, i, on the volume's grid, radians)
     is optional and used by stage 2 only. The probability map is then P(microbleed)."""
     params = params or DetectionParams()
+    try:
+        # First: a phase the candidate stage would refuse must not cost a whole U-Net run.
+        check_phase(phase, volume.array.shape)
+    except ValueError as exc:
+        raise CaseError(case, str(exc)) from None
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
     timings: dict[str, float] = {}
