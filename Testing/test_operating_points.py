@@ -219,3 +219,28 @@ def test_weak_phase_evidence_falls_back_to_the_no_phase_rule(tmp_path):
     # A constant classifier gives no evidence: the phase is ignored and calcification counts as microbleed.
     assert stage.phase_sign.used == "ignored" and not stage.phase_used
     assert len(stage.lesions) == stage.n_candidates
+
+
+# ------------------------------------------------------------------ scoring both points from one run
+
+
+def test_keep_p_drops_the_lesions_below_the_point():
+    from CMBDetectLib.evaluation.evaluate import keep_probable
+
+    prediction = np.zeros((5, 20, 20), np.uint16)
+    prediction[1:3, 2:5, 2:5] = 1
+    prediction[1:3, 10:13, 10:13] = 2
+    probability = np.where(prediction == 1, 0.95, np.where(prediction == 2, 0.6, 0.01)).astype(np.float32)
+    kept = keep_probable(prediction, probability, 0.9)
+    assert set(np.unique(kept)) == {0, 1} and (kept == 1).sum() == (prediction == 1).sum()
+    assert (keep_probable(prediction, probability, 0.5) == prediction).all()
+
+
+def test_count_icc_is_one_for_agreement_and_lower_for_a_bias():
+    from CMBDetectLib.evaluation.evaluate import count_icc
+
+    truth = [0, 1, 3, 5, 8, 2, 0, 4]
+    assert count_icc(truth, truth) == pytest.approx(1.0)
+    biased = count_icc(truth, [t + 5 for t in truth])
+    assert biased < 0.6  # absolute agreement: a constant excess of 5 per scan is disagreement
+    assert count_icc(truth, [t + 1 for t in truth]) > biased
