@@ -243,7 +243,8 @@ def test_without_phase_a_calcification_like_candidate_is_kept_as_possible(tmp_pa
     calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
     common = ["--model", dark_spot_model, "--candidate-model", str(calc), "-q"]
     assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "no-phase"), *common]) == 0
-    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "phase"), "--phase", str(tmp_path / "phase"), *common]) == 0
+    # --phase-sign keep: a constant classifier gives auto no evidence for either sign.
+    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "phase"), "--phase", str(tmp_path / "phase"), "--phase-sign", "keep", *common]) == 0
     p_calc = float(np.exp(3.0) / (np.exp(3.0) + 5))
     kept = list(csv.DictReader(open(tmp_path / "no-phase" / "obl_lesions.csv")))
     assert len(kept) == 2
@@ -410,7 +411,8 @@ def test_with_phase_a_diamagnetic_calcification_is_rejected_as_calcification(shi
 
     stack, info = preprocess(array, "phantom")
     probability = restore(predict_stack(dark_spot_network(), stack, torch.device("cpu")), info)
-    stage = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=phase)
+    # keep: the phase is in the engine's sign, and two candidates are too few for auto to decide.
+    stage = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=phase, phase_sign="keep")
     calc = _nearest(stage.lesions + stage.rejected, calc_kji[::-1], geometry)
     bleed = _nearest(stage.lesions + stage.rejected, bleed_kji[::-1], geometry)
     assert not calc.kept and calc.reason == "calcification", f"calcification: kept={calc.kept}, reason {calc.reason!r}, P {calc.p_microbleed:.2f}"

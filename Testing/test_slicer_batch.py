@@ -85,6 +85,14 @@ def test_usage_errors_exit_with_2(tmp_path, capsys):
     assert "required" in capsys.readouterr().err
 
 
+def test_operating_point_reaches_detect_and_is_refused_with_single_stage(tmp_path, capsys):
+    array, geometry, _ = phantom(shape=(6, 80, 90), spheres_mm=[((3, 40, 45), 4.0)])
+    write_volume(array, geometry, tmp_path / "in.nii.gz")
+    argv = ["--input", str(tmp_path / "in.nii.gz"), "--output", str(tmp_path / "out"), "--single-stage", "--operating-point", "count", "--quiet"]
+    assert load_script().main(argv) == 2
+    assert "--operating-point" in capsys.readouterr().err
+
+
 def test_help_works_without_torch_and_after_slicers_double_dash(tmp_path):
     for args in (["--help"], ["--", "--help"]):  # PythonSlicer, and `Slicer --python-script s.py -- --help`
         done = run_script(*args, cwd=tmp_path, block=("torch", "nibabel", "matplotlib"))
