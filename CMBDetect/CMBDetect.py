@@ -29,7 +29,7 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Default, FloatRange, RangeBounds, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Default, FloatRange, RangeBounds, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -100,6 +100,8 @@ class CMBDetectParameterNode:
         pipeline, 0.4) or, with the candidate stage, P(microbleed) per candidate (a run sets it
         to the stage's own cut, as the command line decides).
     sizeRange - kept lesion sizes, equivalent diameter in mm (2-10 in the paper).
+    operatingPoint - stage 2's operating point on calibrated P(microbleed), from the classifier's
+        card: count (precision first, the default) or review (sensitivity first, for triage).
     useGpu - run the network on CUDA (CPU otherwise).
     outputSegmentation - where lesions go; created on Apply when empty.
     showRejected - show the candidates stage 2 rejected in the views.
@@ -109,6 +111,7 @@ class CMBDetectParameterNode:
     phaseVolume: vtkMRMLScalarVolumeNode
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.4
     sizeRange: Annotated[FloatRange, RangeBounds(0.0, 20.0), Default(FloatRange(2.0, 10.0))]
+    operatingPoint: Annotated[str, Choice(["count", "review"])] = "count"
     useGpu: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     showRejected: bool = True
@@ -280,6 +283,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 maxDiameterMm=p.sizeRange.maximum,
                 useGpu=p.useGpu,
                 phaseVolume=p.phaseVolume,
+                operatingPoint=p.operatingPoint,
             )
         except Exception as exc:  # noqa: BLE001
             slicer.app.restoreOverrideCursor()
@@ -592,9 +596,11 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         useGpu: bool = False,
         model: Optional[str] = None,
         phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
+        operatingPoint: Optional[str] = None,
     ):
         """Start detecting in a child process; returns the running CMBDetectLib.mrml.job.DetectionJob.
-        phaseVolume (optional, on inputVolume's grid) goes to the candidate stage."""
+        phaseVolume (optional, on inputVolume's grid) goes to the candidate stage; operatingPoint
+        ("count" or "review"; None: the classifier card's default) decides what it keeps."""
         if not inputVolume:
             raise ValueError(_("Input volume is invalid"))
         from CMBDetectLib.mrml.job import DetectionJob
@@ -613,6 +619,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             device="cuda" if useGpu else "cpu",
             model=model,
             phase_volume_node=phaseVolume,
+            operating_point=operatingPoint,
         )
         logging.info(f"CMBDetect: detecting in {inputVolume.GetName()} on {'cuda' if useGpu else 'cpu'}")
         try:
@@ -640,6 +647,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         reuseForeign: bool = False,
         progressCallback: Optional[Callable[[float, str], None]] = None,
         phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
+        operatingPoint: Optional[str] = None,
     ):
         """Detect microbleeds in inputVolume and wait for the result; for scripts and tests.
 
@@ -648,7 +656,9 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         segmentation, table, markups); the lesion map's summary() says which model ran and
         whether it is trained.
         """
-        job = self.startDetection(inputVolume, threshold, minDiameterMm, maxDiameterMm, useGpu, phaseVolume=phaseVolume)
+        job = self.startDetection(
+            inputVolume, threshold, minDiameterMm, maxDiameterMm, useGpu, phaseVolume=phaseVolume, operatingPoint=operatingPoint
+        )
         try:
             while not job.run.finished:
                 job.poll()

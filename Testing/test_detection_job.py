@@ -377,3 +377,32 @@ def test_a_job_in_a_temporary_folder_leaves_nothing_behind(mrml, tmp_path, model
     assert [p.parent for p in temporary.iterdir()] == [temporary] and job.work_dir.parent == temporary
     job.cleanup()
     assert list(temporary.iterdir()) == []
+
+
+def test_the_operating_point_chosen_in_slicer_reaches_the_candidate_stage(mrml, tmp_path):
+    """The module's Operating point combo (parameter node `operatingPoint`) goes to the worker:
+    a classifier whose card keeps P >= 0.5 for review and 0.9 for count keeps its 0.84
+    candidates at review only, and the segmentation's summary names the point."""
+    import json
+
+    from CMBDetectLib.mrml.job import DetectionJob
+
+    calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
+    card = json.loads(calc.with_suffix(".json").read_text())
+    identity = {"x": [0.0, 1.0], "y": [0.0, 1.0]}
+    card["calibration"] = {"no_phase": identity, "phase": identity}
+    card["operating_points"] = {"default": "count", "review": {"no_phase": 0.5, "phase": 0.5}, "count": {"no_phase": 0.9, "phase": 0.9}}
+    calc.with_suffix(".json").write_text(json.dumps(card))
+    two_stage = str(save_dark_spot_model(tmp_path / "two-stage.safetensors", candidate_classifier=calc))
+    node, _ = phantom_node((6, 120, 140), spheres_mm=[((3, 60, 40), 4.0), ((3, 60, 100), 7.0)])
+    found = {}
+    for point in ("review", "count"):
+        job = DetectionJob(node, tmp_path / point, model=two_stage, operating_point=point)
+        job.start()
+        assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
+        result, seg, _, _ = job.finish()
+        job.cleanup()
+        stage = summary_of(seg)["candidate_stage"]
+        assert (stage["operating_point"], stage["keep_at"]) == (point, 0.5 if point == "review" else 0.9)
+        found[point] = len(result.lesions)
+    assert found == {"review": 2, "count": 0}

@@ -63,6 +63,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/cohort/benchmark.py",
         "CMBDetectLib/commands/cohort_benchmark.py",
         "CMBDetectLib/commands/benchmark.py",
+        "CMBDetectLib/commands/calibrate.py",
         "CMBDetectLib/commands/evaluate.py",
         "CMBDetectLib/commands/review.py",
         "CMBDetectLib/commands/synth.py",
@@ -264,7 +265,7 @@ def test_ui_names_agree_with_the_module_code():
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CMBDetectParameterNode")
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
     fields = {n.target.id: ast.unparse(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign)}
-    expected_type = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool", "ctkRangeWidget": "FloatRange"}
+    expected_type = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool", "ctkRangeWidget": "FloatRange", "QComboBox": "str"}
     for widget, parameter in bound.items():
         assert parameter in fields, f"{widget} is bound to {parameter}, which the parameter node lacks"
         assert expected_type[widgets[widget]] in fields[parameter], f"{widget} ({widgets[widget]}) cannot show {fields[parameter]}"

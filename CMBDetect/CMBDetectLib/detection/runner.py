@@ -69,6 +69,8 @@ def worker_arguments(
     batch_size: int | None = None,
     phase_path: str | os.PathLike | None = None,
     for_slicer: bool = False,
+    operating_point: str | None = None,
+    phase_sign: str = "auto",
 ) -> list[str]:
     args = ["--input", str(input_path), "--out", str(out_dir), "--case", case, "--threshold", repr(float(threshold)),
             "--min-size", repr(float(min_diameter_mm)), "--max-size", repr(float(max_diameter_mm)), "--device", device]  # fmt: skip
@@ -80,6 +82,10 @@ def worker_arguments(
         args += ["--phase", str(phase_path)]
     if for_slicer:
         args.append("--for-slicer")
+    if operating_point:
+        args += ["--operating-point", operating_point]
+    if phase_sign != "auto":
+        args += ["--phase-sign", phase_sign]
     return args
 
 

@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--phase", type=Path, default=None, help="high-pass phase (radians) on the input's grid, for the candidate stage")
+    p.add_argument("--operating-point", choices=["review", "count"], default=None, help="stage 2's operating point (default: the classifier card's)")
+    p.add_argument("--phase-sign", choices=["auto", "keep", "flip"], default="auto")
     p.add_argument("--for-slicer", action="store_true",
                    help="write only what the Slicer module reads (probability.nrrd, result.json), not the command line's file set")  # fmt: skip
     return p.parse_args(argv)
@@ -77,7 +79,10 @@ def run(args: argparse.Namespace) -> None:
     from .pipeline import DetectionParams, detect_volume, get_model
     from .records import candidate_record
 
-    params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
+    params = DetectionParams(
+        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
+        operating_point=args.operating_point, phase_sign=args.phase_sign,
+    )  # fmt: skip
     get_model(params.model, select_device(params.device))  # cached: detect_volume reuses it
 
     _stage("preprocessing")

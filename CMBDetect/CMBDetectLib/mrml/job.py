@@ -71,6 +71,8 @@ class DetectionJob:
         batch_size: int | None = None,
         phase_volume_node: Any = None,
         temp_dir: str | Path | None = None,
+        operating_point: str | None = None,
+        phase_sign: str = "auto",
     ) -> None:
         from ..detection.runner import WorkerRun, worker_arguments
 
@@ -108,7 +110,7 @@ class DetectionJob:
             write_volume(phase.array, phase.geometry, phase_path, compress=False)
         arguments = worker_arguments(
             input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size,
-            phase_path, for_slicer=True,
+            phase_path, for_slicer=True, operating_point=operating_point, phase_sign=phase_sign,
         )
         self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
 
