@@ -186,7 +186,8 @@ def test_a_phase_volume_reaches_the_candidate_stage_and_rejections_are_shown(mrm
     phase = slicer.util.addVolumeFromArray(np.zeros((6, 120, 140), np.float32), geometry.ijk_to_ras(), "phase")
 
     def run(name, phase_node, segmentation=None):
-        job = DetectionJob(node, tmp_path / name, model=two_stage, phase_volume_node=phase_node)
+        # phase_sign keep: a constant classifier gives `auto` no evidence for either sign.
+        job = DetectionJob(node, tmp_path / name, model=two_stage, phase_volume_node=phase_node, phase_sign="keep")
         job.start()
         assert job.wait(STAGE_TIMEOUT_S) == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
         try:

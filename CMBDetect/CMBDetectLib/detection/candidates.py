@@ -148,6 +148,7 @@ class StageResult:
     seconds: float
     n_candidates: int
     keep_at: float = KEEP_AT  # the calibrated P(microbleed) a candidate needed to be kept
+    p_map_floor: float = CANDIDATE_THRESHOLD  # below this the probability map is not P(microbleed)
     candidate_threshold: float = CANDIDATE_THRESHOLD
     operating_point: str | None = None
     calibrated: bool = False
@@ -374,8 +375,10 @@ def run_candidate_stage(
             mimic = CLASSES[1 + int(np.argmax(p[1:]))]
             rejected.append(Candidate(**fields, p_microbleed=p_mb, reason=mimic, class_probabilities=verdict))
             rejected_ids.append(cand.id)
-    cap = min(settings.candidate_threshold, keep_at) if keep_at > 0 else settings.candidate_threshold
-    p_map = microbleed_probability_map(probability, cand_labels, p_final, cap)
+    # Outside the candidates the map holds the U-Net's probability kept below this floor, so that
+    # a cut at or above it (the live threshold in Slicer) sees candidates only.
+    floor = min(settings.candidate_threshold, keep_at) if keep_at > 0 else settings.candidate_threshold
+    p_map = microbleed_probability_map(probability, cand_labels, p_final, floor)
     return StageResult(
         labels=_renumber(cand_labels, kept_ids),
         lesions=kept,
@@ -385,6 +388,7 @@ def run_candidate_stage(
         seconds=time.perf_counter() - start,
         n_candidates=len(cands),
         keep_at=keep_at,
+        p_map_floor=floor,
         candidate_threshold=settings.candidate_threshold,
         operating_point=operating_point or classifier.default_operating_point,
         calibrated=calibration is not None,

@@ -226,6 +226,7 @@ def detect_volume(
             **classifier.settings.as_dict(),
             "candidate_threshold": stage.candidate_threshold,
             "keep_at": round(stage.keep_at, 6),
+            "p_map_floor": round(stage.p_map_floor, 6),
             "operating_point": stage.operating_point,
             "calibrated": stage.calibrated,
             "phase_given": phase is not None,

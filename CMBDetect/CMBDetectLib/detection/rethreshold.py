@@ -93,11 +93,13 @@ def lesions_from_probability(
         labels, lesions = extract_lesions(probability, geometry, threshold, min_diameter_mm, max_diameter_mm)
         return LesionMap(probability, labels, lesions, geometry, threshold, min_diameter_mm, max_diameter_mm, run)
     stage = run.get("candidate_stage") or {}
-    floor = float(stage.get("candidate_threshold", 0.0))
+    # Below this the map holds the U-Net's capped probability, not P(microbleed): the candidate
+    # threshold, or a lower operating point's cut (runs before p_map_floor: the candidate threshold).
+    floor = float(stage.get("p_map_floor", stage.get("candidate_threshold", 0.0)))
     if threshold < floor:
         raise ValueError(
-            f"with the candidate stage the threshold cuts P(microbleed) over the candidates found at {floor:g}; "
-            f"{threshold:g} lies below that, where the map is not P(microbleed)"
+            f"with the candidate stage the threshold cuts P(microbleed) over the candidates found at "
+            f"{float(stage.get('candidate_threshold', 0.0)):g}; {threshold:g} lies below {floor:g}, where the map is not P(microbleed)"
         )
     labels, found = extract_lesions(probability, geometry, threshold, min_diameter_mm, max_diameter_mm)
     kept = [_with_verdict(lesion, _record_of(lesion, candidates), stage) for lesion in found]
