@@ -62,6 +62,26 @@ def save_dark_spot_model(path: Path, base_channels: int = 4, candidate_classifie
     return path
 
 
+def dark_spot_probability(array: np.ndarray) -> np.ndarray:
+    """Stage 1 by the hand-wired dark-spot network: every dark voxel is a candidate, so what a
+    test checks rests on the candidate classifier alone."""
+    from CMBDetectLib.detection.inference import predict_stack
+    from CMBDetectLib.detection.preprocess import preprocess, restore
+
+    stack, info = preprocess(array, "phantom")
+    return restore(predict_stack(dark_spot_network(), stack, torch.device("cpu")), info)
+
+
+def shipped_classifier():
+    """The candidate classifier the registry's default detector names."""
+    from CMBDetectLib import models
+    from CMBDetectLib.detection.candidates import load_candidate_classifier
+
+    registry = models.read_registry()
+    detector = next(e for e in registry["models"] if e["id"] == registry["default"])
+    return load_candidate_classifier(detector["candidate_classifier"])
+
+
 def constant_classifier(path: Path, keep_at: float, favourite: str | None = None) -> Path:
     """A classifier whose answer does not depend on the patch: all weights zero, the head's bias
     alone sets the softmax (uniform, or one class favoured). For plumbing tests only."""

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.detection.candidates import (
@@ -356,11 +355,9 @@ def _nearest(items, ijk, geometry) -> object:
 
 @pytest.fixture(scope="module")
 def shipped_classifier():
-    from CMBDetectLib import models
+    import handmade
 
-    registry = models.read_registry()
-    detector = next(e for e in registry["models"] if e["id"] == registry["default"])
-    return load_candidate_classifier(detector["candidate_classifier"])
+    return handmade.shipped_classifier()
 
 
 # Issue 11's acceptance point, with no phase image. The sphere is kept because, without phase,
@@ -370,12 +367,9 @@ def test_shipped_classifier_rejects_a_vein_as_vein_and_keeps_the_bleed_beside_it
     array, geometry, bleed_ijk, vein_ijk = vein_and_bleed_phantom()
     # Stage 1 is the hand-wired dark-spot network (every dark voxel is a candidate), so the
     # decision rests on the shipped classifier alone.
-    from handmade import dark_spot_network
-    from CMBDetectLib.detection.inference import predict_stack
-    from CMBDetectLib.detection.preprocess import preprocess, restore
+    from handmade import dark_spot_probability
 
-    stack, info = preprocess(array, "phantom")
-    probability = restore(predict_stack(dark_spot_network(), stack, torch.device("cpu")), info)
+    probability = dark_spot_probability(array)
     stage = run_candidate_stage(array, probability, geometry, shipped_classifier)
     assert stage.n_candidates == 2
     bleed = _nearest(stage.lesions + stage.rejected, bleed_ijk, geometry)
@@ -405,12 +399,9 @@ def test_with_phase_a_diamagnetic_calcification_is_rejected_as_calcification(shi
     calc_kji, bleed_kji = (6, 60, 80), (6, 130, 160)
     array, _, _ = phantom(geometry=geometry, spheres_mm=[(calc_kji, 4.0), (bleed_kji, 4.0)], seed=5)
     phase = dipole_phase(array.shape, geometry, calc_kji, 2.0, -0.4) + dipole_phase(array.shape, geometry, bleed_kji, 2.0, +0.4)
-    from handmade import dark_spot_network
-    from CMBDetectLib.detection.inference import predict_stack
-    from CMBDetectLib.detection.preprocess import preprocess, restore
+    from handmade import dark_spot_probability
 
-    stack, info = preprocess(array, "phantom")
-    probability = restore(predict_stack(dark_spot_network(), stack, torch.device("cpu")), info)
+    probability = dark_spot_probability(array)
     # keep: the phase is in the engine's sign, and two candidates are too few for auto to decide.
     stage = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=phase, phase_sign="keep")
     calc = _nearest(stage.lesions + stage.rejected, calc_kji[::-1], geometry)

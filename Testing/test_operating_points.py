@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.detection.candidates import (
@@ -181,22 +180,16 @@ def _phantom_with_phase():
 
 @pytest.fixture(scope="module")
 def shipped_classifier():
-    from CMBDetectLib import models
-    from CMBDetectLib.detection.candidates import load_candidate_classifier
+    import handmade
 
-    registry = models.read_registry()
-    detector = next(e for e in registry["models"] if e["id"] == registry["default"])
-    return load_candidate_classifier(detector["candidate_classifier"])
+    return handmade.shipped_classifier()
 
 
 def test_a_flipped_phase_gives_the_same_detections_under_auto(shipped_classifier):
-    from handmade import dark_spot_network
-    from CMBDetectLib.detection.inference import predict_stack
-    from CMBDetectLib.detection.preprocess import preprocess, restore
+    from handmade import dark_spot_probability
 
     array, geometry, phase, bleeds = _phantom_with_phase()
-    stack, info = preprocess(array, "phantom")
-    probability = restore(predict_stack(dark_spot_network(), stack, torch.device("cpu")), info)
+    probability = dark_spot_probability(array)
     as_given = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=phase, phase_sign="auto")
     flipped = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=-phase, phase_sign="auto")
     assert as_given.phase_sign.used == "kept" and flipped.phase_sign.used == "flipped"
