@@ -19,7 +19,7 @@ import csv
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, NamedTuple, TextIO
 
 from tqdm import tqdm
 
@@ -31,10 +31,16 @@ from .names import printable, refuse_unsafe_and_duplicates
 from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
 from .workers import CaseOutcome, CaseTask, run_case, run_in_processes
 
-__all__ = ["CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
+__all__ = ["CaseInput", "CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
 
 
-def _cases_from_csv(path: Path) -> list[tuple[str, Path]]:
+class CaseInput(NamedTuple):
+    name: str
+    path: Path
+    series: str | None = None  # the Series Instance UID to read from a DICOM folder of several
+
+
+def _cases_from_csv(path: Path) -> list[CaseInput]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -48,13 +54,14 @@ def _cases_from_csv(path: Path) -> list[tuple[str, Path]]:
         p = Path(row[column] or "")
         if not p.is_absolute():
             p = path.parent / p  # paths in a case list are relative to the list
-        cases.append((row.get("case") or case_name(p), p))  # no case column, or an empty cell: the file's name
+        # No case column, or an empty cell: the file's name. An empty series cell chooses nothing.
+        cases.append(CaseInput(row.get("case") or case_name(p), p, (row.get("series") or "").strip() or None))
     return cases
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[tuple[str, Path]]:
-    """(case name, path) for every case named by the inputs, in a stable order."""
-    cases: list[tuple[str, Path]] = []
+def expand_inputs(inputs: list[str | Path]) -> list[CaseInput]:
+    """(case name, path, series) for every case named by the inputs, in a stable order."""
+    cases: list[CaseInput] = []
     for item in map(Path, inputs):
         if item.suffix.lower() == ".csv":
             cases += _cases_from_csv(item)
@@ -62,12 +69,12 @@ def expand_inputs(inputs: list[str | Path]) -> list[tuple[str, Path]]:
             volumes = sorted(p for p in item.iterdir() if p.is_file() and is_volume_file(p))
             subdirs = sorted(p for p in item.iterdir() if p.is_dir() and not p.name.startswith("."))
             if volumes or subdirs:
-                cases += [(case_name(p), p) for p in volumes]
-                cases += [(p.name, p) for p in subdirs]  # each subfolder a DICOM series
+                cases += [CaseInput(case_name(p), p) for p in volumes]
+                cases += [CaseInput(p.name, p) for p in subdirs]  # each subfolder a DICOM series
             else:
-                cases.append((item.name, item))  # the folder itself holds one DICOM series
+                cases.append(CaseInput(item.name, item))  # the folder itself holds one DICOM series
         else:
-            cases.append((case_name(item), item))  # read_volume says if it is missing or unreadable
+            cases.append(CaseInput(case_name(item), item))  # read_volume says if it is missing or unreadable
     return cases
 
 
@@ -88,14 +95,23 @@ def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, d
     return fingerprint(described), described
 
 
-def _refuse_unrunnable(cases: list[tuple[str, Path]], out_dir: Path, phase: str | Path | None) -> None:
+def _refuse_unrunnable(
+    cases: list[CaseInput], out_dir: Path, phase: str | Path | None, series: str | None, dicom_dir: Path | None
+) -> None:
     """BatchError for a batch that cannot run as asked, before any case starts."""
     if phase is not None and not Path(phase).is_dir() and len(cases) > 1:
         raise BatchError(
             f"the phase image {phase} is one file, and the inputs name {len(cases)} cases: it would be "
             "taken as every case's phase. For a batch, give a folder of <case>.* phase images"
         )
+    if series is not None and len(cases) > 1:
+        raise BatchError(
+            f"--series {series} chooses the series of one case, and the inputs name {len(cases)} cases. "
+            "For a batch, give a case list (CSV) with a 'series' column"
+        )
     prepare_output_folder(out_dir)
+    if dicom_dir is not None:
+        prepare_output_folder(dicom_dir)
 
 
 def detect_batch(
@@ -111,14 +127,19 @@ def detect_batch(
     workers: int = 1,
     scheduler=None,
     phase: str | Path | None = None,
+    series: str | None = None,
+    dicom_out: str | Path | None = None,
 ) -> list[CaseOutcome]:
     """Detect every case; returns one outcome per case, in input order.
 
     `phase`: a phase image (one case) or a folder of `<case>.*` phase images, for the candidate
-    stage. `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
+    stage. `series`: the Series Instance UID to read, for one case whose DICOM folder holds
+    several (a case list gives it per case in a `series` column). `dicom_out`: a folder for the
+    DICOM Segmentation and measurement report of each case read from a DICOM series.
+    `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
     address, or a `distributed.Client`) sends them to a Dask cluster instead. Raises BatchError,
-    before any case runs, when the output folder cannot be written or one phase image is given
-    for several cases.
+    before any case runs, when an output folder cannot be written, or one phase image or one
+    series is given for several cases.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -126,43 +147,51 @@ def detect_batch(
     params = replace(params, model=_absolute_model(params.model))
     cases = expand_inputs(inputs)
     out_dir = Path(output_dir).absolute()
+    dicom_dir = Path(dicom_out).absolute() if dicom_out is not None else None
+    series = (series or "").strip() or None
     if cases:
-        _refuse_unrunnable(cases, out_dir, phase)
+        _refuse_unrunnable(cases, out_dir, phase, series, dicom_dir)
+    if series is not None:
+        cases = [c._replace(series=series) for c in cases]
     outcomes: dict[int, CaseOutcome] = {}
 
     def finish(i: int, outcome: CaseOutcome) -> None:
-        outcome.source = str(cases[i][1])  # as the user named it (tasks carry absolute paths)
+        outcome.source = str(cases[i].path)  # as the user named it (tasks carry absolute paths)
         outcomes[i] = outcome
         if not outcome.ok:
             tqdm.write(f"{outcome.status.upper()} {outcome.error}", file=log)
         if on_case:
             on_case(outcome)
 
-    refused = refuse_unsafe_and_duplicates([case for case, _ in cases])
+    refused = refuse_unsafe_and_duplicates([c.name for c in cases])
     for i, reason in refused.items():
-        shown = printable(cases[i][0])
-        finish(i, CaseOutcome(shown, str(cases[i][1]), False, error=f"{shown or '(empty)'}: refused: {reason}", status="refused"))
+        shown = printable(cases[i].name)
+        finish(i, CaseOutcome(shown, str(cases[i].path), False, error=f"{shown or '(empty)'}: refused: {reason}", status="refused"))
     accepted = [i for i in range(len(cases)) if i not in refused]
     if not accepted:
         return [outcomes[i] for i in sorted(outcomes)]
 
-    debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
+    names = {cases[i].name for i in accepted}
+    debris = remove_staging_debris(out_dir, names) + (remove_staging_debris(dicom_dir, names) if dicom_dir else [])
     if debris:
         tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)
     fp, described = _run_fingerprint(params, phase is not None)
     tasks: dict[int, CaseTask] = {}
     for i in accepted:
-        case, path = cases[i]
-        summary = None if force else done_summary(out_dir, case, fp, preview)
+        case, path, case_series = cases[i]
+        summary = None if force else done_summary(out_dir, case, fp, preview, case_series, dicom_dir)
         if summary is not None:
             finish(i, CaseOutcome(
                 case, str(path), True, int(summary.get("n_lesions", 0)), int(summary.get("n_small", 0)),
                 int(summary.get("n_large", 0)), model_trained=bool(summary.get("model_trained", True)), status="skipped",
             ))  # fmt: skip
             continue
-        remove_case_outputs(out_dir, case)  # failed, changed or interrupted: start clean
+        remove_case_outputs(out_dir, case, dicom_dir)  # failed, changed or interrupted: start clean
         phase_path = str(Path(phase).absolute()) if phase is not None else None
-        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described, phase_path)
+        tasks[i] = CaseTask(
+            case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described, phase_path,
+            case_series, str(dicom_dir) if dicom_dir else None,
+        )  # fmt: skip
 
     index = {task.case: i for i, task in tasks.items()}
     bar = tqdm(total=len(tasks), desc="cases", unit="case", disable=not show_progress or len(tasks) < 2, file=log)

@@ -5,9 +5,9 @@ Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<cas
 `<case>_lesions.csv`, on request `<case>_preview.png` (preview.py), and `<case>_summary.json`.
 With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
 down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
-P(microbleed). Everything is written into a
-hidden folder first and moved into place only when every file exists, the summary last, so a
-failed case leaves nothing behind.
+P(microbleed). For a case read from a DICOM series, `--dicom-out DIR` adds `<case>_seg.dcm` and
+`<case>_sr.dcm` in DIR (export/). Everything is written into a hidden folder first and moved
+into place only when every file exists, the summary last, so a failed case leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ OUTPUT_FILES = {
     "summary": "{case}_summary.json",
 }
 OPTIONAL_FILES = ("rejected_csv", "preview")
+# With `--dicom-out DIR`, for a case read from a DICOM series: the DICOM Segmentation (only when
+# there is a lesion: a SEG needs a segment) and the measurement report, written by export/.
+DICOM_FILES = {"dicom_seg": "{case}_seg.dcm", "dicom_sr": "{case}_sr.dcm"}
 
 
 def every_output_path(out_dir: Path, case: str) -> dict[str, Path]:
@@ -88,6 +91,19 @@ def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool
     candidates' CSV when asked for."""
     wanted = {"rejected_csv": rejected, "preview": preview}
     return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
+
+
+def dicom_output_paths(dicom_dir: Path, case: str) -> dict[str, Path]:
+    """The DICOM objects `case` may have in the `--dicom-out` folder."""
+    return {key: Path(dicom_dir) / name.format(case=case) for key, name in DICOM_FILES.items()}
+
+
+def listed_name(out_dir: Path, path: Path) -> str:
+    """How the summary names a file: relative to the output folder when inside it, else absolute."""
+    try:
+        return Path(path).relative_to(out_dir).as_posix()
+    except ValueError:
+        return str(Path(path).absolute())
 
 
 def prepare_output_folder(out_dir: Path) -> None:
@@ -238,16 +254,22 @@ def write_probability(path: Path, probability: np.ndarray, geometry: Geometry) -
         nib.save(image, str(tmp))
 
 
-def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | None = None) -> dict[str, Path]:
+def write_case_outputs(
+    result, out_dir: Path, case: str, image: np.ndarray | None = None, *, dicom_source: dict | None = None, dicom=None
+) -> dict[str, Path]:
     """Write every file of one case, then move them into `out_dir` together (summary last).
 
     With the input `image` (k, j, i), a preview PNG of the detections is written too.
+    `dicom_source`: what identifies the DICOM series the case was read from, for the summary.
+    `dicom`: an export.DicomExport; its objects are staged and moved into its folder with the
+    rest, before the summary, which lists them.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     two_stage = getattr(result, "candidate_stage", None) is not None
     final = output_paths(out_dir, case, preview=image is not None, rejected=two_stage)
     staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=out_dir))
+    dicom_staging: Path | None = None
     moved: list[Path] = []
     try:
         staged = output_paths(staging, case, preview=image is not None, rejected=two_stage)
@@ -262,16 +284,28 @@ def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | Non
                 image, result.labels, result.lesions, result.geometry, staged["preview"], case,
                 rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
             )  # fmt: skip
-        summary = {"case": case, **result.summary(), "files": {k: v.name for k, v in final.items()}}
+        staged_dicom: dict[str, Path] = {}
+        if dicom is not None:
+            dicom_staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=dicom.folder))
+            staged_dicom = dicom.write(result, case, dicom_output_paths(dicom_staging, case))
+        final_dicom = {key: Path(dicom.folder) / path.name for key, path in staged_dicom.items()}
+        files = {k: v.name for k, v in final.items() if k != "summary"}
+        files.update({k: listed_name(out_dir, v) for k, v in final_dicom.items()})
+        files["summary"] = final["summary"].name
+        source = {"dicom_source": dicom_source} if dicom_source else {}
+        summary = {"case": case, **result.summary(), **source, "files": files}
         staged["summary"].write_text(json.dumps(summary, indent=2) + "\n")
-        for key, path in staged.items():
+        for key, path in [*staged_dicom.items(), *staged.items()]:
+            target = final_dicom[key] if key in final_dicom else final[key]
             os.chmod(path, 0o644)
-            os.replace(path, final[key])
-            moved.append(final[key])
+            os.replace(path, target)
+            moved.append(target)
     except BaseException:
         for path in moved:  # a case is either complete or absent
             path.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
+        if dicom_staging is not None:
+            shutil.rmtree(dicom_staging, ignore_errors=True)
+    return {**final_dicom, **final}
