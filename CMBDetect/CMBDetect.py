@@ -19,7 +19,6 @@ import importlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 import types
 import unittest
@@ -30,7 +29,7 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Default, FloatRange, RangeBounds, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Default, FloatRange, RangeBounds, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -97,18 +96,25 @@ class CMBDetectParameterNode:
     inputVolume - the SWI magnitude volume.
     phaseVolume - optional: its high-pass filtered phase (radians, same grid); the candidate
         stage then tells paramagnetic bleeds from diamagnetic calcifications.
-    threshold - probability threshold (the paper's operating point is 0.4).
+    threshold - what makes a lesion: the network's probability (the paper's single-stage
+        pipeline, 0.4) or, with the candidate stage, P(microbleed) per candidate (a run sets it
+        to the stage's own cut, as the command line decides).
     sizeRange - kept lesion sizes, equivalent diameter in mm (2-10 in the paper).
+    operatingPoint - stage 2's operating point on calibrated P(microbleed), from the classifier's
+        card: count (precision first, the default) or review (sensitivity first, for triage).
     useGpu - run the network on CUDA (CPU otherwise).
     outputSegmentation - where lesions go; created on Apply when empty.
+    showRejected - show the candidates stage 2 rejected in the views.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     phaseVolume: vtkMRMLScalarVolumeNode
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.4
     sizeRange: Annotated[FloatRange, RangeBounds(0.0, 20.0), Default(FloatRange(2.0, 10.0))]
+    operatingPoint: Annotated[str, Choice(["count", "review"])] = "count"
     useGpu: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
+    showRejected: bool = True
 
 
 #
@@ -133,6 +139,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = False  # installing requirements: Apply stays disabled
         self._shownSegmentation = None
         self._shownTable = None
+        self._shownRejectedTable = None
         self._lesionParameters = None  # (threshold, min, max) the shown lesions were made with
 
     def setup(self) -> None:
@@ -151,6 +158,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         # Only a click on a row moves the views; a refreshed table (any parameter change) does not.
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
+        self.ui.rejectedTableView.connect("clicked(QModelIndex)", self.onRejectedClicked)
         self.ui.progressBar.hide()
 
         self._pollTimer = qt.QTimer()
@@ -264,6 +272,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 output = None
         if not self._setupRequirements():
             return
+        # The input (and phase) are copied and written for the child first: a moment on a large
+        # volume, under a wait cursor.
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             self._job = self.logic.startDetection(
                 p.inputVolume,
@@ -272,11 +283,14 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 maxDiameterMm=p.sizeRange.maximum,
                 useGpu=p.useGpu,
                 phaseVolume=p.phaseVolume,
+                operatingPoint=p.operatingPoint,
             )
         except Exception as exc:  # noqa: BLE001
+            slicer.app.restoreOverrideCursor()
             slicer.util.errorDisplay(_("Microbleed detection could not start.") + "\n\n" + str(exc), windowTitle=_("Cerebral Microbleed Detection"))
             logging.exception("CMBDetect: start")
             return
+        slicer.app.restoreOverrideCursor()
         self._jobOutput = (output, reuseForeign)
         self._setRunning(True)
         self.ui.summaryLabel.text = ""
@@ -356,6 +370,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             slicer.app.restoreOverrideCursor()
             job.cleanup()
+        # With the candidate stage the run cut P(microbleed) at the stage's own value: the slider
+        # shows it, so that slider, summary and command line name one threshold. Setting it must
+        # not start a re-threshold of its own.
+        self._lesionParameters = None
+        self._parameterNode.threshold = result.threshold
         self._lesionParameters = self._currentLesionParameters()
         self._parameterNode.outputSegmentation = segmentation  # also refreshes table and summary
         self._showOutputs(segmentation)
@@ -378,7 +397,20 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = p.outputSegmentation if p else None
         if segmentation is None or self._job is not None or not self.logic.canRethreshold(segmentation):
             return
+        if self._lesionParameters is None or self._currentLesionParameters() == self._lesionParameters:
+            return  # nothing shown yet, or moved and moved back
         threshold, minimum, maximum = self._currentLesionParameters()
+        if self.logic.segmentationEdited(segmentation) and not slicer.util.confirmOkCancelDisplay(
+            _("The segments of '{name}' were edited since the detection wrote them. Moving the threshold or the size range "
+              "extracts every lesion again and discards these edits. Discard them?").format(name=segmentation.GetName()),
+            windowTitle=_("Cerebral Microbleed Detection"),
+        ):  # fmt: skip
+            # Keep the edits: the controls go back to what the shown lesions were made with.
+            shownThreshold, low, high = self._lesionParameters
+            p.threshold = shownThreshold
+            p.sizeRange = FloatRange(low, high)
+            self._rethresholdTimer.stop()  # restarted by the two changes just made
+            return
         with slicer.util.tryWithErrorDisplay(_("Re-extracting the microbleeds failed."), waitCursor=True):
             self.logic.rethreshold(segmentation, threshold, minimum, maximum)
             self._lesionParameters = (threshold, minimum, maximum)
@@ -392,13 +424,19 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         The table view gets a node only when the node changes: setMRMLTableNode emits
         selectionChanged and resets the columns, which must not happen on every parameter change."""
         adapter = _adapter()
-        table = summary = None
+        table = summary = rejectedTable = None
         if segmentation is not None and adapter is not None:
             table = adapter.nodes.outputs_of(segmentation)[1]
             summary = adapter.nodes.summary_of(segmentation)
+            rejectedTable = adapter.nodes.rejected_of(segmentation)[1]
+            adapter.display.set_rejected_visibility(segmentation, self._parameterNode.showRejected)
         if table is not self._shownTable:
             self._shownTable = table
             self.ui.lesionTableView.setMRMLTableNode(table)
+        if rejectedTable is not self._shownRejectedTable:
+            self._shownRejectedTable = rejectedTable
+            self.ui.rejectedTableView.setMRMLTableNode(rejectedTable)
+        self.ui.rejectedCollapsibleButton.visible = rejectedTable is not None  # a single-stage run has none
         if segmentation is not self._shownSegmentation:
             self._shownSegmentation = segmentation
             # Choosing a segmentation does not re-threshold it; moving a control afterwards does
@@ -406,24 +444,39 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lesionParameters = self._currentLesionParameters() if summary and self._parameterNode else None
         if self._job is None:
             self.ui.summaryLabel.text = _summaryText(summary) if summary else ""
+        # The slider names what it cuts: the network's probability, or P(microbleed) per candidate.
+        twoStage = bool(summary) and summary.get("threshold_of") == "p_microbleed"
+        self.ui.thresholdLabel.text = _("P(microbleed) threshold:") if twoStage else _("Probability threshold:")
 
     def onLesionClicked(self, index) -> None:
         """Centre the slice views on the lesion of the clicked table row."""
         adapter = _adapter()
         segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
-        if adapter is None or segmentation is None or index is None or not index.isValid():
+        if adapter is not None and segmentation is not None:
+            self._jumpToRow(self.ui.lesionTableView, index, adapter.nodes.outputs_of(segmentation)[2], adapter.navigation.lesion_index)
+
+    def onRejectedClicked(self, index) -> None:
+        """Centre the slice views on the rejected candidate of the clicked table row."""
+        adapter = _adapter()
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if adapter is not None and segmentation is not None:
+            self._jumpToRow(self.ui.rejectedTableView, index, adapter.nodes.rejected_of(segmentation)[0], adapter.navigation.rejected_index)
+
+    @staticmethod
+    def _jumpToRow(view, index, markups, findPoint) -> None:
+        """`findPoint(markups, id)`: the point of the id in column 0 of the row as displayed (the
+        view may be sorted)."""
+        if markups is None or index is None or not index.isValid():
             return
-        markups = adapter.nodes.outputs_of(segmentation)[2]
-        # The view may be sorted: read the lesion id (column 0) of the row as displayed.
-        model = self.ui.lesionTableView.model()
+        model = view.model()
         try:
-            lesionId = int(float(model.data(model.index(index.row(), 0))))
+            rowId = int(float(model.data(model.index(index.row(), 0))))
         except (TypeError, ValueError):
             return
-        pointIndex = adapter.navigation.lesion_index(markups, lesionId) if markups else None
+        pointIndex = findPoint(markups, rowId)
         if pointIndex is None:
             return
-        position = adapter.navigation.lesion_position_world(markups, pointIndex)
+        position = _adapter().navigation.lesion_position_world(markups, pointIndex)
         slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
 
@@ -431,24 +484,29 @@ _ADAPTER = {"module": None, "failed": False}
 
 
 def _adapter():
-    """CMBDetectLib's MRML adapter (its `nodes`, `results` and `navigation` modules) if the
-    requirements are installed, else None. A failed import is remembered until the
-    requirements are set up again, so it is not retried on every event."""
+    """CMBDetectLib's MRML adapter (its `nodes`, `results`, `navigation` and `display` modules)
+    if the requirements are installed, else None. A failed import is logged once and remembered
+    until the requirements are set up again, so it is not retried on every event. Any exception
+    counts, not only ImportError: a broken binary package raises OSError (a DLL that does not
+    load) or others, and module setup must survive it."""
     if _ADAPTER["module"] is None and not _ADAPTER["failed"]:
         try:
             _ADAPTER["module"] = types.SimpleNamespace(
-                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation")}
+                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation", "display")}
             )
-        except ImportError:
+        except Exception:  # noqa: BLE001
             _ADAPTER["failed"] = True
+            logging.exception("CMBDetect: the results cannot be shown until the Python requirements import")
     return _ADAPTER["module"]
 
 
 def _summaryText(summary: dict) -> str:
-    text = _("{n} microbleeds ({small} small, {large} large) at threshold {threshold}; detection took {seconds} s; model {model} v{version}").format(
+    quantity = _("P(microbleed)") if summary.get("threshold_of") == "p_microbleed" else _("network probability")
+    text = _("{n} microbleeds ({small} small, {large} large) at {quantity} >= {threshold}; detection took {seconds} s; model {model} v{version}").format(
         n=summary["n_lesions"],
         small=summary["n_small"],
         large=summary["n_large"],
+        quantity=quantity,
         threshold=summary.get("threshold"),
         seconds=summary.get("seconds"),
         model=summary.get("model_id"),
@@ -456,7 +514,7 @@ def _summaryText(summary: dict) -> str:
     )
     stage = summary.get("candidate_stage")
     if stage:
-        text += "<br>" + _("{n} candidates examined, {rejected} rejected as mimics; {phase}").format(
+        text += "<br>" + _("{n} candidates examined, {rejected} below the threshold (Rejected candidates); {phase}").format(
             n=stage.get("n_candidates"),
             rejected=stage.get("n_rejected"),
             phase=_("phase used.") if stage.get("phase_used") else _("no phase: a calcification-like spot is kept as a possible microbleed."),
@@ -538,9 +596,11 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         useGpu: bool = False,
         model: Optional[str] = None,
         phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
+        operatingPoint: Optional[str] = None,
     ):
         """Start detecting in a child process; returns the running CMBDetectLib.mrml.job.DetectionJob.
-        phaseVolume (optional, on inputVolume's grid) goes to the candidate stage."""
+        phaseVolume (optional, on inputVolume's grid) goes to the candidate stage; operatingPoint
+        ("count" or "review"; None: the classifier card's default) decides what it keeps."""
         if not inputVolume:
             raise ValueError(_("Input volume is invalid"))
         from CMBDetectLib.mrml.job import DetectionJob
@@ -548,7 +608,9 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         python, env = self.workerPython()
         job = DetectionJob(
             inputVolume,
-            work_dir=tempfile.mkdtemp(prefix="CMBDetect-", dir=slicer.util.tempDirectory()),
+            # One folder of the job's own in Slicer's temporary folder, removed by job.cleanup()
+            # (slicer.util's tempDirectory would leave an empty folder behind per run).
+            temp_dir=slicer.app.temporaryPath,
             python=python,
             env=env,
             threshold=threshold,
@@ -557,6 +619,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             device="cuda" if useGpu else "cpu",
             model=model,
             phase_volume_node=phaseVolume,
+            operating_point=operatingPoint,
         )
         logging.info(f"CMBDetect: detecting in {inputVolume.GetName()} on {'cuda' if useGpu else 'cpu'}")
         try:
@@ -584,6 +647,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         reuseForeign: bool = False,
         progressCallback: Optional[Callable[[float, str], None]] = None,
         phaseVolume: Optional[vtkMRMLScalarVolumeNode] = None,
+        operatingPoint: Optional[str] = None,
     ):
         """Detect microbleeds in inputVolume and wait for the result; for scripts and tests.
 
@@ -592,7 +656,9 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         segmentation, table, markups); the lesion map's summary() says which model ran and
         whether it is trained.
         """
-        job = self.startDetection(inputVolume, threshold, minDiameterMm, maxDiameterMm, useGpu, phaseVolume=phaseVolume)
+        job = self.startDetection(
+            inputVolume, threshold, minDiameterMm, maxDiameterMm, useGpu, phaseVolume=phaseVolume, operatingPoint=operatingPoint
+        )
         try:
             while not job.run.finished:
                 job.poll()
@@ -605,6 +671,13 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             job.cleanup()
 
     # --- Live threshold ------------------------------------------------------------------
+
+    @staticmethod
+    def segmentationEdited(segmentation) -> bool:
+        """Whether its segments were edited by hand since CMBDetect wrote them (a re-threshold would discard that)."""
+        from CMBDetectLib.mrml.results import edited_since_written
+
+        return edited_since_written(segmentation)
 
     @staticmethod
     def canRethreshold(segmentation) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from CMBDetectLib.detection.candidates import classify_patches, sample_patches, scaled_magnitude, without_phase
-from CMBDetectLib.detection.classifier import CLASSES, MICROBLEED
+from CMBDetectLib.detection.records import CLASSES, MICROBLEED
 from CMBDetectLib.io import Geometry, read_volume
 from CMBDetectLib.detection.candidates import load_candidate_classifier
 from CMBDetectLib.models import read_registry

@@ -17,7 +17,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from CMBDetectLib.detection.candidates import save_classifier
-from CMBDetectLib.detection.classifier import CLASSES, CandidateNet, ClassifierConfig
+from CMBDetectLib.detection.classifier import CandidateNet, ClassifierConfig
+from CMBDetectLib.detection.records import CLASSES
 from CMBDetectLib.io import Geometry
 from CMBDetectLib.models import save_model
 from CMBDetectLib.detection.network import NetworkConfig, ResUNet, ResidualBlock

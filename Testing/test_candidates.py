@@ -19,8 +19,9 @@ from CMBDetectLib.detection.candidates import (
     run_candidate_stage,
     sample_patches,
 )
-from CMBDetectLib.detection.classifier import CLASSES, ClassifierConfig
-from CMBDetectLib.detection.outputs import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
+from CMBDetectLib.detection.classifier import ClassifierConfig
+from CMBDetectLib.detection.records import CLASSES
+from CMBDetectLib.detection.records import LESION_COLUMNS, REJECTED_COLUMNS, output_paths
 from CMBDetectLib.io import Geometry, read_volume, write_volume
 from CMBDetectLib.training.candidates import candidate_classes, collect
 from handmade import constant_classifier, oblique_geometry, phantom, save_dark_spot_model
@@ -242,7 +243,8 @@ def test_without_phase_a_calcification_like_candidate_is_kept_as_possible(tmp_pa
     calc = constant_classifier(tmp_path / "calc.safetensors", keep_at=0.5, favourite="calcification")
     common = ["--model", dark_spot_model, "--candidate-model", str(calc), "-q"]
     assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "no-phase"), *common]) == 0
-    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "phase"), "--phase", str(tmp_path / "phase"), *common]) == 0
+    # --phase-sign keep: a constant classifier gives auto no evidence for either sign.
+    assert detect_main([str(tmp_path / "in"), "-o", str(tmp_path / "phase"), "--phase", str(tmp_path / "phase"), "--phase-sign", "keep", *common]) == 0
     p_calc = float(np.exp(3.0) / (np.exp(3.0) + 5))
     kept = list(csv.DictReader(open(tmp_path / "no-phase" / "obl_lesions.csv")))
     assert len(kept) == 2
@@ -278,6 +280,25 @@ def test_phase_in_scanner_units_is_refused_naming_the_case(tmp_path, dark_spot_m
     assert not (tmp_path / "out" / "obl_summary.json").exists()  # nothing partial
     error = list(csv.DictReader(open(tmp_path / "out" / "cmbdetect_batch.csv")))[0]["error"]
     assert "obl" in error and "radians" in error and "4096" in error
+
+
+def test_phase_in_scanner_units_is_refused_before_the_network_runs(tmp_path, dark_spot_model):
+    """detect_volume (which the command line, the cohort workers and the Slicer worker all call)
+    checks the phase first: the error comes back before the first progress message, so the
+    U-Net never ran on a case the candidate stage would refuse."""
+    from CMBDetectLib.detection.pipeline import DetectionParams, detect_volume
+    from CMBDetectLib.errors import CaseError
+    from CMBDetectLib.io import Volume
+
+    array, geometry, _ = phantom(shape=(6, 80, 90))
+    phase = np.random.default_rng(0).uniform(-4096, 4096, array.shape).astype(np.float32)
+    clf = constant_classifier(tmp_path / "c.safetensors", keep_at=0.5)
+    params = DetectionParams(model=dark_spot_model, candidate_model=str(clf), device="cpu")
+    messages: list[str] = []
+    with pytest.raises(CaseError, match=r"radians") as caught:
+        detect_volume(Volume(array, geometry), params, progress=lambda f, m: messages.append(m), case="obl", phase=phase)
+    assert caught.value.case == "obl" and "4096" in str(caught.value)
+    assert messages == [], f"the pipeline ran before refusing the phase: {messages[:3]}"
 
 
 def test_classifier_registry_entry_is_checked(tmp_path):
@@ -390,7 +411,8 @@ def test_with_phase_a_diamagnetic_calcification_is_rejected_as_calcification(shi
 
     stack, info = preprocess(array, "phantom")
     probability = restore(predict_stack(dark_spot_network(), stack, torch.device("cpu")), info)
-    stage = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=phase)
+    # keep: the phase is in the engine's sign, and two candidates are too few for auto to decide.
+    stage = run_candidate_stage(array, probability, geometry, shipped_classifier, phase=phase, phase_sign="keep")
     calc = _nearest(stage.lesions + stage.rejected, calc_kji[::-1], geometry)
     bleed = _nearest(stage.lesions + stage.rejected, bleed_kji[::-1], geometry)
     assert not calc.kept and calc.reason == "calcification", f"calcification: kept={calc.kept}, reason {calc.reason!r}, P {calc.p_microbleed:.2f}"

@@ -23,7 +23,7 @@ from CMBDetectLib.cohort.batch import detect_batch
 from CMBDetectLib.cohort.names import refuse_unsafe_and_duplicates, unsafe_name_reason
 from CMBDetectLib.cohort.workers import DIE_ONCE_ENV, HOLD_ENV
 from CMBDetectLib.commands.detect import main as detect_main
-from CMBDetectLib.detection.outputs import every_output_path, output_paths
+from CMBDetectLib.detection.records import every_output_path, output_paths
 from CMBDetectLib.detection.pipeline import DetectionParams
 from CMBDetectLib.io import Geometry, write_volume
 from handmade import constant_classifier, phantom, save_dark_spot_model

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.io import Geometry, read_volume, write_volume
 from CMBDetectLib.detection.outputs import output_paths
-from handmade import oblique_geometry, phantom, save_dark_spot_model
+from handmade import phantom, save_dark_spot_model
 
 
 @pytest.fixture(scope="module")
@@ -237,5 +237,5 @@ def test_a_read_only_output_folder_is_refused_before_any_case(tmp_path, dark_spo
     finally:
         out.chmod(0o755)
     captured = capsys.readouterr()
-    assert code == 2 and captured.out == "" and f"error: " in captured.err and str(out) in captured.err
+    assert code == 2 and captured.out == "" and "error: " in captured.err and str(out) in captured.err
     assert list(out.iterdir()) == []

@@ -122,3 +122,19 @@ def test_device_settings_for_cpu_and_gpu():
         assert gpu.autocast_dtype in (torch.bfloat16, torch.float16)
         x = np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32)
         assert np.abs(gpu(x) - TorchEngine(random_model(), CPU)(x)).max() < 2e-2  # half precision
+
+
+def test_onnxruntime_takes_the_process_share_of_the_cores():
+    """A cohort worker gets cores / N torch threads (workers.share_threads); its ONNX Runtime
+    session must take the same share, not every core of the machine."""
+    from CMBDetectLib.detection.engines import OnnxRuntimeEngine
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        session = OnnxRuntimeEngine(random_model()).session
+        assert session.get_session_options().intra_op_num_threads == 1
+        torch.set_num_threads(2)
+        assert OnnxRuntimeEngine(random_model()).session.get_session_options().intra_op_num_threads == 2
+    finally:
+        torch.set_num_threads(before)

@@ -63,6 +63,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/cohort/benchmark.py",
         "CMBDetectLib/commands/cohort_benchmark.py",
         "CMBDetectLib/commands/benchmark.py",
+        "CMBDetectLib/commands/calibrate.py",
         "CMBDetectLib/commands/evaluate.py",
         "CMBDetectLib/commands/review.py",
         "CMBDetectLib/commands/synth.py",
@@ -264,7 +265,7 @@ def test_ui_names_agree_with_the_module_code():
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CMBDetectParameterNode")
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
     fields = {n.target.id: ast.unparse(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign)}
-    expected_type = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool", "ctkRangeWidget": "FloatRange"}
+    expected_type = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool", "ctkRangeWidget": "FloatRange", "QComboBox": "str"}
     for widget, parameter in bound.items():
         assert parameter in fields, f"{widget} is bound to {parameter}, which the parameter node lacks"
         assert expected_type[widgets[widget]] in fields[parameter], f"{widget} ({widgets[widget]}) cannot show {fields[parameter]}"
@@ -340,3 +341,20 @@ def test_module_uses_the_api_of_its_minimum_slicer():
     assert "skipTest" in test_class
     # Terminology through SetTag, which every supported Slicer has.
     assert "SetTerminology(" not in lib
+
+
+def test_a_lib_that_fails_to_import_in_any_way_does_not_break_module_setup():
+    """_adapter() imports the Lib on the GUI's events: a broken binary package raises OSError or
+    others, not only ImportError, and the module must survive it (logged, then remembered)."""
+    adapter = next(n for n in module_tree("CMBDetect").body if isinstance(n, ast.FunctionDef) and n.name == "_adapter")
+    handlers = [h for h in ast.walk(adapter) if isinstance(h, ast.ExceptHandler)]
+    assert handlers and all(h.type is not None and ast.unparse(h.type) == "Exception" for h in handlers)
+    assert any("logging." in ast.unparse(h) for h in handlers), "the failure is logged"
+
+
+def test_runs_leave_no_folders_in_slicers_temporary_folder():
+    """slicer.util.tempDirectory() makes a new folder per call and nothing removes it: the
+    module gives the job Slicer's temporary folder instead, and the job removes its own."""
+    source = (ROOT / "CMBDetect/CMBDetect.py").read_text()
+    assert "tempDirectory(" not in source
+    assert "temp_dir=slicer.app.temporaryPath" in source

@@ -35,7 +35,8 @@ from CMBDetectLib.mrml.nodes import (  # noqa: E402
     vtk_matrix,
 )
 from CMBDetectLib.mrml.results import probability_of, rethreshold, write_result  # noqa: E402
-from CMBDetectLib.detection import outputs  # noqa: E402
+from CMBDetectLib.detection import outputs, records  # noqa: E402
+from CMBDetectLib.detection.records import Candidate  # noqa: E402
 from CMBDetectLib.io import Geometry, read_volume  # noqa: E402
 from CMBDetectLib.detection.lesions import CLASS_COLORS, extract_lesions  # noqa: E402
 from CMBDetectLib.detection.pipeline import DetectionParams, DetectionResult  # noqa: E402
@@ -155,7 +156,7 @@ def test_write_result_segments_table_markups(mrml):
         segment = segmentation.GetSegment(f"CMB_{lesion.id}")
         assert segment is not None and segment.GetName() == f"CMB {lesion.id}"
         np.testing.assert_allclose(segment.GetColor(), CLASS_COLORS[lesion.size_class], atol=1e-6)
-        assert segment.GetTerminology() == outputs.TERMINOLOGY_ENTRY
+        assert segment.GetTerminology() == records.TERMINOLOGY_ENTRY
         assert _tag(segment, "CMBDetect.SizeClass") == lesion.size_class
         assert float(_tag(segment, "CMBDetect.DiameterMm")) == pytest.approx(lesion.diameter_mm, abs=0.006)
         assert float(_tag(segment, "CMBDetect.MaxProbability")) == pytest.approx(lesion.max_probability, abs=6e-4)
@@ -173,11 +174,11 @@ def test_write_result_segments_table_markups(mrml):
     # Table: one row per lesion, the CSV's columns, values as the lesions say.
     t = table.GetTable()
     assert t.GetNumberOfRows() == len(result.lesions)
-    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == outputs.LESION_COLUMNS
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == records.LESION_COLUMNS
     for r, lesion in enumerate(result.lesions):
-        assert table.GetCellText(r, outputs.LESION_COLUMNS.index("id")) == str(lesion.id)
-        assert table.GetCellText(r, outputs.LESION_COLUMNS.index("size_class")) == lesion.size_class
-        assert float(table.GetCellText(r, outputs.LESION_COLUMNS.index("diameter_mm"))) == pytest.approx(lesion.diameter_mm, abs=1e-4)
+        assert table.GetCellText(r, records.LESION_COLUMNS.index("id")) == str(lesion.id)
+        assert table.GetCellText(r, records.LESION_COLUMNS.index("size_class")) == lesion.size_class
+        assert float(table.GetCellText(r, records.LESION_COLUMNS.index("diameter_mm"))) == pytest.approx(lesion.diameter_mm, abs=1e-4)
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "n_voxels"), [l.n_voxels for l in result.lesions])
     assert table.GetColumnUnitLabel("diameter_mm") == "mm"
     assert table.GetColumnTitle("diameter_mm") == "Diameter (mm)"
@@ -215,7 +216,7 @@ def test_write_result_zero_lesions(mrml):
     seg, table, markups = write_result(result, node)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0
     assert table.GetTable().GetNumberOfRows() == 0
-    assert table.GetTable().GetNumberOfColumns() == len(outputs.LESION_COLUMNS)
+    assert table.GetTable().GetNumberOfColumns() == len(records.LESION_COLUMNS)
     assert markups.GetNumberOfControlPoints() == 0
     matrix, _ = reference_geometry_matrix_and_extent(seg)
     np.testing.assert_allclose(matrix, ijk_to_ras_of(node), atol=1e-6)
@@ -310,7 +311,7 @@ def test_outputs_go_beside_the_input_in_the_subject_hierarchy(mrml):
 
 def test_terminology_entry_is_slicer_dicom_haemorrhage_in_brain():
     entry = slicer.vtkSlicerTerminologyEntry()
-    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(outputs.TERMINOLOGY_ENTRY, entry)
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(records.TERMINOLOGY_ENTRY, entry)
     assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
     assert (entry.GetCategoryObject().GetCodeValue(), entry.GetCategoryObject().GetCodingSchemeDesignator()) == ("49755003", "SCT")
     assert (entry.GetTypeObject().GetCodeValue(), entry.GetTypeObject().GetCodeMeaning()) == ("50960005", "Hemorrhage")
@@ -329,7 +330,7 @@ def _check_loaded_segmentation(loaded, result, volume_node) -> None:
         assert segmentation.GetNthSegmentID(n) == f"CMB_{lesion.id}"
         assert segment.GetName() == f"CMB {lesion.id}"
         np.testing.assert_allclose(segment.GetColor(), CLASS_COLORS[lesion.size_class], atol=1e-5)
-        assert segment.GetTerminology() == outputs.TERMINOLOGY_ENTRY
+        assert segment.GetTerminology() == records.TERMINOLOGY_ENTRY
         assert _tag(segment, "CMBDetect.SizeClass") == lesion.size_class
         assert _tag(segment, "CMBDetect.DiameterMm") == f"{lesion.diameter_mm:.2f}"
         # The segment's own labelmap lies on the input's grid (oblique, anisotropic) ...
@@ -522,11 +523,14 @@ def test_markups_labels_are_off_by_default(mrml):
 def test_rejected_candidates_are_grey_points_on_the_input_grid_labelled_while_few(mrml):
     node = swi_node(mrml)
     seg, _, _ = write_result(make_result(node), node)
-    assert show_rejected(seg, node, []) is None  # nothing to show: no node made
+    assert show_rejected(seg, node, None) is None  # a single-stage result: no node made
     ijk_to_ras = ijk_to_ras_of(node)
 
     def rows(n):
-        return [{"centroid_i": 3.5 + i, "centroid_j": 7.25, "centroid_k": 2.0, "reason": "vein", "p_microbleed": 0.1, "diameter_mm": 3.0} for i in range(n)]
+        return [Candidate(id=i + 1, n_voxels=10, volume_mm3=14.0, diameter_mm=3.0, size_class="small",
+                          centroid_ijk=(3.5 + i, 7.25, 2.0), centroid_lps=(0.0, 0.0, 0.0), centroid_ras=(0.0, 0.0, 0.0),
+                          mean_probability=0.5, max_probability=0.6, p_microbleed=0.1, reason="vein")
+                for i in range(n)]  # fmt: skip
 
     few = show_rejected(seg, node, rows(3))
     assert seg.GetNodeReference(REJECTED_ROLE) is few and is_own_output(few)
@@ -538,3 +542,110 @@ def test_rejected_candidates_are_grey_points_on_the_input_grid_labelled_while_fe
     assert many is few and many.GetNumberOfControlPoints() == MAX_REJECTED_LABELS + 1
     assert not many.GetDisplayNode().GetPointLabelsVisibility()  # tens of labels would cover the views
     assert show_rejected(seg, node, []) is few and few.GetNumberOfControlPoints() == 0
+
+
+def test_manual_edits_since_the_module_wrote_the_segments_are_noticed(mrml, tmp_path):
+    """Moving the threshold rewrites every segment: the module asks first when a reader has
+    edited them. What counts as an edit: a voxel painted or erased, a segment added, removed or
+    renamed. Re-writing (a run, a re-threshold) or saving and reloading the scene's file is not."""
+    from CMBDetectLib.mrml.nodes import WRITTEN_ATTRIBUTE
+    from CMBDetectLib.mrml.results import edited_since_written
+
+    node = swi_node(mrml)
+    seg, _, _ = write_result(make_result(node), node)
+    assert not edited_since_written(seg)
+    assert not edited_since_written(mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "never written"))
+
+    first = seg.GetSegmentation().GetNthSegmentID(0)
+    painted = segment_array(seg, first, node).copy()
+    painted[0, 0, 0] = 1  # one voxel painted with the Segment Editor
+    slicer.util.updateSegmentBinaryLabelmapFromArray(painted, seg, first, node)
+    assert edited_since_written(seg)
+    rethreshold(seg, 0.4, 2.0, 10.0)  # after the user agreed: written again, nothing edited
+    assert not edited_since_written(seg)
+
+    seg.GetSegmentation().GetNthSegment(1).SetName("reader's name")
+    assert edited_since_written(seg)
+    rethreshold(seg, 0.4, 2.0, 10.0)
+    seg.GetSegmentation().RemoveSegment(first)
+    assert edited_since_written(seg)
+    rethreshold(seg, 0.4, 2.0, 10.0)
+    seg.GetSegmentation().AddEmptySegment("missed lesion")
+    assert edited_since_written(seg)
+
+    rethreshold(seg, 0.4, 2.0, 10.0)
+    save_segmentation_file(seg, tmp_path / "saved.seg.nrrd")
+    reloaded = load_segmentation_file(tmp_path / "saved.seg.nrrd", mrml.scene)
+    reloaded.SetAttribute(WRITTEN_ATTRIBUTE, seg.GetAttribute(WRITTEN_ATTRIBUTE))  # as a saved scene keeps it
+    assert not edited_since_written(reloaded)
+
+
+def test_points_are_small_hollow_glyphs_that_leave_the_dots_visible(mrml):
+    """Slicer's default glyph (a filled 3D sphere, scale 3, projected into other slices) covers a
+    2-5 mm bleed. Lesions and rejected candidates are drawn as small hollow 2D outlines of two
+    shapes, in their own slice only."""
+    node = swi_node(mrml)
+    seg, _, markups = write_result(make_result(node), node)
+    rejected = show_rejected(seg, node, [])
+    default = slicer.vtkMRMLMarkupsFiducialDisplayNode()
+    shapes = set()
+    for points in (markups, rejected):
+        display = points.GetDisplayNode()
+        shapes.add(display.GetGlyphTypeAsString())
+        assert display.GetGlyphTypeAsString() in ("Circle2D", "Square2D", "Diamond2D")
+        assert display.GetUseGlyphScale() and display.GetGlyphScale() < default.GetGlyphScale()
+        assert not display.GetSliceProjection() and not display.GetFillVisibility()
+    assert len(shapes) == 2  # told apart by shape, not by colour alone
+
+
+def make_rejected(n: int, reason: str = "vein") -> list:
+    return [Candidate(id=i + 1, n_voxels=10, volume_mm3=14.0, diameter_mm=3.0 + i, size_class="small",
+                      centroid_ijk=(3.5 + 2 * i, 7.25, 2.0), centroid_lps=(0.0, 0.0, 0.0), centroid_ras=(0.0, 0.0, 0.0),
+                      mean_probability=0.5, max_probability=0.6, p_microbleed=0.1 * i, reason=reason,
+                      class_probabilities={"microbleed": 0.1 * i, reason: 0.9 - 0.1 * i})
+            for i in range(n)]  # fmt: skip
+
+
+def test_rejected_candidates_get_a_table_with_their_reasons_and_a_jump_to_each(mrml):
+    """Above a few rejections labels would cover the views: every reason is readable in a table
+    (the command line's rejected-CSV columns), linked from the segmentation, and a row finds
+    its point."""
+    from CMBDetectLib.detection.records import REJECTED_COLUMNS, rejected_row
+    from CMBDetectLib.mrml.navigation import rejected_index
+    from CMBDetectLib.mrml.nodes import REJECTED_TABLE_ROLE
+
+    node = swi_node(mrml)
+    seg, _, _ = write_result(make_result(node), node)
+    rejected = make_rejected(MAX_REJECTED_LABELS + 5)
+    points = show_rejected(seg, node, rejected)
+    table = seg.GetNodeReference(REJECTED_TABLE_ROLE)
+    assert table is not None and table.IsA("vtkMRMLTableNode") and is_own_output(table) and table.GetLocked()
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == REJECTED_COLUMNS
+    assert (table.GetColumnTitle("id"), table.GetColumnTitle("reason")) == ("Candidate", "Reason")
+    assert table.GetNumberOfRows() == len(rejected)
+    for r, candidate in enumerate(rejected):
+        row = rejected_row(candidate)
+        assert table.GetCellText(r, REJECTED_COLUMNS.index("reason")) == "vein"
+        assert float(table.GetCellText(r, REJECTED_COLUMNS.index("p_microbleed"))) == pytest.approx(row["p_microbleed"])
+        index = rejected_index(points, candidate.id)
+        np.testing.assert_allclose(points.GetNthControlPointPosition(index), (ijk_to_ras_of(node) @ [*candidate.centroid_ijk, 1.0])[:3], atol=1e-6)
+    assert rejected_index(points, len(rejected) + 1) is None
+    assert show_rejected(seg, node, []) is points and table.GetNumberOfRows() == 0  # emptied with the points
+    single_stage = make_result(node)
+    write_result(single_stage, node, seg)
+    assert seg.GetNodeReference(REJECTED_TABLE_ROLE) is table and table.GetNumberOfRows() == 0
+
+
+def test_the_rejected_candidates_can_be_hidden_and_stay_hidden_through_a_rethreshold(mrml):
+    from CMBDetectLib.mrml.display import set_rejected_visibility
+
+    node = swi_node(mrml)
+    seg, _, _ = write_result(make_result(node), node)
+    assert set_rejected_visibility(seg, False) is None  # nothing to hide yet
+    points = show_rejected(seg, node, make_rejected(3))
+    assert points.GetDisplayNode().GetVisibility()
+    assert set_rejected_visibility(seg, False) is points and not points.GetDisplayNode().GetVisibility()
+    show_rejected(seg, node, make_rejected(2))  # refilled by a re-threshold: the reader's choice stays
+    assert not points.GetDisplayNode().GetVisibility()
+    set_rejected_visibility(seg, True)
+    assert points.GetDisplayNode().GetVisibility()

@@ -36,3 +36,13 @@ def test_an_old_torch_is_reported_not_reinstalled(tmp_path):
 def test_local_build_tags_do_not_change_the_release():
     assert satisfies("2.5.1+cu121", ">=2.1") and not satisfies("2.0.1+cpu", ">=2.1")
     assert satisfies("2.13.0", ">=2.1") and not satisfies("not a version", ">=2.1")
+
+
+def test_psutil_is_required_where_the_worker_is_cancelled():
+    """Cancel kills the worker's whole process tree (PythonSlicer is a launcher: the interpreter
+    is its child) with psutil, which Slicer does not ship: the module must ask for it."""
+    import tomllib
+
+    assert any(line.split(">=")[0].strip() == "psutil" for line in requirements.requirement_lines(SHIPPED))
+    project = tomllib.loads((SHIPPED.parents[2] / "pyproject.toml").read_text())["project"]
+    assert any(d.split(">=")[0].strip() == "psutil" for d in project["dependencies"])

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from CMBDetectLib.io import write_volume
-from CMBDetectLib.detection.outputs import output_paths
+from CMBDetectLib.detection.records import output_paths
 from handmade import phantom, save_dark_spot_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "CMBDetect" / "Scripts" / "cmbdetect_slicer_batch.py"
@@ -83,6 +83,14 @@ def test_batch_script_detects_and_reports_failures_in_its_exit_code(tmp_path):
 def test_usage_errors_exit_with_2(tmp_path, capsys):
     assert load_script().main(["--output", str(tmp_path)]) == 2  # no inputs
     assert "required" in capsys.readouterr().err
+
+
+def test_operating_point_reaches_detect_and_is_refused_with_single_stage(tmp_path, capsys):
+    array, geometry, _ = phantom(shape=(6, 80, 90), spheres_mm=[((3, 40, 45), 4.0)])
+    write_volume(array, geometry, tmp_path / "in.nii.gz")
+    argv = ["--input", str(tmp_path / "in.nii.gz"), "--output", str(tmp_path / "out"), "--single-stage", "--operating-point", "count", "--quiet"]
+    assert load_script().main(argv) == 2
+    assert "--operating-point" in capsys.readouterr().err
 
 
 def test_help_works_without_torch_and_after_slicers_double_dash(tmp_path):

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "cohort-benchmark": "CMBDetectLib.commands.cohort_benchmark",
     "review": "CMBDetectLib.commands.review",
     "train-candidates": "CMBDetectLib.commands.train_candidates",
+    "calibrate": "CMBDetectLib.commands.calibrate",
 }
 
 

@@ -15,3 +15,8 @@ class CaseError(Exception):
 class BatchError(Exception):
     """A batch cannot start as asked (an unwritable output folder, one phase image for many
     cases); raised before any case runs, so nothing is done in vain."""
+
+
+class InputError(ValueError):
+    """The inputs of a batch cannot be listed (a case list that is missing, empty or has no
+    image column): nothing has run and nothing was written."""

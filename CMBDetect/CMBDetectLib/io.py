@@ -9,9 +9,11 @@ into another space.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,14 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 WORKING_BYTES_PER_VOXEL = 24
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+# Voxel spacing a scanner can produce, in mm on every axis. Outside it the header is wrong
+# (a unit mix-up, a zero pixdim), and the lesion size filter would then measure nonsense.
+SPACING_RANGE_MM = (0.05, 20.0)
+# How far the direction matrix may stray from orthonormal (rounding in DICOM or NIfTI
+# headers stays below this). ITK's NIfTI writer silently orthonormalises a sheared matrix
+# while the .seg.nrrd keeps it, so the outputs of one case would disagree about the grid.
+ORTHONORMAL_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -200,13 +210,14 @@ def read_volume(path: str | os.PathLike, case: str | None = None, series: str | 
     """Read a 3D scalar volume (NIfTI, NRRD, MHA, or a DICOM series folder) as float32.
 
     `series`: the Series Instance UID to read from a folder that holds several (dicom_series).
-    Raises CaseError naming the case for anything that is not a readable 3D scalar volume.
+    Raises CaseError naming the case for anything that is not a readable 3D scalar volume:
+    a missing or truncated file, a grid no scanner makes (spacing, shear), NaN voxels.
     """
     path = Path(path)
     case = case or case_name(path)
     series = (series or "").strip() or None  # an empty cell of a case list chooses nothing
     if not path.exists():
-        raise CaseError(case, f"file not found: {path}")
+        raise CaseError(case, _missing(path))
     if series and not path.is_dir():
         raise CaseError(case, f"DICOM series {series} was asked for, but {path} is a file, not a DICOM folder")
     try:
@@ -220,7 +231,7 @@ def read_volume(path: str | os.PathLike, case: str | None = None, series: str | 
             dims = (*info.GetSize()[:2], len(files))
             components = info.GetNumberOfComponents()
         else:
-            reader = sitk.ImageFileReader()
+            reader = info = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             dims = tuple(reader.GetSize())
@@ -238,18 +249,190 @@ def read_volume(path: str | os.PathLike, case: str | None = None, series: str | 
     if len(dims) > 3:
         raise CaseError(case, f"image is {len(dims)}D (size {'x'.join(map(str, dims))}); a single 3D volume is needed")
     check_size(dims, case)
+    if path.is_file():
+        check_grid(reader.GetSpacing(), reader.GetDirection(), case)  # from the header: before the voxels
+        voxel_bytes = int(np.prod(dims, dtype=np.int64)) * _itemsize(info.GetPixelID())
+        if _is_nifti(path):
+            # ITK's NIfTI reader fills what a truncated file lacks with zeros and says nothing.
+            try:
+                _refuse_truncated(path, case, nifti_shortfall(path))
+            except ValueError as exc:
+                raise CaseError(case, f"cannot read {path}: {exc}") from None
 
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        # NRRD and MetaImage readers do notice a short file; say so in plain words when we can.
+        shortfall = _other_shortfall(path, voxel_bytes) if path.is_file() else None
+        _refuse_truncated(path, case, shortfall)
         raise CaseError(case, f"cannot read {path}: {_first_line(exc)}") from None
+    if not path.is_file():
+        check_grid(image.GetSpacing(), image.GetDirection(), case)  # a series' slice spacing is known only now
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if bad:
         raise CaseError(case, f"volume has {bad} NaN or infinite voxels")
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+    if path.is_file() and _is_nifti(path):
         _check_nifti_nan(path, case)
     return Volume(array, geometry_of(image))
+
+
+def check_grid(spacing: tuple[float, ...], direction: tuple[float, ...], case: str) -> None:
+    """Refuse a voxel grid no scanner makes: spacing outside SPACING_RANGE_MM on any axis, or a
+    direction matrix that is not orthonormal (a sheared grid)."""
+    low, high = SPACING_RANGE_MM
+    if not all(low <= s <= high for s in spacing):
+        axes = ", ".join(f"{a} {s:g} mm" for a, s in zip("ijk", spacing) if not low <= s <= high)
+        raise CaseError(
+            case, f"voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm is outside {low:g} to {high:g} mm ({axes}): the header's spacing is wrong"
+        )  # fmt: skip
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    off = float(np.abs(d.T @ d - np.eye(3)).max())
+    if off > ORTHONORMAL_TOLERANCE:
+        raise CaseError(
+            case, f"the direction matrix is not orthonormal (off by {off:.2g}; at most {ORTHONORMAL_TOLERANCE:g} allowed): "
+            "a sheared grid, which the outputs could not keep; resample it onto an orthonormal grid first",
+        )  # fmt: skip
+
+
+def _missing(path: Path) -> str:
+    """Why `path` does not exist, in words: links that dangle or loop are named as such."""
+    if not path.is_symlink():
+        return f"file not found: {path}"
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"the symbolic link {path} loops (it leads back to itself)"
+    return f"the symbolic link {path} points to {os.readlink(path)}, which does not exist"
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _itemsize(pixel_id: int) -> int:
+    return sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).itemsize
+
+
+def _refuse_truncated(path: Path, case: str, shortfall: tuple[int, int] | None) -> None:
+    if shortfall is not None:
+        have, need = shortfall
+        raise CaseError(case, f"file is truncated: {path.name} holds {have} of the {need} bytes its header promises")
+
+
+def nifti_shortfall(path: Path) -> tuple[int, int] | None:
+    """(bytes present, bytes the header promises) when a NIfTI file is shorter than its header
+    says, else None. Counted on the uncompressed stream of a .nii.gz, which is read through
+    only when the gzip trailer disagrees (a cut file, or several gzip members).
+    Raises ValueError when not even the header can be read.
+    """
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+    except Exception as exc:  # nibabel names what is wrong with the header
+        raise ValueError(f"the NIfTI header cannot be read: {exc}") from None
+    if not path.name.lower().endswith(".gz"):
+        have = path.stat().st_size
+    else:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() >= 18:  # the smallest complete gzip member
+                f.seek(-4, os.SEEK_END)
+                if int.from_bytes(f.read(4), "little") == need % 2**32:  # ISIZE: the length mod 2**32
+                    return None
+        have = gzip_stream_length(path, 0, need)
+    return (have, need) if have < need else None
+
+
+def gzip_stream_length(path: Path, start: int, enough: int) -> int:
+    """Bytes of uncompressed data in the gzip stream that begins at byte `start` of `path`,
+    through every member, counting no further than `enough`; a stream cut short or damaged
+    counts what came out of it."""
+    total = 0
+    inflater = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = b""
+        while total < enough:
+            if not data:
+                data = f.read(1 << 20)
+                if not data:
+                    try:
+                        total += len(inflater.flush())  # output held back by the size bound
+                    except zlib.error:
+                        pass
+                    break
+            try:
+                total += len(inflater.decompress(data, 1 << 24))  # bounded output: no big buffers
+            except zlib.error:
+                break  # damaged, or padding after the last member
+            data = inflater.unconsumed_tail
+            if inflater.eof:  # one member ends; another may follow (bgzip, pigz)
+                data = inflater.unused_data
+                inflater = zlib.decompressobj(wbits=31)
+    return total
+
+
+def _text_header(path: Path, separator: str, last: str | None = None) -> tuple[dict[str, str], int] | None:
+    """The `key<separator>value` lines of a NRRD or MetaImage header (keys lower-case), and
+    the byte where the data starts: after the blank line, after the line whose key is `last`,
+    or at the end of a detached header. None when no header end is found."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)  # headers are a few hundred bytes
+    fields: dict[str, str] = {}
+    pos = 0
+    while (end := head.find(b"\n", pos)) >= 0:
+        line = head[pos:end].decode("latin-1").rstrip("\r")
+        pos = end + 1
+        if not line.strip():
+            return fields, pos
+        key, sep, value = line.partition(separator)
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == last:
+                return fields, pos
+    return (fields, pos) if pos == len(head) else None
+
+
+def _other_shortfall(path: Path, voxel_bytes: int) -> tuple[int, int] | None:
+    """For a NRRD or MetaImage file that ITK could not read: (data bytes present, bytes the
+    header promises) when the data is short; None when that is not the problem, or for a
+    layout we do not follow (lists of data files, skipped bytes, other encodings)."""
+    name = path.name.lower()
+    if name.endswith((".mha", ".mhd")):
+        parsed = _text_header(path, "=", last="elementdatafile")
+        if parsed is None or parsed[0].get("headersize", "0") not in ("0", "-1"):
+            return None
+        fields, start = parsed
+        data_file, gzipped = fields.get("elementdatafile", ""), False
+        need = voxel_bytes
+        if fields.get("compresseddata", "false").lower() == "true":  # zlib data of a recorded size
+            if not fields.get("compresseddatasize", "").isdigit():
+                return None
+            need = int(fields["compresseddatasize"])
+    elif name.endswith((".nrrd", ".nhdr")):
+        parsed = _text_header(path, ":")
+        if parsed is None or parsed[0].get("line skip", "0") != "0" or parsed[0].get("byte skip", "0") != "0":
+            return None
+        fields, start = parsed
+        data_file = fields.get("data file", fields.get("datafile", "LOCAL"))
+        encoding = fields.get("encoding", "raw")
+        if encoding not in ("raw", "gzip", "gz"):
+            return None
+        gzipped, need = encoding != "raw", voxel_bytes
+    else:
+        return None
+    if data_file.upper() != "LOCAL":
+        if data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
+            return None
+        path, start = path.parent / data_file, 0
+        if not path.is_file():
+            return 0, need
+    have = gzip_stream_length(path, start, need) if gzipped else path.stat().st_size - start
+    return (have, need) if have < need else None
 
 
 def read_phase(phase: str | Path, case: str, volume: Volume) -> np.ndarray:
@@ -273,27 +456,55 @@ def _check_nifti_nan(path: Path, case: str) -> None:
     """
     import nibabel
 
-    image = nibabel.load(str(path))
-    if not np.issubdtype(image.get_data_dtype(), np.floating):
-        return
-    raw = np.asanyarray(image.dataobj)
+    try:
+        image = nibabel.load(str(path))
+        if not np.issubdtype(image.get_data_dtype(), np.floating):
+            return
+        raw = np.asanyarray(image.dataobj)
+    except Exception as exc:  # a second reader should not find more wrong than ITK did; say what it found
+        raise CaseError(case, f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     bad = int(np.count_nonzero(~np.isfinite(raw)))
     if bad:
         raise CaseError(case, f"volume has {bad} NaN or infinite voxels")
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write an array on the given grid, atomically (a temporary file renamed into place)."""
+    """Write an array on the given grid, atomically (a hidden temporary file renamed into place
+    once it is complete); a write that fails raises OSError naming `path`, and leaves nothing."""
     path = Path(path)
     image = to_sitk(array, geometry)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise OSError(errno.EIO, _first_line(exc), str(path)) from None
+        if _is_nifti(path):
+            # niftilib, inside ITK's NIfTI writer, prints "** ERROR: NWAD: wrote only ..." when the
+            # disk fills up, then returns as if all went well: check what reached the file.
+            try:
+                short = nifti_shortfall(tmp) is not None
+            except ValueError:  # not even a whole header
+                short = True
+            if short:
+                stopped = f"the NIfTI writer stopped short after {tmp.stat().st_size} bytes (disk full, or a file size limit)"
+                raise OSError(errno.EIO, stopped, str(path))
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk; a deferred write error (NFS, a full disk) raises here."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows' fsync needs write access
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class atomic_path:
-    """Context manager giving a temporary path beside `path`, renamed onto it on success.
+    """Context manager giving a hidden temporary path beside `path`, renamed onto it on success.
 
-    Readers never see a half-written file, and a failure leaves nothing behind.
+    Readers never see a half-written file: the temporary name starts with a dot (never taken
+    for a case or a result), the file is flushed to the disk before it is renamed, and any
+    failure, the flush's included, removes it and leaves `path` as it was.
     """
 
     def __init__(self, path: Path) -> None:
@@ -308,14 +519,19 @@ class atomic_path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        try:
+            fsync_file(self.tmp)
             # mkstemp makes owner-only files; results are ordinary files, so honour the umask.
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
-        else:
+        except BaseException:
             self.tmp.unlink(missing_ok=True)
+            raise
 
 
 def _first_line(exc: Exception) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .detection.network import NetworkConfig, ResUNet
@@ -108,9 +109,17 @@ def load_model(spec: str | None = None, directory: Path | None = None) -> Loaded
     card = json.loads(card_file.read_text())
     sha256 = verified_sha256(path, card, expected, "model file")
     network = ResUNet(NetworkConfig.from_dict(card["network"]))
-    network.load_state_dict(load_file(str(path)))
+    network.load_state_dict(read_weights(path))
     network.eval()
     return LoadedModel(network, card, path, sha256)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a damaged or foreign file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def save_model(network: ResUNet, path: Path, card: dict) -> dict:

@@ -66,12 +66,15 @@ def outputs_on_input_grid(test: Any, logic: Any) -> None:
         test.assertTrue(np.allclose(slicer.util.arrayFromMarkupsControlPoints(markups)[n], ras, atol=1e-4))
         test.assertEqual(segmentation.GetSegmentation().GetNthSegment(n).GetName(), f"CMB {lesion.id}")
 
-    # Live threshold: the kept probability map gives the lesions again, into the same nodes.
+    # Live threshold: the kept probability map gives the lesions again, into the same nodes;
+    # at the run's own threshold, the run's lesions.
     nodeCount = slicer.mrmlScene.GetNumberOfNodes()
     again = logic.rethreshold(segmentation, 0.9, 2.0, 10.0)
     test.assertIs(again[1], segmentation)
     test.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), len(again[0].lesions))
     test.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+    same = logic.rethreshold(segmentation, result.threshold, 2.0, 10.0)
+    test.assertEqual([lesion.n_voxels for lesion in same[0].lesions], [lesion.n_voxels for lesion in result.lesions])
 
     # Running again on its own segmentation replaces the outputs instead of adding nodes.
     rerun = logic.process(inputVolume, segmentation)

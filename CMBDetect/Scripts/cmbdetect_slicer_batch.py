@@ -4,7 +4,8 @@ Recommended (no GUI, no event loop, exits by itself, --help works):
 
     PythonSlicer cmbdetect_slicer_batch.py --input IN [IN ...] --output OUT \\
         [--threshold 0.4] [--min-size 2] [--max-size 10] [--device auto|cpu|cuda] \\
-        [--model ID_OR_FILE] [--batch-size N] [--phase FILE_OR_FOLDER] [--preview] [--quiet]
+        [--model ID_OR_FILE] [--batch-size N] [--phase FILE_OR_FOLDER] [--phase-sign auto|keep|flip] \\
+        [--operating-point review|count] [--preview] [--quiet]
 
 Also possible, through the full application (slower to start; Slicer reads its own options
 first, so the script's --help needs `--` before it):
@@ -50,10 +51,12 @@ REQUIRED = {
     "tqdm": "tqdm",
     "nibabel": "nibabel",
 }
-# In requirements.txt, but detection works without them (torch eager runs the network instead).
+# In requirements.txt, but this script works without them: torch eager runs the network
+# instead of onnxruntime; psutil serves the module's Cancel, which a batch run has not.
 OPTIONAL = {
     "onnxruntime": "onnxruntime",
     "onnx": "onnx",
+    "psutil": "psutil",
 }
 
 
@@ -61,7 +64,7 @@ def to_detect_argv(argv: list[str]) -> list[str]:
     """Our options to `cmbdetect detect`'s: --input IN... becomes the positional inputs.
 
     Positional inputs, as `cmbdetect detect` takes them, work too. Everything else (--output, --threshold, --min-size, --max-size, --device, --model,
-    --batch-size, --phase, --preview, --quiet) is passed through unchanged, so both commands stay one.
+    --batch-size, --phase, --phase-sign, --operating-point, --preview, --quiet) is passed through unchanged, so both commands stay one.
     """
     inputs: list[str] = []
     rest: list[str] = []

@@ -33,7 +33,7 @@ import slicer.util
 import vtk
 
 from CMBDetectLib.detection.lesions import CLASS_COLORS
-from CMBDetectLib.detection.outputs import TERMINOLOGY_ENTRY
+from CMBDetectLib.detection.records import TERMINOLOGY_ENTRY
 from CMBDetectLib.io import Volume
 from CMBDetectLib.mrml.navigation import jump_to_lesion
 from CMBDetectLib.mrml.nodes import ijk_to_ras_of, labelmap_image, volume_from_node

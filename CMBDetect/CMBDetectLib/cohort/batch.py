@@ -1,8 +1,9 @@
 """Detection over many cases: files, folders, DICOM series folders or a CSV list.
 
 A batch, in order:
-1. the inputs become (case name, path) pairs; unsafe and duplicated names are refused,
-   each with its reason, before any case runs (names.py);
+1. the inputs become (case name, path) pairs; unsafe and duplicated names, and case-list rows
+   without an image, are refused, each with its reason, before any case runs (names.py); a
+   case list that cannot be read at all stops the batch before anything is written;
 2. staging folders left by a killed run are removed, and every case already done with the
    same model and parameters (its summary says so) is skipped unless `force` (resume.py);
 3. the remaining cases run here one after another, in `workers` local processes
@@ -23,7 +24,8 @@ from typing import Callable, NamedTuple, TextIO
 
 from tqdm import tqdm
 
-from ..io import case_name, is_volume_file
+from ..errors import InputError
+from ..io import atomic_path, case_name, is_volume_file
 from ..detection.outputs import prepare_output_folder
 from ..detection.pipeline import DetectionParams
 from ..errors import BatchError
@@ -40,42 +42,77 @@ class CaseInput(NamedTuple):
     series: str | None = None  # the Series Instance UID to read from a DICOM folder of several
 
 
-def _cases_from_csv(path: Path) -> list[CaseInput]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+# The columns a case list may name its images by, in order of preference.
+IMAGE_COLUMNS = ("image", "path", "input", "file")
+
+
+def _cases_from_csv(path: Path) -> tuple[list[CaseInput], dict[int, str]]:
+    """The list's (case, path, series) entries, and for each row that names no image, why it is refused.
+
+    Raises InputError when the list as a whole cannot be used (missing, unreadable, empty,
+    no image column): no case of it could run.
+    """
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark must not become part of the first column's name.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"cannot read the case list {path}: {exc}") from None
+    if not columns:
+        raise InputError(f"case list {path} is empty: it needs a header row with an image column and a row per case")
     if not rows:
-        raise ValueError(f"case list {path} has no rows")
-    columns = rows[0].keys()
-    column = next((c for c in ("image", "path", "input", "file") if c in columns), None)
+        raise InputError(f"case list {path} has no rows below its header")
+    column = next((c for c in IMAGE_COLUMNS if c in columns), None)
     if column is None:
-        raise ValueError(f"case list {path} needs a column named image, path, input or file (has: {', '.join(columns)})")
-    cases = []
-    for row in rows:
-        p = Path(row[column] or "")
+        raise InputError(f"case list {path} needs a column named {', '.join(IMAGE_COLUMNS[:-1])} or {IMAGE_COLUMNS[-1]} (has: {', '.join(columns)})")
+    cases: list[CaseInput] = []
+    problems: dict[int, str] = {}
+    for number, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet counts
+        cell = (row.get(column) or "").strip()
+        if not cell:
+            # Path("") is the current folder: the list's own folder would be read as a DICOM series.
+            problems[len(cases)] = f"row {number} of {path.name}: the {column} cell is empty"
+            cases.append(CaseInput(row.get("case") or "", path))
+            continue
+        p = Path(cell)
         if not p.is_absolute():
             p = path.parent / p  # paths in a case list are relative to the list
         # No case column, or an empty cell: the file's name. An empty series cell chooses nothing.
         cases.append(CaseInput(row.get("case") or case_name(p), p, (row.get("series") or "").strip() or None))
-    return cases
+    return cases, problems
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[CaseInput]:
-    """(case name, path, series) for every case named by the inputs, in a stable order."""
+def _folder_entries(folder: Path) -> list[CaseInput]:
+    """The cases of a folder: its volume files and its subfolders (each a DICOM series), or the
+    folder itself (one DICOM series); then its links that lead nowhere (dangling or looping),
+    which would otherwise vanish without a word: read_volume reports each by name."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    volumes = [CaseInput(case_name(p), p) for p in entries if p.is_file() and is_volume_file(p)]
+    subdirs = [CaseInput(p.name, p) for p in entries if p.is_dir()]
+    broken = [CaseInput(case_name(p), p) for p in entries if p.is_symlink() and not p.exists()]
+    return (volumes + subdirs or [CaseInput(folder.name, folder)]) + broken
+
+
+def expand_inputs(inputs: list[str | Path]) -> tuple[list[CaseInput], dict[int, str]]:
+    """(case name, path, series) for every case named by the inputs, in a stable order; and, by
+    position, the reason each entry that cannot run is refused (a case-list row without image).
+
+    Raises InputError for an input that cannot be listed at all (a missing or empty case list).
+    """
     cases: list[CaseInput] = []
+    problems: dict[int, str] = {}
     for item in map(Path, inputs):
         if item.suffix.lower() == ".csv":
-            cases += _cases_from_csv(item)
+            listed, refused = _cases_from_csv(item)
+            problems.update({len(cases) + i: reason for i, reason in refused.items()})
+            cases += listed
         elif item.is_dir():
-            volumes = sorted(p for p in item.iterdir() if p.is_file() and is_volume_file(p))
-            subdirs = sorted(p for p in item.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if volumes or subdirs:
-                cases += [CaseInput(case_name(p), p) for p in volumes]
-                cases += [CaseInput(p.name, p) for p in subdirs]  # each subfolder a DICOM series
-            else:
-                cases.append(CaseInput(item.name, item))  # the folder itself holds one DICOM series
+            cases += _folder_entries(item)
         else:
             cases.append(CaseInput(case_name(item), item))  # read_volume says if it is missing or unreadable
-    return cases
+    return cases, problems
 
 
 def _absolute_model(spec: str | None) -> str | None:
@@ -119,7 +156,7 @@ def detect_batch(
     output_dir: str | Path,
     params: DetectionParams | None = None,
     show_progress: bool = True,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
     on_case: Callable[[CaseOutcome], None] | None = None,
     preview: bool = False,
     *,
@@ -143,9 +180,10 @@ def detect_batch(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
+    log = log or sys.stderr  # looked up now: the stream may have been replaced since import
     params = params or DetectionParams()
     params = replace(params, model=_absolute_model(params.model))
-    cases = expand_inputs(inputs)
+    cases, problems = expand_inputs(inputs)
     out_dir = Path(output_dir).absolute()
     dicom_dir = Path(dicom_out).absolute() if dicom_out is not None else None
     series = (series or "").strip() or None
@@ -163,7 +201,7 @@ def detect_batch(
         if on_case:
             on_case(outcome)
 
-    refused = refuse_unsafe_and_duplicates([c.name for c in cases])
+    refused = {**refuse_unsafe_and_duplicates([c.name for c in cases]), **problems}
     for i, reason in refused.items():
         shown = printable(cases[i].name)
         finish(i, CaseOutcome(shown, str(cases[i].path), False, error=f"{shown or '(empty)'}: refused: {reason}", status="refused"))
@@ -236,8 +274,9 @@ def exit_code(outcomes: list[CaseOutcome]) -> int:
 
 
 def write_batch_table(path: Path, outcomes: list[CaseOutcome]) -> None:
+    """The batch table, replaced whole or not at all (a full disk leaves the previous one)."""
     fields = ["case", "source", "status", "ok", "n_lesions", "n_small", "n_large", "seconds", "error"]
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for o in outcomes:

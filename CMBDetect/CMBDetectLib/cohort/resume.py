@@ -17,7 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..detection.outputs import DICOM_FILES, dicom_output_paths, every_output_path, output_paths
+from ..detection.records import DICOM_FILES, dicom_output_paths, every_output_path, output_paths
 from ..detection.pipeline import DetectionParams, DetectionResult
 from ..models import CardIdentity
 

@@ -20,8 +20,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
-
 from ..detection.pipeline import DetectionParams
 from ..errors import CaseError
 from ..io import read_volume
@@ -110,8 +108,7 @@ def _hold_if_asked(case: str) -> None:
 
 def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = None) -> CaseOutcome:
     """Detect and write one case; a bad case comes back as a failed outcome, never as an exception."""
-    from ..errors import CaseError
-    from ..io import dicom_series, read_phase, read_volume
+    from ..io import dicom_series, read_phase
     from ..detection.outputs import write_case_outputs
     from ..detection.pipeline import detect_volume
     from .names import inside, unsafe_name_reason
@@ -144,8 +141,9 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         )  # fmt: skip
     except CaseError as exc:
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=str(exc))
-    except (MemoryError, RuntimeError, OSError, ValueError) as exc:
-        # Unexpected, but one case must not stop a cohort: report it in full and go on.
+    except Exception as exc:
+        # Unexpected (a library's own error class: nibabel's, zlib's, EOFError), but one case
+        # must not stop a cohort: report it in full and go on.
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=f"{case}: {detail}")
 

@@ -14,7 +14,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("inputs", nargs="+", metavar="IN", help="volume files, folders of volumes or DICOM series, or a CSV with an 'image' column")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for the results (created if missing)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"probability threshold (default {DEFAULT_THRESHOLD}, the paper's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"stage 1's probability threshold: with --single-stage it makes the lesions (default {DEFAULT_THRESHOLD}, the paper's); "
+                        "with two stages it makes the candidates (default: the classifier card's, 0.15), and --operating-point decides which are kept")
+    p.add_argument("--operating-point", choices=["review", "count"], default=None,
+                   help="stage 2's threshold on calibrated P(microbleed), from the classifier's card: count (precision first, for burden counts; "
+                        "the default) or review (sensitivity first, for an expert who triages every detection)")
+    p.add_argument("--phase-sign", choices=["auto", "keep", "flip"], default="auto",
+                   help="how to read the phase image's sign (vendors differ): auto (default) decides from the candidates themselves and "
+                        "ignores the phase, with a warning in the summary, when the evidence is weak; keep or flip force it")
     p.add_argument("--min-size", type=float, default=MIN_DIAMETER_MM, help=f"smallest lesion kept, equivalent diameter in mm (default {MIN_DIAMETER_MM:g})")
     p.add_argument("--max-size", type=float, default=MAX_DIAMETER_MM, help=f"largest lesion kept, mm (default {MAX_DIAMETER_MM:g})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the network runs (default: CUDA if present, else CPU)")
@@ -44,10 +52,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cohort.batch import detect_batch, exit_code, write_batch_table
     from ..detection.pipeline import DetectionParams
-    from ..errors import BatchError
+    from ..errors import BatchError, InputError
 
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         print(f"error: --threshold must lie strictly between 0 and 1, not {args.threshold}", file=sys.stderr)
+        return 2
+    if args.operating_point and args.single_stage:
+        print("error: --operating-point chooses stage 2's threshold on P(microbleed); --single-stage has no stage 2 (use --threshold)", file=sys.stderr)
         return 2
     if not 0 <= args.min_size <= args.max_size:
         print(f"error: --min-size {args.min_size} and --max-size {args.max_size} do not make a range", file=sys.stderr)
@@ -77,9 +88,13 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    from ..detection.lesions import DEFAULT_THRESHOLD
+
     params = DetectionParams(
-        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
-        engine=args.engine, head_only=not args.dense, single_stage=args.single_stage, candidate_model=args.candidate_model,
+        DEFAULT_THRESHOLD if args.threshold is None else args.threshold, args.min_size, args.max_size, args.device,
+        args.batch_size, args.model, engine=args.engine, head_only=not args.dense, single_stage=args.single_stage,
+        candidate_model=args.candidate_model, operating_point=args.operating_point, phase_sign=args.phase_sign,
+        candidate_threshold=None if args.single_stage else args.threshold,
     )  # fmt: skip
     try:
         from ..detection.inference import select_device
@@ -89,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         model = get_model(args.model, select_device(args.device))
         get_engine(args.model, select_device(args.device), args.engine)
         classifier = stage_two_classifier(params, model)
+        if classifier is not None:
+            classifier.keep_at(args.operating_point, False)  # a card without that point: say so now
+        elif args.operating_point:
+            raise ValueError(f"--operating-point needs a candidate stage, and model {model.id} has none")
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,14 +133,19 @@ def run(args: argparse.Namespace) -> int:
             force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
             series=args.series, dicom_out=args.dicom_out,
         )  # fmt: skip
-    except BatchError as exc:  # raised before any case ran
+    except (BatchError, InputError) as exc:  # raised before any case ran
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not outcomes:
         print("error: the inputs name no cases", file=sys.stderr)
         return 1
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_batch_table(args.output / "cmbdetect_batch.csv", outcomes)
+    table = args.output / "cmbdetect_batch.csv"
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+        write_batch_table(table, outcomes)
+    except OSError as exc:
+        print(f"error: cannot write the batch table {table}: {exc}", file=sys.stderr)
+        table = None
     failed = [o for o in outcomes if not o.ok]
     done = len(outcomes) - len(failed)
     total = sum(o.n_lesions for o in outcomes if o.ok)
@@ -135,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                   f"DICOM objects (they would reference no source images): {', '.join(not_dicom)}", file=sys.stderr)  # fmt: skip
     for o in failed:
         print(f"  failed: {o.error}", file=sys.stderr)
-    return exit_code(outcomes)
+    return exit_code(outcomes) if table is not None else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distance-mm", type=float, default=5.0, metavar="MM", help="centre-distance rule: match below this distance (default 5)")
     parser.add_argument("--threshold", type=float, default=0.4,
                         help="only for predictions given as a probability map alone: threshold before the 2-10 mm filter (default 0.4)")
+    parser.add_argument("--keep-p", type=float, default=None, metavar="P",
+                        help="score only predicted lesions whose highest P(microbleed) in <case>_prob.nii.gz reaches P: another operating "
+                             "point from the same outputs (detect at review, score the count point's threshold)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples over cases for 95%% CIs; 0 to skip (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--no-html", action="store_true", help="write only the JSON and CSV")
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         overlap_fraction=args.overlap,
         distance_mm=args.distance_mm,
         threshold=args.threshold,
+        keep_p=args.keep_p,
         n_bootstrap=max(args.bootstrap, 0),
         seed=args.seed,
     )

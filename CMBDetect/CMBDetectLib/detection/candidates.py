@@ -23,48 +23,39 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from scipy import ndimage
 
 from ..io import Geometry, sha256_of
-from ..models import CardIdentity, resolve, verified_sha256
-from .classifier import CALCIFICATION, CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
+from ..models import CardIdentity, read_weights, resolve, verified_sha256
+from .classifier import CandidateNet, ClassifierConfig
 from .lesions import Lesion, extract_lesions
+from .phase import check_phase
 from .preprocess import white_matter_peak
+from .records import CALCIFICATION, CLASSES, MICROBLEED, Candidate
 
 CANDIDATE_THRESHOLD = 0.15  # the U-Net threshold for candidates (the paper's 0.4 is stage 1 alone)
 CANDIDATE_MIN_MM = 2.0
 CANDIDATE_MAX_MM = 10.0
 KEEP_AT = 0.5
 DEFINITE_AT = 0.8
+# A bleed blooms over several slices; where the U-Net's probability dips on one slice, the
+# two halves would be two candidates (two "microbleeds"). Candidates are found on the map
+# closed by this many slices along the slice axis, so such a dip is bridged.
+BRIDGE_SLICES = 1
+OPERATING_POINTS = ("review", "count")
+PHASE_SIGNS = ("auto", "keep", "flip")
+# Phase sign evidence (auto): the mean P(calcification) of the candidates read with the phase as
+# given and negated must differ by at least this much, over at least MIN_SIGN_CANDIDATES
+# candidates; otherwise the phase is not used (the no-phase rule applies) and the summary says so.
+MIN_SIGN_EVIDENCE = 0.05
+MIN_SIGN_CANDIDATES = 3
 PHASE_SCALE_RAD = 1.0  # phase enters the network in radians, clipped to +-pi
-# Beyond this the image is not phase in radians (scanner units such as +-4096, or unfiltered
-# unwrapped phase): refused rather than clipped into nonsense.
-PHASE_LIMIT_RAD = 2.0 * np.pi
-CERTAINTIES = ("definite", "possible")
-
-
-@dataclass
-class Candidate(Lesion):
-    """A candidate after stage 2: a Lesion plus the classifier's verdict."""
-
-    p_microbleed: float = 0.0
-    certainty: str = ""  # kept: "definite" | "possible"; rejected: ""
-    reason: str = ""  # rejected: the most likely mimic (CLASSES[1:]); kept: ""
-    class_probabilities: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def kept(self) -> bool:
-        return not self.reason
-
-    @property
-    def name(self) -> str:
-        return f"CMB {self.id}" if self.kept else f"Rejected {self.id}"
 
 
 @dataclass
@@ -76,6 +67,7 @@ class StageSettings:
     max_diameter_mm: float = CANDIDATE_MAX_MM
     keep_at: float = KEEP_AT
     definite_at: float = DEFINITE_AT
+    bridge_slices: float = 0  # cards written before bridging have none: their figures stand
 
     @classmethod
     def from_card(cls, card: dict) -> "StageSettings":
@@ -84,6 +76,33 @@ class StageSettings:
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A monotone map from the stage's P(microbleed) to a calibrated probability: the piecewise
+    linear interpolation of isotonic-regression knots fitted on a tuning set (training/calibration.py).
+    Stored in the classifier's card, so applying it needs numpy only."""
+
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        x, y = tuple(float(v) for v in data["x"]), tuple(float(v) for v in data["y"])
+        if len(x) != len(y) or len(x) < 2 or any(b < a for a, b in zip(x, x[1:])) or any(b < a for a, b in zip(y, y[1:])):
+            raise ValueError("a calibration needs two or more increasing knots x and non-decreasing values y")
+        return cls(x, y)
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"x": list(self.x), "y": list(self.y)}
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(p, np.float64), self.x, self.y).astype(np.float32)
+
+
+def phase_mode(phase_used: bool) -> str:
+    return "phase" if phase_used else "no_phase"
 
 
 @dataclass
@@ -97,6 +116,27 @@ class LoadedClassifier(CardIdentity):
     def settings(self) -> StageSettings:
         return StageSettings.from_card(self.card)
 
+    def calibration(self, phase_used: bool) -> Calibration | None:
+        data = self.card.get("calibration", {}).get(phase_mode(phase_used))
+        return Calibration.from_dict(data) if data else None
+
+    @property
+    def default_operating_point(self) -> str | None:
+        return self.card.get("operating_points", {}).get("default")
+
+    def keep_at(self, operating_point: str | None, phase_used: bool) -> float:
+        """The calibrated P(microbleed) a candidate needs to be kept at this operating point
+        (None: the card's default point, or the stage's keep_at for a card without points)."""
+        points = self.card.get("operating_points", {})
+        name = operating_point or points.get("default")
+        if name is None:
+            return self.settings.keep_at
+        if name not in OPERATING_POINTS:
+            raise ValueError(f"unknown operating point {name!r}; choose one of {list(OPERATING_POINTS)}")
+        if name not in points:
+            raise ValueError(f"candidate classifier {self.id} {self.version} has no operating point {name!r} in its card (it was not calibrated)")
+        return float(points[name][phase_mode(phase_used)])
+
 
 @dataclass
 class StageResult:
@@ -107,6 +147,13 @@ class StageResult:
     probability: np.ndarray  # P(microbleed) map (see microbleed_probability_map)
     seconds: float
     n_candidates: int
+    keep_at: float = KEEP_AT  # the calibrated P(microbleed) a candidate needed to be kept
+    p_map_floor: float = CANDIDATE_THRESHOLD  # below this the probability map is not P(microbleed)
+    candidate_threshold: float = CANDIDATE_THRESHOLD
+    operating_point: str | None = None
+    calibrated: bool = False
+    phase_used: bool = False
+    phase_sign: "PhaseSign | None" = None
 
 
 # ---------------------------------------------------------------------------- patches
@@ -160,21 +207,6 @@ def scaled_magnitude(image: np.ndarray) -> np.ndarray:
     return (np.asarray(image, np.float32) / np.float32(peak if peak > 0 else 1.0)).astype(np.float32, copy=False)
 
 
-def check_phase(phase: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
-    if phase is None:
-        return
-    if phase.shape != tuple(image_shape):
-        raise ValueError(f"phase image has shape {phase.shape} but the SWI image {tuple(image_shape)}; it must lie on the same grid")
-    if not np.isfinite(phase).all():
-        raise ValueError("phase image contains NaN or infinite values")
-    peak = float(np.abs(phase).max(initial=0.0))
-    if peak > PHASE_LIMIT_RAD:
-        raise ValueError(
-            f"phase image values reach {peak:.4g}: the candidate stage expects high-pass filtered phase in radians "
-            "(within -pi..pi); rescale it first (scanner units of -4096..4096 are value x pi/4096)"
-        )
-
-
 # ---------------------------------------------------------------------------- classifier
 
 
@@ -209,7 +241,11 @@ def without_phase(probabilities: np.ndarray) -> np.ndarray:
 
 
 def find_candidates(probability: np.ndarray, geometry: Geometry, settings: StageSettings) -> tuple[np.ndarray, list[Lesion]]:
-    """Connected components of the U-Net probability at the candidate threshold, in size range."""
+    """Connected components of the U-Net probability at the candidate threshold, in size range,
+    on the map closed along the slice axis (BRIDGE_SLICES) so that one bleed is one candidate."""
+    bridge = int(settings.bridge_slices)
+    if bridge > 0:
+        probability = ndimage.grey_closing(probability, size=(2 * bridge + 1, 1, 1), mode="nearest")
     return extract_lesions(probability, geometry, settings.candidate_threshold, settings.min_diameter_mm, settings.max_diameter_mm)
 
 
@@ -230,38 +266,108 @@ def _renumber(candidates: np.ndarray, ids: list[int]) -> np.ndarray:
     return lut[candidates]
 
 
+@dataclass
+class PhaseSign:
+    """How the phase image was read: as given ("kept"), negated ("flipped"), or not at all
+    ("ignored": the evidence for either sign was too weak), with that evidence."""
+
+    used: str
+    asked: str
+    evidence: float | None = None  # mean P(calcification) as given minus negated; > 0: flip
+    n_candidates: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "phase_sign": self.used,
+            "phase_sign_asked": self.asked,
+            "phase_sign_evidence": None if self.evidence is None else round(self.evidence, 4),
+        }
+
+
+def choose_phase_sign(
+    network: CandidateNet, patches: np.ndarray, asked: str = "auto"
+) -> tuple[np.ndarray, PhaseSign]:
+    """The classifier's probabilities with the phase read in the right sign, and that sign.
+
+    Vendors differ in the handedness of their phase: a paramagnetic bleed is negative on some
+    and positive on others. With the wrong sign the classifier calls nearly every bleed a
+    calcification, so `auto` reads the candidates both ways and keeps the sign under which they
+    look less like calcifications (veins and bleeds, paramagnetic, outnumber calcifications in
+    any brain). The rule is symmetric: a phase and its negation give the same verdicts."""
+    if asked not in PHASE_SIGNS:
+        raise ValueError(f"phase sign must be one of {list(PHASE_SIGNS)}, not {asked!r}")
+    negated = patches.copy()
+    negated[:, 1] *= -1.0
+    if asked == "keep":
+        return classify_patches(network, patches), PhaseSign("kept", asked)
+    if asked == "flip":
+        return classify_patches(network, negated), PhaseSign("flipped", asked)
+    as_given, flipped = classify_patches(network, patches), classify_patches(network, negated)
+    evidence = float(as_given[:, CALCIFICATION].mean() - flipped[:, CALCIFICATION].mean()) if len(patches) else 0.0
+    if len(patches) < MIN_SIGN_CANDIDATES or abs(evidence) < MIN_SIGN_EVIDENCE:
+        return as_given, PhaseSign("ignored", asked, evidence, len(patches))
+    if evidence > 0:
+        return flipped, PhaseSign("flipped", asked, evidence, len(patches))
+    return as_given, PhaseSign("kept", asked, evidence, len(patches))
+
+
 def run_candidate_stage(
     image: np.ndarray,
     probability: np.ndarray,
     geometry: Geometry,
     classifier: LoadedClassifier,
     phase: np.ndarray | None = None,
+    operating_point: str | None = None,
+    phase_sign: str = "auto",
+    candidate_threshold: float | None = None,
 ) -> StageResult:
-    """Find candidates in the U-Net's probability map and keep or reject each one."""
+    """Find candidates in the U-Net's probability map and keep or reject each one.
+
+    A candidate is kept when its calibrated P(microbleed) reaches the operating point's
+    threshold (the classifier card's; `operating_point` None: its default); *definite* when the
+    calibrated P reaches `definite_at`. A card without a calibration uses the raw P, and then
+    *definite* needs the network's own P(microbleed), not the calcification folded in."""
     start = time.perf_counter()
     check_phase(phase, image.shape)
     settings = classifier.settings
+    if candidate_threshold is not None:
+        settings = replace(settings, candidate_threshold=float(candidate_threshold))
     cand_labels, cands = find_candidates(probability, geometry, settings)
+    sign = None
     if cands:
         centres = np.array([c.centroid_lps for c in cands])
         patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.network.config)
-        raw = classify_patches(classifier.network, patches)
+        if phase is not None:
+            raw, sign = choose_phase_sign(classifier.network, patches, phase_sign)
+            if sign.used == "ignored":  # read as if there were no phase at all
+                patches[:, 1:] = 0.0
+                raw = classify_patches(classifier.network, patches)
+        else:
+            raw = classify_patches(classifier.network, patches)
     else:
         raw = np.zeros((0, len(CLASSES)), np.float32)
-    probs = raw if phase is not None else without_phase(raw)
+        if phase is not None:
+            sign = PhaseSign("ignored", phase_sign, None, 0)
+    phase_used = phase is not None and sign is not None and sign.used != "ignored"
+    probs = raw if phase_used else without_phase(raw)
+    calibration = classifier.calibration(phase_used)
+    p_stage = probs[:, MICROBLEED]
+    p_final = calibration(p_stage) if calibration is not None else p_stage
+    keep_at = classifier.keep_at(operating_point, phase_used)
     kept: list[Candidate] = []
     rejected: list[Candidate] = []
     kept_ids: list[int] = []
     rejected_ids: list[int] = []
-    for cand, p, p_raw in zip(cands, probs, raw):
-        p_mb = float(p[MICROBLEED])
+    for cand, p, p_raw, p_mb in zip(cands, probs, raw, p_final):
+        p_mb = float(p_mb)
         verdict = {name: round(float(v), 4) for name, v in zip(CLASSES, p)}
         fields = {k: getattr(cand, k) for k in Lesion.__dataclass_fields__}
-        if p_mb >= settings.keep_at:
+        if p_mb >= keep_at:
             fields["id"] = len(kept) + 1
-            # Definite needs the network's own P(microbleed): one kept only because calcification
-            # was folded in (no phase) stays possible.
-            certainty = "definite" if float(p_raw[MICROBLEED]) >= settings.definite_at else "possible"
+            # Uncalibrated, definite needs the network's own P(microbleed): one kept only because
+            # calcification was folded in (no phase) stays possible.
+            own = p_mb if calibration is not None else float(p_raw[MICROBLEED])
+            certainty = "definite" if own >= settings.definite_at else "possible"
             kept.append(Candidate(**fields, p_microbleed=p_mb, certainty=certainty, class_probabilities=verdict))
             kept_ids.append(cand.id)
         else:
@@ -269,7 +375,10 @@ def run_candidate_stage(
             mimic = CLASSES[1 + int(np.argmax(p[1:]))]
             rejected.append(Candidate(**fields, p_microbleed=p_mb, reason=mimic, class_probabilities=verdict))
             rejected_ids.append(cand.id)
-    p_map = microbleed_probability_map(probability, cand_labels, probs[:, MICROBLEED], settings.candidate_threshold)
+    # Outside the candidates the map holds the U-Net's probability kept below this floor, so that
+    # a cut at or above it (the live threshold in Slicer) sees candidates only.
+    floor = min(settings.candidate_threshold, keep_at) if keep_at > 0 else settings.candidate_threshold
+    p_map = microbleed_probability_map(probability, cand_labels, p_final, floor)
     return StageResult(
         labels=_renumber(cand_labels, kept_ids),
         lesions=kept,
@@ -278,6 +387,13 @@ def run_candidate_stage(
         probability=p_map,
         seconds=time.perf_counter() - start,
         n_candidates=len(cands),
+        keep_at=keep_at,
+        p_map_floor=floor,
+        candidate_threshold=settings.candidate_threshold,
+        operating_point=operating_point or classifier.default_operating_point,
+        calibrated=calibration is not None,
+        phase_used=phase_used,
+        phase_sign=sign,
     )
 
 
@@ -318,7 +434,7 @@ def load_classifier_file(path: Path, expected_sha256: str | None = None) -> Load
     if list(card.get("classes", [])) != list(CLASSES):
         raise ValueError(f"{path.name} was trained for classes {card.get('classes')}, this version knows {list(CLASSES)}")
     network = CandidateNet(ClassifierConfig.from_dict(card["network"]))
-    network.load_state_dict(load_file(str(path)))
+    network.load_state_dict(read_weights(path))
     network.eval()
     return LoadedClassifier(network, card, path, sha256)
 

@@ -20,9 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-CLASSES = ("microbleed", "vein", "calcification", "nucleus", "air_edge", "other")
-MICROBLEED = 0
-CALCIFICATION = CLASSES.index("calcification")
+from .records import CLASSES  # the class order (torch-free: Slicer's process shows verdicts)
 
 
 @dataclass(frozen=True)

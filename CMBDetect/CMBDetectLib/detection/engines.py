@@ -133,7 +133,7 @@ def export_onnx(network: ResUNet) -> bytes:
 
 
 class OnnxRuntimeEngine:
-    """ONNX Runtime, CPU execution provider, one intra-op thread per core."""
+    """ONNX Runtime, CPU execution provider, as many intra-op threads as torch has (the process's share of the cores)."""
 
     name = "onnxruntime"
 
@@ -143,7 +143,9 @@ class OnnxRuntimeEngine:
         self.device = torch.device("cpu")
         self.alignment = alignment_of(network)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_threads()
+        # The process's share of the cores, as torch was told it (cohort workers: cores / N);
+        # every ORT session taking all the cores made N workers fight over them.
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: no chatter on stderr

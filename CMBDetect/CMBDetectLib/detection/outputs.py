@@ -6,8 +6,10 @@ Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<cas
 With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
 down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
 P(microbleed). For a case read from a DICOM series, `--dicom-out DIR` adds `<case>_seg.dcm` and
-`<case>_sr.dcm` in DIR (export/). Everything is written into a hidden folder first and moved
-into place only when every file exists, the summary last, so a failed case leaves nothing behind.
+`<case>_sr.dcm` in DIR (export/). The columns, rows and tags are records.py's (torch-free, for
+Slicer's process). Everything is written into a hidden folder first, flushed to the disk, and moved
+into place only when every file exists, the summary last, so a failed case (a full disk included)
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,79 +25,13 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
-from ..errors import BatchError
-from ..io import Geometry, atomic_path, write_volume
-from .candidates import Candidate
-from .classifier import CLASSES
+from ..errors import BatchError, CaseError
+from ..io import Geometry, atomic_path, fsync_file, write_volume
 from .lesions import CLASS_COLORS, Lesion
 from .preview import write_preview
-
-# Slicer's DICOM-based terminology has no microbleed code; haemorrhage in the brain is the nearest.
-TERMINOLOGY_ENTRY = (
-    "Segmentation category and type - DICOM master list"
-    "~SCT^49755003^Morphologically Altered Structure"
-    "~SCT^50960005^Hemorrhage"
-    "~^^"
-    "~Anatomic codes - DICOM master list"
-    "~SCT^12738006^Brain"
-    "~^^"
-)
-
-LESION_COLUMNS = [
-    "id", "size_class", "diameter_mm", "volume_mm3", "n_voxels",
-    "centroid_i", "centroid_j", "centroid_k",
-    "centroid_r", "centroid_a", "centroid_s",
-    "centroid_l", "centroid_p", "centroid_s_lps",
-    "mean_probability", "max_probability",
-    # Stage 2 (candidates.py); empty in the single-stage pipeline.
-    "p_microbleed", "certainty",
-]  # fmt: skip
-
-# `<case>_rejected.csv`: the candidates stage 2 turned down, with the reason (the most likely mimic).
-REJECTED_COLUMNS = [
-    "id", "reason", "p_microbleed", *(f"p_{c}" for c in CLASSES[1:]),
-    "diameter_mm", "volume_mm3", "n_voxels",
-    "centroid_i", "centroid_j", "centroid_k",
-    "centroid_r", "centroid_a", "centroid_s",
-    "centroid_l", "centroid_p", "centroid_s_lps",
-    "mean_probability", "max_probability",
-]  # fmt: skip
-
-
-# Every file a case can have, in the order they are moved into place: the one list of a case's
-# outputs, which writing, resuming and clearing a case all read (a file missing here could not be
-# written, so none can be forgotten when a case is cleared). The summary comes last: its presence
-# means the case is complete.
-OUTPUT_FILES = {
-    "segmentation": "{case}.seg.nrrd",
-    "labels": "{case}_lesions.nii.gz",
-    "probability": "{case}_prob.nii.gz",
-    "lesions_csv": "{case}_lesions.csv",
-    "rejected_csv": "{case}_rejected.csv",  # with the candidate stage only
-    "preview": "{case}_preview.png",  # on request only
-    "summary": "{case}_summary.json",
-}
-OPTIONAL_FILES = ("rejected_csv", "preview")
-# With `--dicom-out DIR`, for a case read from a DICOM series: the DICOM Segmentation (only when
-# there is a lesion: a SEG needs a segment) and the measurement report, written by export/.
-DICOM_FILES = {"dicom_seg": "{case}_seg.dcm", "dicom_sr": "{case}_sr.dcm"}
-
-
-def every_output_path(out_dir: Path, case: str) -> dict[str, Path]:
-    """Every file `case` may have in `out_dir`, whichever options wrote it (what a redo clears)."""
-    return {key: Path(out_dir) / name.format(case=case) for key, name in OUTPUT_FILES.items()}
-
-
-def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool = False) -> dict[str, Path]:
-    """The files one run writes for `case`: the fixed ones, plus the preview and the rejected
-    candidates' CSV when asked for."""
-    wanted = {"rejected_csv": rejected, "preview": preview}
-    return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
-
-
-def dicom_output_paths(dicom_dir: Path, case: str) -> dict[str, Path]:
-    """The DICOM objects `case` may have in the `--dicom-out` folder."""
-    return {key: Path(dicom_dir) / name.format(case=case) for key, name in DICOM_FILES.items()}
+from .records import (
+    LESION_COLUMNS, REJECTED_COLUMNS, Candidate, dicom_output_paths, lesion_row, output_paths, rejected_row, segment_tags,
+)  # fmt: skip
 
 
 def listed_name(out_dir: Path, path: Path) -> str:
@@ -123,33 +59,6 @@ def prepare_output_folder(out_dir: Path) -> None:
         raise BatchError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
 
 
-def lesion_row(lesion: Lesion) -> dict[str, object]:
-    i, j, k = lesion.centroid_ijk
-    r, a, s = lesion.centroid_ras
-    l_, p, s2 = lesion.centroid_lps
-    values = [
-        lesion.id, lesion.size_class, lesion.diameter_mm, lesion.volume_mm3, lesion.n_voxels,
-        i, j, k, r, a, s, l_, p, s2, lesion.mean_probability, lesion.max_probability,
-        getattr(lesion, "p_microbleed", ""), getattr(lesion, "certainty", ""),
-    ]  # fmt: skip
-    if not isinstance(lesion, Candidate):
-        values[-2:] = ["", ""]
-    return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(LESION_COLUMNS, values)}
-
-
-def rejected_row(candidate: Candidate) -> dict[str, object]:
-    i, j, k = candidate.centroid_ijk
-    r, a, s = candidate.centroid_ras
-    l_, p, s2 = candidate.centroid_lps
-    values = [
-        candidate.id, candidate.reason, candidate.p_microbleed,
-        *(candidate.class_probabilities.get(c, 0.0) for c in CLASSES[1:]),
-        candidate.diameter_mm, candidate.volume_mm3, candidate.n_voxels,
-        i, j, k, r, a, s, l_, p, s2, candidate.mean_probability, candidate.max_probability,
-    ]  # fmt: skip
-    return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(REJECTED_COLUMNS, values)}
-
-
 def write_rejected_csv(path: Path, rejected: list[Candidate]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=REJECTED_COLUMNS)
@@ -162,21 +71,6 @@ def write_lesion_csv(path: Path, lesions: list[Lesion]) -> None:
         writer = csv.DictWriter(f, fieldnames=LESION_COLUMNS)
         writer.writeheader()
         writer.writerows(lesion_row(l) for l in lesions)
-
-
-def segment_tags(lesion: Lesion) -> str:
-    tags = {
-        "TerminologyEntry": TERMINOLOGY_ENTRY,
-        "CMBDetect.SizeClass": lesion.size_class,
-        "CMBDetect.DiameterMm": f"{lesion.diameter_mm:.2f}",
-        "CMBDetect.VolumeMm3": f"{lesion.volume_mm3:.2f}",
-        "CMBDetect.MeanProbability": f"{lesion.mean_probability:.3f}",
-        "CMBDetect.MaxProbability": f"{lesion.max_probability:.3f}",
-    }
-    if isinstance(lesion, Candidate):
-        tags["CMBDetect.PMicrobleed"] = f"{lesion.p_microbleed:.3f}"
-        tags["CMBDetect.Certainty"] = lesion.certainty
-    return "".join(f"{k}:{v}|" for k, v in tags.items())
 
 
 def write_segmentation_nrrd(path: Path, labels: np.ndarray, lesions: list[Lesion], geometry: Geometry) -> None:
@@ -242,11 +136,14 @@ def write_probability(path: Path, probability: np.ndarray, geometry: Geometry) -
     for k in range(0, probability.shape[0], 16):  # in slabs: no full-size float temporary
         slab = np.rint(probability[k : k + 16] * np.float32(PROBABILITY_LEVELS))
         scaled[k : k + 16] = np.clip(slab, 0, PROBABILITY_LEVELS)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=path.parent) as scratch:
         # SimpleITK writes the grid (qform and sform) exactly as for every other output; nibabel
-        # then adds the scaling, which SimpleITK cannot set, and gzips at its fastest level.
+        # then adds the scaling, which SimpleITK cannot set, and gzips at its fastest level. The
+        # header depends on the geometry alone, so a 2x2x2 image gives it: writing the full map
+        # here would cost time and, on a nearly full disk, print niftilib's "NWAD" error for a
+        # scratch file whose voxels nobody reads.
         plain = Path(scratch) / "grid.nii"
-        write_volume(scaled, geometry, plain, compress=False)
+        write_volume(np.zeros((2, 2, 2), np.uint16), geometry, plain, compress=False)
         header = nib.load(str(plain)).header.copy()
     image = nib.Nifti1Image(scaled.T, None, header=header)
     image.header.set_slope_inter(1.0 / PROBABILITY_LEVELS, 0.0)  # after construction, which resets it
@@ -259,7 +156,8 @@ def write_case_outputs(
 ) -> dict[str, Path]:
     """Write every file of one case, then move them into `out_dir` together (summary last).
 
-    With the input `image` (k, j, i), a preview PNG of the detections is written too.
+    With the input `image` (k, j, i), a preview PNG of the detections is written too. A file
+    that cannot be written (a full disk) raises CaseError naming it, and nothing is left.
     `dicom_source`: what identifies the DICOM series the case was read from, for the summary.
     `dicom`: an export.DicomExport; its objects are staged and moved into its folder with the
     rest, before the summary, which lists them.
@@ -273,28 +171,39 @@ def write_case_outputs(
     moved: list[Path] = []
     try:
         staged = output_paths(staging, case, preview=image is not None, rejected=two_stage)
-        write_segmentation_nrrd(staged["segmentation"], result.labels, result.lesions, result.geometry)
-        write_volume(result.labels, result.geometry, staged["labels"])
-        write_probability(staged["probability"], result.probability, result.geometry)
-        write_lesion_csv(staged["lesions_csv"], result.lesions)
-        if two_stage:
-            write_rejected_csv(staged["rejected_csv"], result.rejected)
-        if image is not None:
-            write_preview(
-                image, result.labels, result.lesions, result.geometry, staged["preview"], case,
-                rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
-            )  # fmt: skip
         staged_dicom: dict[str, Path] = {}
         if dicom is not None:
             dicom_staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=dicom.folder))
-            staged_dicom = dicom.write(result, case, dicom_output_paths(dicom_staging, case))
+            try:
+                staged_dicom = dicom.write(result, case, dicom_output_paths(dicom_staging, case))
+                for path in staged_dicom.values():
+                    fsync_file(path)
+            except OSError as exc:
+                raise CaseError(case, f"cannot write the DICOM objects in {dicom.folder}: {exc.strerror or exc}") from None
         final_dicom = {key: Path(dicom.folder) / path.name for key, path in staged_dicom.items()}
         files = {k: v.name for k, v in final.items() if k != "summary"}
         files.update({k: listed_name(out_dir, v) for k, v in final_dicom.items()})
         files["summary"] = final["summary"].name
         source = {"dicom_source": dicom_source} if dicom_source else {}
         summary = {"case": case, **result.summary(), **source, "files": files}
-        staged["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        writers = {
+            "segmentation": lambda p: write_segmentation_nrrd(p, result.labels, result.lesions, result.geometry),
+            "labels": lambda p: write_volume(result.labels, result.geometry, p),
+            "probability": lambda p: write_probability(p, result.probability, result.geometry),
+            "lesions_csv": lambda p: write_lesion_csv(p, result.lesions),
+            "rejected_csv": lambda p: write_rejected_csv(p, result.rejected),
+            "preview": lambda p: write_preview(
+                image, result.labels, result.lesions, result.geometry, p, case,
+                rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
+            ),
+            "summary": lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"),
+        }  # fmt: skip
+        for key, path in staged.items():  # the summary last
+            try:
+                writers[key](path)
+                fsync_file(path)  # a write error the disk reports late (NFS, quota) surfaces here
+            except OSError as exc:
+                raise CaseError(case, f"cannot write {final[key].name} in {out_dir}: {exc.strerror or exc}") from None
         for key, path in [*staged_dicom.items(), *staged.items()]:
             target = final_dicom[key] if key in final_dicom else final[key]
             os.chmod(path, 0o644)

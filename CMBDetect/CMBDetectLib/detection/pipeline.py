@@ -22,6 +22,7 @@ from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
 from ..models import LoadedModel, load_model, resolve
 from .candidates import LoadedClassifier, load_candidate_classifier, run_candidate_stage
+from .phase import check_phase
 from .preprocess import preprocess, restore
 
 __all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_engine", "get_model"]
@@ -43,6 +44,11 @@ class DetectionParams:
     # is given here); single_stage=True is the paper's pipeline, U-Net and threshold alone.
     single_stage: bool = False
     candidate_model: str | None = None  # registry id or .safetensors path; None = the detector card's
+    # Which calibrated P(microbleed) keeps a candidate: "review" (sensitivity first, for expert
+    # triage) or "count" (precision first, for burden counts); None: the classifier card's default.
+    operating_point: str | None = None
+    candidate_threshold: float | None = None  # stage 1's threshold for candidates; None: the classifier card's
+    phase_sign: str = "auto"  # "auto" | "keep" | "flip": how a phase image's sign is read (candidates.py)
 
 
 @dataclass
@@ -71,7 +77,10 @@ class DetectionResult:
             "model_version": self.model_version,
             "model_trained": self.model_trained,
             "engine": self.engine,
-            "threshold": self.params.threshold,
+            # What cut the lesions: the network's probability (the paper's pipeline), or, with the
+            # candidate stage, P(microbleed) at the stage's own cut (params.threshold is unused).
+            "threshold": self.params.threshold if self.candidate_stage is None else self.candidate_stage["keep_at"],
+            "threshold_of": "probability" if self.candidate_stage is None else "p_microbleed",
             "size_range_mm": [self.params.min_diameter_mm, self.params.max_diameter_mm],
             "cmbdetect_version": __version__,
             "stages": 1 if self.candidate_stage is None else 2,
@@ -151,6 +160,13 @@ def detect_volume(
     candidates that stage 2 keeps or rejects; `phase` (k, j, i, on the volume's grid, radians)
     is optional and used by stage 2 only. The probability map is then P(microbleed)."""
     params = params or DetectionParams()
+    try:
+        # First: a phase the candidate stage would refuse must not cost a whole U-Net run.
+        check_phase(phase, volume.array.shape)
+    except ValueError as exc:
+        raise CaseError(case, str(exc)) from None
+    if params.single_stage and params.operating_point:
+        raise ValueError("an operating point chooses stage 2's threshold on P(microbleed): it has no meaning with the single-stage pipeline")
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -181,20 +197,25 @@ def detect_volume(
     probability = restore(plane_probability, info)
     del plane_probability
     lap("restore")
-    try:
-        labels, lesions = extract_lesions(
-            probability, volume.geometry, params.threshold, params.min_diameter_mm, params.max_diameter_mm
-        )
-    except ValueError as exc:
-        raise CaseError(case, str(exc)) from None
-    lap("lesions")
-    # Stage 2, kept apart from stage 1 above: candidates in, kept lesions and rejections out.
+    # Stage 2, kept apart from stage 1: candidates in, kept lesions and rejections out. Without
+    # it, stage 1's threshold and size range make the lesions (the paper's pipeline).
     rejected, rejected_labels, stage_info = [], None, None
     classifier = stage_two_classifier(params, model)
-    if classifier is not None:
+    if classifier is None:
+        try:
+            labels, lesions = extract_lesions(
+                probability, volume.geometry, params.threshold, params.min_diameter_mm, params.max_diameter_mm
+            )
+        except ValueError as exc:
+            raise CaseError(case, str(exc)) from None
+        lap("lesions")
+    else:
         report(0.97, "examining candidates")
         try:
-            stage = run_candidate_stage(volume.array, probability, volume.geometry, classifier, phase)
+            stage = run_candidate_stage(
+                volume.array, probability, volume.geometry, classifier, phase, params.operating_point, params.phase_sign,
+                candidate_threshold=params.candidate_threshold,
+            )
         except ValueError as exc:
             raise CaseError(case, str(exc)) from None
         labels, lesions, probability = stage.labels, stage.lesions, stage.probability
@@ -203,7 +224,14 @@ def detect_volume(
             "classifier_id": classifier.id,
             "classifier_version": classifier.version,
             **classifier.settings.as_dict(),
-            "phase_used": phase is not None,
+            "candidate_threshold": stage.candidate_threshold,
+            "keep_at": round(stage.keep_at, 6),
+            "p_map_floor": round(stage.p_map_floor, 6),
+            "operating_point": stage.operating_point,
+            "calibrated": stage.calibrated,
+            "phase_given": phase is not None,
+            "phase_used": stage.phase_used,
+            **(stage.phase_sign.as_dict() if stage.phase_sign is not None else {}),
             "n_candidates": stage.n_candidates,
             "n_rejected": len(rejected),
             "seconds": round(stage.seconds, 3),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -67,6 +68,9 @@ def worker_arguments(
     model: str | None = None,
     batch_size: int | None = None,
     phase_path: str | os.PathLike | None = None,
+    for_slicer: bool = False,
+    operating_point: str | None = None,
+    phase_sign: str = "auto",
 ) -> list[str]:
     args = ["--input", str(input_path), "--out", str(out_dir), "--case", case, "--threshold", repr(float(threshold)),
             "--min-size", repr(float(min_diameter_mm)), "--max-size", repr(float(max_diameter_mm)), "--device", device]  # fmt: skip
@@ -76,6 +80,12 @@ def worker_arguments(
         args += ["--batch-size", str(int(batch_size))]
     if phase_path:
         args += ["--phase", str(phase_path)]
+    if for_slicer:
+        args.append("--for-slicer")
+    if operating_point:
+        args += ["--operating-point", operating_point]
+    if phase_sign != "auto":
+        args += ["--phase-sign", phase_sign]
     return args
 
 
@@ -142,6 +152,9 @@ class WorkerRun:
             errors="replace",
             # No console window flashing up on Windows (as slicer.util.launchConsoleProcess).
             creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+            # Its own process group on POSIX: the launcher and everything it starts can be
+            # killed as one, even a child started after the tree was listed.
+            start_new_session=os.name == "posix",
         )
         self.state = RUNNING
         self._reader = threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True)
@@ -220,17 +233,38 @@ class WorkerRun:
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
-    """psutil when it is there (it finds grandchildren too), else the child itself."""
+    """Kill the child and everything under it, now.
+
+    The child is usually a launcher: PythonSlicer (CTKAppLauncher) starts the real interpreter
+    as its own child, so killing the child alone would leave the computation running and
+    writing. psutil lists the tree on every platform; the launcher is suspended first so that it
+    cannot start another process meanwhile. On POSIX the child's process group is killed as
+    well; without psutil (it is a requirement, but a Slicer could lack it), Windows falls back
+    to `taskkill /T`.
+    """
     try:
         import psutil
     except ImportError:
         psutil = None
     if psutil is not None:
         try:
-            parent = psutil.Process(process.pid)
-            for child in parent.children(recursive=True):
-                child.kill()
-        except psutil.NoSuchProcess:
+            root = psutil.Process(process.pid)
+            root.suspend()
+            tree = root.children(recursive=True)
+        except psutil.Error:
+            tree = []
+        for member in reversed(tree):  # deepest first: nothing is left without a parent to kill it
+            try:
+                member.kill()
+            except psutil.Error:
+                pass
+    elif os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # fmt: skip
+    if os.name == "posix":
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the group it leads (start_new_session)
+        except (ProcessLookupError, PermissionError):
             pass
     try:
         process.kill()

@@ -2,7 +2,7 @@
 
     python -m CMBDetectLib.detection.worker --input IN.nrrd --out DIR [--case NAME]
         [--threshold 0.4] [--min-size 2] [--max-size 10] [--device cpu|cuda|auto]
-        [--model ID_OR_FILE] [--batch-size N] [--phase PHASE.nrrd]
+        [--model ID_OR_FILE] [--batch-size N] [--phase PHASE.nrrd] [--for-slicer]
 
 Inside Slicer the Python is `PythonSlicer` (runner.py starts it), so the GUI process never
 imports torch, never blocks, and a Cancel is a kill of this process at whatever stage it is.
@@ -15,10 +15,11 @@ Protocol, one flushed line each on stdout (runner.parse_line reads them):
     DONE <DIR>                    every file is written
 Anything else (warnings, a traceback) is log text. Exit status 0 only after DONE.
 
-Files in DIR: the standard case outputs of `cmbdetect detect` (outputs.write_case_outputs),
-plus `probability.nrrd` (float32, the input's grid, uncompressed: it is read back at once,
+Files in DIR: the standard case outputs of `cmbdetect detect` (outputs.write_case_outputs;
+not with --for-slicer, which writes only what the module reads), plus `probability.nrrd` (float32, the input's grid, uncompressed: it is read back at once,
 and NRRD keeps the oblique geometry in double precision where NIfTI stores float32) and,
-written last, `result.json` (the run's summary).
+written last, `result.json` (the run's summary; with the candidate stage, also every candidate
+and its verdict under "candidates", records.candidate_record).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--phase", type=Path, default=None, help="high-pass phase (radians) on the input's grid, for the candidate stage")
+    p.add_argument("--operating-point", choices=["review", "count"], default=None, help="stage 2's operating point (default: the classifier card's)")
+    p.add_argument("--phase-sign", choices=["auto", "keep", "flip"], default="auto")
+    p.add_argument("--for-slicer", action="store_true",
+                   help="write only what the Slicer module reads (probability.nrrd, result.json), not the command line's file set")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -72,8 +77,12 @@ def run(args: argparse.Namespace) -> None:
     from .inference import select_device
     from .outputs import write_case_outputs
     from .pipeline import DetectionParams, detect_volume, get_model
+    from .records import candidate_record
 
-    params = DetectionParams(args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model)
+    params = DetectionParams(
+        args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
+        operating_point=args.operating_point, phase_sign=args.phase_sign,
+    )  # fmt: skip
     get_model(params.model, select_device(params.device))  # cached: detect_volume reuses it
 
     _stage("preprocessing")
@@ -93,10 +102,16 @@ def run(args: argparse.Namespace) -> None:
 
     _stage("writing")
     _say("PROGRESS 0.90 writing the results")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_case_outputs(result, args.out, args.case)
+    # Never the parents: a missing work folder means the run was cancelled and cleaned up
+    # (FileNotFoundError), and nothing may be written there again.
+    args.out.mkdir(exist_ok=True)
+    if not args.for_slicer:
+        write_case_outputs(result, args.out, args.case)
     write_volume(result.probability, result.geometry, args.out / PROBABILITY_FILE, compress=False)
     summary = {"case": args.case, **result.summary()}
+    if result.candidate_stage is not None:
+        # Every candidate with its verdict, exactly: the module's live threshold re-cuts them.
+        summary["candidates"] = [candidate_record(c) for c in (*result.lesions, *result.rejected)]
     tmp = args.out / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, args.out / RESULT_FILE)  # last: its presence means the run is complete

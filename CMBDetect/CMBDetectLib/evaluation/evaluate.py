@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from . import metrics as M
 from ..errors import CaseError
@@ -41,6 +42,9 @@ class Settings:
     overlap_fraction: float = M.DEFAULT_OVERLAP_FRACTION
     distance_mm: float = M.DEFAULT_DISTANCE_MM
     threshold: float = DEFAULT_THRESHOLD  # only for predictions given as a probability map alone
+    # Score another operating point from stored outputs: drop predicted lesions whose highest
+    # P(microbleed) in the probability map is below this (detect once at `review`, score `count`).
+    keep_p: float | None = None
     n_bootstrap: int = 1000
     seed: int = 0
     confidence: float = 0.95
@@ -372,6 +376,34 @@ def evaluate_pair(pair: CasePair, settings: Settings = Settings()) -> CaseResult
     return score_pair(pair, settings)[0]
 
 
+def keep_probable(prediction: np.ndarray, probability: np.ndarray, keep_p: float, connectivity: int = CONNECTIVITY) -> np.ndarray:
+    """The predicted lesions (connected components) whose highest probability reaches keep_p."""
+    prediction = np.asarray(prediction)
+    components, n = M.instance_labels(prediction, connectivity)
+    if n == 0:
+        return prediction
+    peak = np.asarray(ndimage.maximum(probability, components, np.arange(1, n + 1)))
+    keep = np.r_[False, peak >= keep_p]
+    return np.where(keep[components], prediction, 0).astype(prediction.dtype, copy=False)
+
+
+def count_icc(truth_counts: Sequence[float], predicted_counts: Sequence[float]) -> float | None:
+    """ICC(2,1), absolute agreement of single measures (Shrout and Fleiss 1979), between the
+    true and the predicted number of microbleeds per case: what MARS reports for two readers'
+    counts. statsmodels has no ICC; this is the two-way ANOVA formula."""
+    x = np.column_stack([np.asarray(truth_counts, float), np.asarray(predicted_counts, float)])
+    n, k = x.shape
+    if n < 2:
+        return None
+    grand = x.mean()
+    ms_rows = k * ((x.mean(axis=1) - grand) ** 2).sum() / (n - 1)
+    ms_cols = n * ((x.mean(axis=0) - grand) ** 2).sum() / (k - 1)
+    ss_error = ((x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + grand) ** 2).sum()
+    ms_error = ss_error / ((n - 1) * (k - 1))
+    denominator = ms_rows + (k - 1) * ms_error + k * (ms_cols - ms_error) / n
+    return float((ms_rows - ms_error) / denominator) if denominator > 0 else None
+
+
 def score_pair(pair: CasePair, settings: Settings = Settings()) -> tuple[CaseResult, M.ProbabilityHistogram | None]:
     """Score one pair and, when it has a probability map, its pixel ROC histograms."""
     case = pair.case
@@ -392,6 +424,10 @@ def score_pair(pair: CasePair, settings: Settings = Settings()) -> tuple[CaseRes
         except ValueError as exc:
             raise CaseError(case, f"cannot threshold the probability map: {exc}") from None
         notes.append(f"no lesion map: probability map thresholded at {settings.threshold:g}, lesions kept at {MIN_DIAMETER_MM:g}-{MAX_DIAMETER_MM:g} mm")
+    if settings.keep_p is not None:
+        if probability is None:
+            raise CaseError(case, "--keep-p needs the probability map <case>_prob.nii.gz beside the lesions")
+        prediction = keep_probable(prediction, probability, settings.keep_p, settings.connectivity)
     mimics = None
     if pair.mimics is not None:
         mimic_volume = read_volume(pair.mimics, case)
@@ -514,6 +550,7 @@ def summarize(ev: Evaluation) -> dict:
             "overlap_fraction": s.overlap_fraction,
             "distance_mm": s.distance_mm,
             "threshold_for_probability_only": s.threshold,
+            "keep_p": s.keep_p,
             "bootstrap_resamples": s.n_bootstrap,
             "bootstrap_seed": s.seed,
             "confidence": s.confidence,
@@ -527,6 +564,9 @@ def summarize(ev: Evaluation) -> dict:
             "with_probability": sum(r.has_probability for r in results),
             "errors": [{"case": e.case, "problem": e.problem} for e in ev.errors],
         },
+        # Per-case counts (overlap rule's lesions) against the truth's: agreement of the burden.
+        "count_icc": _round(count_icc([r.table.n_truth for r in results], [r.table.n_pred for r in results]) or float("nan"), 4)
+        if results else None,
     }
     if not results:
         out.update(pixel=None, lesion=None, patient=None, table3=None, confidence_intervals={})

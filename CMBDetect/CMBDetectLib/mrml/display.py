@@ -1,5 +1,5 @@
 """What a run shows: one segment per lesion, the lesion table, the centroid points and the
-rejected candidates, placed beside the input in the subject hierarchy."""
+rejected candidates (points and a table), placed beside the input in the subject hierarchy."""
 
 from __future__ import annotations
 
@@ -10,14 +10,20 @@ import numpy as np
 import slicer
 import vtk
 
-from ..detection import outputs
+from ..detection import records
 from ..detection.lesions import CLASS_COLORS, Lesion
-from ..detection.outputs import LESION_COLUMNS, TERMINOLOGY_ENTRY, lesion_row
-from .nodes import CREATED_ATTRIBUTE, INPUT_ROLE, REJECTED_ROLE, ijk_to_ras_of, labelmap_image, own
+from ..detection.records import CLASSES, LESION_COLUMNS, REJECTED_COLUMNS, TERMINOLOGY_ENTRY, Candidate, lesion_row, rejected_row
+from .nodes import CREATED_ATTRIBUTE, INPUT_ROLE, REJECTED_ROLE, REJECTED_TABLE_ROLE, ijk_to_ras_of, labelmap_image, own
 
 CENTROID_COLOR = (1.0, 0.55, 0.0)  # orange markups: visible on dark SWI, distinct from the segments
 REJECTED_COLOR = (0.55, 0.55, 0.55)  # grey: what stage 2 turned down, never to be taken for a finding
 MAX_REJECTED_LABELS = 20
+# Hollow 2D outlines around the dot instead of Slicer's default filled sphere (scale 3), which
+# covers a 2-5 mm bleed; two shapes, so that kept and rejected differ without colour.
+CENTROID_GLYPH = "Circle2D"
+REJECTED_GLYPH = "Square2D"
+# Percent of the view: about 5 mm on a 250 mm field of view, a ring around a small bleed.
+GLYPH_SCALE = 2.0
 
 # Column titles, units and meanings shown by Slicer's table view (the names stay the CSV's).
 _COLUMN_INFO: dict[str, tuple[str, str, str]] = {
@@ -30,6 +36,8 @@ _COLUMN_INFO: dict[str, tuple[str, str, str]] = {
     "max_probability": ("Max p", "", "highest network probability in the lesion"),
     "p_microbleed": ("P(CMB)", "", "candidate stage: the classifier's probability that this is a microbleed"),
     "certainty": ("Certainty", "", "candidate stage: definite (P >= 0.8) or possible"),
+    "reason": ("Reason", "", "rejected as: the mimic it most resembles, or below the threshold"),
+    **{f"p_{c}": (f"P({c})", "", f"candidate stage: the classifier's probability that this is {c.replace('_', '-')}") for c in CLASSES[1:]},
     **{f"centroid_{a}": (a.upper(), "", f"centroid, voxel index (0-based) along {a}") for a in "ijk"},
     **{f"centroid_{a}": (f"{a.upper()} (mm)", "mm", f"centroid, RAS (Slicer's patient coordinates) {a.upper()}") for a in "ras"},
     **{
@@ -92,25 +100,39 @@ def fill_segmentation(segmentation_node: Any, volume_node: Any, labels: np.ndarr
 def segment_tags(lesion: Lesion) -> dict[str, str]:
     """The lesion's measurement tags, taken from the .seg.nrrd writer so both stay identical.
 
-    outputs.segment_tags gives Slicer's file form "key:value|key:value|"; the terminology
+    records.segment_tags gives Slicer's file form "key:value|key:value|"; the terminology
     entry among them is set by _fill_segmentation itself.
     """
-    pairs = (item.split(":", 1) for item in outputs.segment_tags(lesion).split("|") if item)
+    pairs = (item.split(":", 1) for item in records.segment_tags(lesion).split("|") if item)
     return {key: value for key, value in pairs if key != slicer.vtkSegment.GetTerminologyEntryTagName()}
 
 
 def fill_table(table_node: Any, lesions: list[Lesion]) -> None:
-    """One row per lesion, the columns of the command line's CSV (outputs.LESION_COLUMNS)."""
-    rows = [lesion_row(lesion) for lesion in lesions]
+    """One row per lesion, the columns of the command line's CSV (records.LESION_COLUMNS)."""
+    _fill_rows(table_node, LESION_COLUMNS, [lesion_row(lesion) for lesion in lesions])
+
+
+# Columns of text and of integers; every other column holds numbers.
+_TEXT_COLUMNS = ("size_class", "certainty", "reason")
+_INT_COLUMNS = ("id", "n_voxels")
+
+
+# The rejected table's id numbers candidates, not lesions.
+_REJECTED_COLUMN_INFO = {"id": ("Candidate", "", "rejected candidate number, as in its point's description \"Rejected <id>\"")}
+
+
+def _fill_rows(table_node: Any, columns: Sequence[str], rows: Sequence[dict], info: dict | None = None) -> None:
+    """A locked results table: `columns` (the CSV's names) titled, with units and meanings
+    (_COLUMN_INFO, then `info`)."""
     was_modifying = table_node.StartModify()
     try:
         table_node.SetLocked(False)
         table_node.RemoveAllColumns()
         table = table_node.GetTable()
-        for name in LESION_COLUMNS:
-            if name in ("size_class", "certainty"):
+        for name in columns:
+            if name in _TEXT_COLUMNS:
                 column = vtk.vtkStringArray()
-            elif name in ("id", "n_voxels"):
+            elif name in _INT_COLUMNS:
                 column = vtk.vtkIntArray()
             else:
                 column = vtk.vtkDoubleArray()
@@ -119,10 +141,10 @@ def fill_table(table_node: Any, lesions: list[Lesion]) -> None:
             for r, row in enumerate(rows):
                 value = row[name]
                 # Stage-2 columns are empty in the single-stage pipeline: NaN in a number column.
-                column.SetValue(r, float("nan") if value == "" and name not in ("size_class", "certainty") else value)
+                column.SetValue(r, float("nan") if value == "" and name not in _TEXT_COLUMNS else value)
             table.AddColumn(column)
-        for name, (title, unit, description) in _COLUMN_INFO.items():
-            if name not in LESION_COLUMNS:
+        for name, (title, unit, description) in {**_COLUMN_INFO, **(info or {})}.items():
+            if name not in columns:
                 continue
             table_node.SetColumnTitle(name, title)
             if unit:
@@ -143,14 +165,15 @@ def fill_markups(markups_node: Any, volume_node: Any, lesions: list[Lesion]) -> 
     """
     points = [(lesion.centroid_ijk, lesion.name, f"{lesion.size_class}, {lesion.diameter_mm:.1f} mm, p={lesion.max_probability:.2f}")
               for lesion in lesions]  # fmt: skip
-    # With tens of lesions, "CMB n" labels cover the slice views: the table names them, and a
-    # click on the point shows its label. The user can switch labels back on.
-    _fill_points(markups_node, volume_node, points, CENTROID_COLOR, show_labels=False)
+    # With tens of lesions, "CMB n" labels cover the slice views: the table names them (a click
+    # on a row centres the views on its lesion). The Markups module can switch labels back on.
+    _fill_points(markups_node, volume_node, points, CENTROID_COLOR, CENTROID_GLYPH, show_labels=False)
 
 
-def _fill_points(node: Any, volume_node: Any, points: Sequence[tuple], color: tuple, show_labels: bool) -> None:
+def _fill_points(node: Any, volume_node: Any, points: Sequence[tuple], color: tuple, glyph: str, show_labels: bool) -> None:
     """Replace `node`'s control points by locked ones at (ijk, label, description), placed
-    with the volume node's own IJK-to-RAS."""
+    with the volume node's own IJK-to-RAS, drawn as small hollow `glyph`s. The display node's
+    visibility is left as the reader set it."""
     ijk_to_ras = ijk_to_ras_of(volume_node)
     was_modifying = node.StartModify()
     try:
@@ -172,39 +195,65 @@ def _fill_points(node: Any, volume_node: Any, points: Sequence[tuple], color: tu
             display.SetSelectedColor(*color)
             display.SetColor(*color)
             display.SetPointLabelsVisibility(show_labels)
+            display.SetGlyphTypeFromString(glyph)
+            display.SetUseGlyphScale(True)
+            display.SetGlyphScale(GLYPH_SCALE)
+            display.SetFillVisibility(False)
+            display.SetSliceProjection(False)  # only in the lesion's own slices
     finally:
         node.EndModify(was_modifying)
 
 
-def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[dict]) -> Any:
-    """The candidates stage 2 rejected, as locked grey points labelled with their reason, so
-    that a reader sees why a dark dot was not called a bleed.
+def show_rejected(segmentation_node: Any, volume_node: Any, rejected: Sequence[Candidate] | None) -> Any:
+    """The candidates stage 2 rejected: locked grey points labelled with their reason, and a
+    table of every reason (the command line's rejected-CSV columns), so that a reader sees why a
+    dark dot was not called a bleed.
 
-    `rejected`: rows of `<case>_rejected.csv` (outputs.REJECTED_COLUMNS). The node is linked
-    from the segmentation (REJECTED_ROLE) and refilled by the next run on it; a run without
-    rejections empties it, and none is made until there is something to show. Returns the node
-    or None. The live threshold leaves it alone: the rejections belong to the run.
+    `rejected`: the candidates below the threshold (a two-stage result's `rejected`), or None
+    for a single-stage result. Both nodes are linked from the segmentation (REJECTED_ROLE,
+    REJECTED_TABLE_ROLE) and refilled by every run and re-threshold on it; a two-stage result
+    makes them even when empty (a re-threshold may fill them), a single-stage one only empties
+    existing ones. Returns the points node or None.
     """
     node = own(segmentation_node.GetNodeReference(REJECTED_ROLE))
-    if node is None and not rejected:
+    table = own(segmentation_node.GetNodeReference(REJECTED_TABLE_ROLE))
+    if node is None and rejected is None:
         return None
+    rejected = list(rejected or [])
+    scene = segmentation_node.GetScene()
     if node is None:
-        node = segmentation_node.GetScene().AddNewNodeByClass(
-            "vtkMRMLMarkupsFiducialNode", f"{volume_node.GetName()} rejected candidates"
-        )
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{volume_node.GetName()} rejected candidates")
         node.SetAttribute(CREATED_ATTRIBUTE, "1")
+    if table is None:
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{volume_node.GetName()} rejected candidates table")
+        table.SetAttribute(CREATED_ATTRIBUTE, "1")
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     points = [
-        ([float(row[f"centroid_{a}"]) for a in "ijk"], str(row["reason"]),
-         f"rejected as {row['reason']}: P(microbleed) {float(row['p_microbleed']):.2f}, {float(row['diameter_mm']):.1f} mm")
-        for row in rejected
+        (c.centroid_ijk, c.reason,
+         f"{c.name}: rejected as {c.reason}, P(microbleed) {c.p_microbleed:.2f}, {c.diameter_mm:.1f} mm")
+        for c in rejected
     ]  # fmt: skip
-    # The reason is the point of showing them, but tens of labels would cover the slice views
-    # (a shifted-domain case had 62 rejections); a click still shows one.
-    _fill_points(node, volume_node, points, REJECTED_COLOR, show_labels=len(points) <= MAX_REJECTED_LABELS)
-    node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
+    # Labels name the reason while they are few; beyond that they would cover the slice views
+    # (a shifted-domain case had 62 rejections), and the table gives every reason.
+    _fill_points(node, volume_node, points, REJECTED_COLOR, REJECTED_GLYPH, show_labels=len(points) <= MAX_REJECTED_LABELS)
+    _fill_rows(table, REJECTED_COLUMNS, [rejected_row(c) for c in rejected], _REJECTED_COLUMN_INFO)
+    for linked in (node, table):
+        linked.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
     segmentation_node.SetNodeReferenceID(REJECTED_ROLE, node.GetID())
-    place_in_subject_hierarchy(segmentation_node.GetScene(), volume_node, (node,))
+    segmentation_node.SetNodeReferenceID(REJECTED_TABLE_ROLE, table.GetID())
+    place_in_subject_hierarchy(scene, volume_node, (node, table))
+    return node
+
+
+def set_rejected_visibility(segmentation_node: Any, visible: bool) -> Any:
+    """Show or hide the segmentation's rejected-candidate points in every view; returns the
+    points node, or None when there is none. Refills keep the choice (_fill_points leaves it)."""
+    node = own(segmentation_node.GetNodeReference(REJECTED_ROLE)) if segmentation_node is not None else None
+    if node is None:
+        return None
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetVisibility(bool(visible))
     return node
 
 

@@ -6,17 +6,16 @@ cancelled or failed run, or one whose input was deleted meanwhile, leaves the sc
 
 from __future__ import annotations
 
-import csv
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..detection import outputs
 from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
-from ..detection.rethreshold import LesionMap, lesions_from_probability
+from ..detection.phase import check_phase
+from ..detection.records import candidate_from_record
+from ..detection.rethreshold import LesionMap, lesions_from_probability, stage_cut
 from ..io import write_volume
-from .display import show_rejected
 from .nodes import geometry_of_node, volume_from_node
 from .results import write_result
 
@@ -53,7 +52,7 @@ class DetectionJob:
     """One detection of a volume node in a child process: the MRML side of runner.WorkerRun.
 
     `__init__` copies the node's voxels and grid to `work_dir/input.nrrd` (the child never sees
-    the scene); `start()` launches the worker; `poll()` and `cancel()` are the runner's;
+    the scene; it writes back only the probability map and the summary, worker --for-slicer); `start()` launches the worker; `poll()` and `cancel()` are the runner's;
     `finish()` loads the result into nodes, only after success and only if the input is still
     in its scene. Nothing in the scene changes before `finish()`. `cleanup()` removes the files.
     """
@@ -71,6 +70,9 @@ class DetectionJob:
         model: str | None = None,
         batch_size: int | None = None,
         phase_volume_node: Any = None,
+        temp_dir: str | Path | None = None,
+        operating_point: str | None = None,
+        phase_sign: str = "auto",
     ) -> None:
         from ..detection.runner import WorkerRun, worker_arguments
 
@@ -88,11 +90,17 @@ class DetectionJob:
                     f"(shape {phase.shape} vs {volume.shape}, or spacing, origin or direction differ); "
                     "the candidate stage needs the phase of the same acquisition"
                 )
+            try:
+                check_phase(phase.array, volume.shape)  # here, not after the whole network in the child
+            except ValueError as exc:
+                raise ValueError(f"phase volume '{phase_volume_node.GetName()}': {exc}") from None
         self.input_volume_node = input_volume_node
         self.input_id = input_volume_node.GetID()
         self.scene = input_volume_node.GetScene()
         self.threshold, self.min_diameter_mm, self.max_diameter_mm = threshold, min_diameter_mm, max_diameter_mm
-        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="cmbdetect-"))
+        # Without work_dir, a folder of its own inside temp_dir (Slicer's temporary folder), which
+        # cleanup() removes: runs leave nothing behind.
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="CMBDetect-", dir=temp_dir))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         input_path = self.work_dir / "input.nrrd"
         write_volume(volume.array, volume.geometry, input_path, compress=False)  # fast; read at once
@@ -102,7 +110,7 @@ class DetectionJob:
             write_volume(phase.array, phase.geometry, phase_path, compress=False)
         arguments = worker_arguments(
             input_path, self.work_dir / "out", "input", threshold, min_diameter_mm, max_diameter_mm, device, model, batch_size,
-            phase_path,
+            phase_path, for_slicer=True, operating_point=operating_point, phase_sign=phase_sign,
         )
         self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
 
@@ -126,8 +134,9 @@ class DetectionJob:
 
         Raises RuntimeError if the run failed or was cancelled (the worker's error message),
         InputGone if the input left the scene meanwhile. The probability map is re-read here
-        and its lesions extracted with this run's threshold and size range: the same code
-        as `rethreshold`, so the segments of a run and of a re-threshold never differ.
+        and its lesions extracted with this run's threshold (with the candidate stage: the
+        stage's own cut on P(microbleed)) and size range: the same code as `rethreshold`, so
+        the segments of a run and of a re-threshold at the same threshold never differ.
         """
         from ..detection.runner import SUCCEEDED
 
@@ -139,17 +148,17 @@ class DetectionJob:
         geometry = geometry_of_node(self.input_volume_node)
         if not output.probability.geometry.matches(geometry):
             raise ValueError(f"volume '{self.input_volume_node.GetName()}' changed its grid during the detection")
-        run = {k: v for k, v in output.summary.items() if k != "case"}
+        run = {k: v for k, v in output.summary.items() if k not in ("case", "candidates")}
+        records_ = output.summary.get("candidates")
+        candidates = None if records_ is None else [candidate_from_record(r) for r in records_]
+        # With the candidate stage, the stage's own cut on P(microbleed), as on the command line;
+        # this job's threshold is the paper pipeline's cut on the network's probability.
+        cut = stage_cut(run)
         result = lesions_from_probability(
-            output.probability.array, geometry, self.threshold, self.min_diameter_mm, self.max_diameter_mm, run
-        )
+            output.probability.array, geometry, self.threshold if cut is None else cut, self.min_diameter_mm,
+            self.max_diameter_mm, run, candidates,
+        )  # fmt: skip
         nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
-        rejected_csv = outputs.output_paths(output.out_dir, "input", rejected=True)["rejected_csv"]
-        rejected: list[dict] = []
-        if rejected_csv.is_file():
-            with open(rejected_csv, newline="") as f:
-                rejected = list(csv.DictReader(f))
-        show_rejected(nodes[0], self.input_volume_node, rejected)
         return (result, *nodes)
 
     def cleanup(self) -> None:

@@ -20,6 +20,16 @@ def lesion_index(markups_node: Any, lesion_id: int) -> int | None:
     return None
 
 
+def rejected_index(markups_node: Any, candidate_id: int) -> int | None:
+    """Index of the point of rejected candidate `candidate_id` (its description starts with
+    "Rejected <id>:"; its label is the reason, which many share), or None."""
+    prefix = f"Rejected {int(candidate_id)}:"
+    for index in range(markups_node.GetNumberOfControlPoints()):
+        if markups_node.GetNthControlPointDescription(index).startswith(prefix):
+            return index
+    return None
+
+
 def lesion_position_world(markups_node: Any, index: int) -> np.ndarray:
     """World RAS of the index-th lesion centroid (through any parent transform)."""
     position = [0.0, 0.0, 0.0]

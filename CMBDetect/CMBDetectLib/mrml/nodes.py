@@ -25,9 +25,16 @@ MARKUPS_ROLE = "CMBDetectLesionCentroids"
 INPUT_ROLE = "CMBDetectInputVolume"
 PROBABILITY_ROLE = "CMBDetectProbabilityMap"
 REJECTED_ROLE = "CMBDetectRejectedCandidates"
+REJECTED_TABLE_ROLE = "CMBDetectRejectedTable"
 ATTRIBUTE_PREFIX = "CMBDetect."
 SUMMARY_ATTRIBUTE = ATTRIBUTE_PREFIX + "Summary"  # JSON of DetectionResult.summary()
 CREATED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Created"  # "1" on every node CMBDetect made: only those are reused
+# On the kept probability map of a two-stage run: JSON list of every candidate and its verdict
+# (records.candidate_record), which the live threshold re-cuts.
+CANDIDATES_ATTRIBUTE = ATTRIBUTE_PREFIX + "Candidates"
+# On a segmentation: the fingerprint of its segments as CMBDetect last wrote them, so that
+# manual edits are noticed before a re-threshold would replace them (results.edited_since_written).
+WRITTEN_ATTRIBUTE = ATTRIBUTE_PREFIX + "WrittenFingerprint"
 
 
 def is_own_output(node: Any) -> bool:
@@ -119,6 +126,11 @@ def outputs_of(segmentation_node: Any) -> tuple[Any, Any, Any]:
         segmentation_node.GetNodeReference(TABLE_ROLE),
         segmentation_node.GetNodeReference(MARKUPS_ROLE),
     )
+
+
+def rejected_of(segmentation_node: Any) -> tuple[Any, Any]:
+    """(points, table) of the candidates stage 2 rejected, linked to a segmentation (or None)."""
+    return segmentation_node.GetNodeReference(REJECTED_ROLE), segmentation_node.GetNodeReference(REJECTED_TABLE_ROLE)
 
 
 def summary_of(node: Any) -> dict | None:

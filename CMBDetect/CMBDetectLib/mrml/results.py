@@ -9,28 +9,34 @@ sits under a transform, the outputs are placed under the same transform, and not
 resampled.
 
 Live threshold: the probability map of a run is kept as a hidden scalar volume node linked to
-the segmentation; `rethreshold` re-extracts the lesions from it (no network) and rewrites the
-segments, table, markups and summary.
+the segmentation (with a two-stage run's candidates and verdicts); `rethreshold` re-extracts
+the lesions from it (no network) and rewrites the segments, table, markups, rejected
+candidates and summary. It cuts what the run cut (detection/rethreshold.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
 
+from ..detection.records import Candidate, candidate_from_record, candidate_record
 from ..detection.rethreshold import LesionMap, lesions_from_probability
-from .display import fill_markups, fill_segmentation, fill_table, place_in_subject_hierarchy
+from .display import fill_markups, fill_segmentation, fill_table, place_in_subject_hierarchy, show_rejected
 from .nodes import (
+    CANDIDATES_ATTRIBUTE,
     CREATED_ATTRIBUTE,
     INPUT_ROLE,
     MARKUPS_ROLE,
     PROBABILITY_ROLE,
     SUMMARY_ATTRIBUTE,
     TABLE_ROLE,
+    WRITTEN_ATTRIBUTE,
     geometry_of_node,
     ijk_to_ras_of,
     is_own_output,
@@ -99,16 +105,77 @@ def write_result(
         node.SetNodeReferenceID(INPUT_ROLE, input_volume_node.GetID())
         if hasattr(result, "summary"):
             node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(result.summary()))
+    segmentation_node.SetAttribute(WRITTEN_ATTRIBUTE, segments_fingerprint(segmentation_node))
+    candidates, rejected = _stage_lists(result)
     if getattr(result, "probability", None) is not None:
-        _keep_probability(result.probability, input_volume_node, segmentation_node, scene)
+        _keep_probability(result.probability, input_volume_node, segmentation_node, scene, candidates)
     place_in_subject_hierarchy(scene, input_volume_node, (segmentation_node, table_node, markups_node))
+    show_rejected(segmentation_node, input_volume_node, rejected)
     return segmentation_node, table_node, markups_node
 
 
-def _keep_probability(probability: np.ndarray, volume_node: Any, segmentation_node: Any, scene: Any) -> Any:
+def segments_fingerprint(segmentation_node: Any) -> str:
+    """sha256 over each segment's id, name and voxels, whatever layers hold them.
+
+    Voxels are taken as indices on the labelmap's grid (the input's), from the nonzero voxels
+    of each layer once: the same segments give the same fingerprint after the Segment Editor
+    moved them between layers, or after the scene was saved and loaded (files may be cropped)."""
+    segmentation = segmentation_node.GetSegmentation()
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    layers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    digest = hashlib.sha256()
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(n)
+        digest.update(f"{segmentation.GetNthSegmentID(n)}\0{segment.GetName()}\0".encode())
+        image = segment.GetRepresentation(labelmap_name)
+        if image is None:
+            continue
+        key = image.GetAddressAsString("vtkObject")
+        if key not in layers:
+            layers[key] = _nonzero_voxels(image)
+        where, values = layers[key]
+        digest.update(np.ascontiguousarray(where[values == segment.GetLabelValue()]).tobytes())
+    return digest.hexdigest()
+
+
+def _nonzero_voxels(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) int64 (k, j, i) indices of the nonzero voxels on the image's own grid, and their values."""
+    scalars = image.GetPointData().GetScalars()
+    extent = image.GetExtent()
+    if scalars is None or extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+        return np.zeros((0, 3), np.int64), np.zeros(0)
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    array = numpy_support.vtk_to_numpy(scalars).reshape(dims)
+    where = np.argwhere(array)
+    return where + np.array([extent[4], extent[2], extent[0]]), array[tuple(where.T)]
+
+
+def edited_since_written(segmentation_node: Any) -> bool:
+    """Whether the segments changed (voxels, segments added, removed or renamed) since
+    CMBDetect last wrote them; False for a segmentation it never wrote."""
+    written = segmentation_node.GetAttribute(WRITTEN_ATTRIBUTE)
+    return bool(written) and written != segments_fingerprint(segmentation_node)
+
+
+def _stage_lists(result: Any) -> tuple[list[Candidate] | None, list[Candidate] | None]:
+    """(every candidate, the rejected ones) of a two-stage result; (None, None) for one stage.
+
+    A LesionMap carries both; a pipeline DetectionResult has its kept lesions and rejections."""
+    candidates = getattr(result, "candidates", None)
+    if candidates is None and getattr(result, "candidate_stage", None) is not None:
+        candidates = [*result.lesions, *result.rejected]
+    if candidates is None:
+        return None, None
+    return list(candidates), list(getattr(result, "rejected", None) or [])
+
+
+def _keep_probability(
+    probability: np.ndarray, volume_node: Any, segmentation_node: Any, scene: Any, candidates: list[Candidate] | None = None
+) -> Any:
     """The probability map as a scalar volume node on the input's grid, linked from the
     segmentation and saved with the scene. Hidden: no display node, and HideFromEditors keeps
-    it out of the node selectors (the input selector would otherwise offer it as an SWI)."""
+    it out of the node selectors (the input selector would otherwise offer it as an SWI).
+    A two-stage run's candidates and verdicts go with it (CANDIDATES_ATTRIBUTE)."""
     node = own(segmentation_node.GetNodeReference(PROBABILITY_ROLE))
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} microbleed probability")
@@ -122,8 +189,19 @@ def _keep_probability(probability: np.ndarray, volume_node: Any, segmentation_no
     node.SetAndObserveImageData(image)
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
+    if candidates is None:
+        node.RemoveAttribute(CANDIDATES_ATTRIBUTE)
+    else:
+        node.SetAttribute(CANDIDATES_ATTRIBUTE, json.dumps([candidate_record(c) for c in candidates]))
     segmentation_node.SetNodeReferenceID(PROBABILITY_ROLE, node.GetID())
     return node
+
+
+def candidates_of(segmentation_node: Any) -> list[Candidate] | None:
+    """The run's candidates and their verdicts, kept with its probability map; None for one stage."""
+    node = own(segmentation_node.GetNodeReference(PROBABILITY_ROLE)) if segmentation_node is not None else None
+    text = node.GetAttribute(CANDIDATES_ATTRIBUTE) if node is not None else None
+    return None if not text else [candidate_from_record(r) for r in json.loads(text)]
 
 
 def probability_of(segmentation_node: Any) -> np.ndarray | None:
@@ -154,8 +232,9 @@ def rethreshold(
         raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no probability map and input volume to re-threshold")
     run = summary_of(segmentation_node) or {}
     result = lesions_from_probability(
-        probability, geometry_of_node(input_node), threshold, min_diameter_mm, max_diameter_mm, run
-    )
+        probability, geometry_of_node(input_node), threshold, min_diameter_mm, max_diameter_mm, run,
+        candidates_of(segmentation_node),
+    )  # fmt: skip
     # The map is already kept: write only the lesions (a LesionMap without re-storing it).
     lesion_only = _LesionsOnly(result)
     nodes = write_result(lesion_only, input_node, segmentation_node, own(table_node), own(markups_node))
@@ -163,12 +242,14 @@ def rethreshold(
 
 
 class _LesionsOnly:
-    """A LesionMap seen without its probability, so write_result leaves the kept map alone."""
+    """A LesionMap seen without its probability, so write_result leaves the kept map (and the
+    candidates kept with it) alone."""
 
     probability = None
 
     def __init__(self, result: LesionMap) -> None:
         self.labels, self.lesions, self.geometry, self.summary = result.labels, result.lesions, result.geometry, result.summary
+        self.candidates, self.rejected = result.candidates, result.rejected
 
 
 def _check_same_grid(result: Any, volume_node: Any) -> None:

@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,8 @@ from ..detection.candidates import (
     save_classifier,
     scaled_magnitude,
 )
-from ..detection.classifier import CLASSES, MICROBLEED, CandidateNet, ClassifierConfig
+from ..detection.classifier import CandidateNet, ClassifierConfig
+from ..detection.records import CLASSES, MICROBLEED
 from ..errors import CaseError
 from ..evaluation.metrics import instance_majority
 from ..io import Volume, case_name, is_volume_file, read_volume
