@@ -126,3 +126,60 @@ def phantom(
         r2 = ((kk - ck) * sz) ** 2 + ((jj3 - cj) * sy) ** 2 + ((ii3 - ci) * sx) ** 2
         array[r2 <= (diameter / 2) ** 2] = 10.0
     return np.abs(array), geometry, spheres_mm
+
+
+def write_dicom_series(
+    folder: Path,
+    array: np.ndarray,
+    geometry: Geometry,
+    series_uid: str,
+    study_uid: str = "1.2.826.0.1.3680043.8.498.10",
+    frame_uid: str = "1.2.826.0.1.3680043.8.498.11",
+    description: str = "SWI magnitude",
+) -> list[Path]:
+    """A single-frame MR series as GDCM writes it through SimpleITK (one ImageFileWriter per
+    slice, SimpleITK's own recipe: its ImageSeriesWriter refuses DICOM), with the tags a scanner
+    sets: study, series and frame-of-reference UIDs, position and orientation per slice, pixel
+    spacing, slice thickness, modality MR. GDCM fills in the rest (pixel spacing from the
+    image, and a Spacing Between Slices of 1, whatever the slices' spacing: a 2D slice has no
+    third spacing).
+
+    GDCM's writer leaves the process in the C locale (LC_ALL=C, so that open() then reads
+    ASCII, not UTF-8): the locale is restored afterwards, or every later test that reads a
+    UTF-8 file would fail for it."""
+    import locale
+
+    import SimpleITK as sitk
+
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_dicom_slices(folder, array, geometry, series_uid, study_uid, frame_uid, description, sitk)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder, array, geometry, series_uid, study_uid, frame_uid, description, sitk) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.round(array).astype(np.int16))
+    image.SetSpacing(geometry.spacing), image.SetOrigin(geometry.origin), image.SetDirection(geometry.direction)
+    d = geometry.direction_matrix
+    orientation = "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    written = []
+    for k in range(array.shape[0]):
+        s = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|000d": study_uid, "0020|000e": series_uid, "0020|0052": frame_uid, "0008|103e": description,
+            "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.10f}" for v in position),
+            "0020|0013": str(k + 1), "0018|0050": f"{geometry.spacing[2]:g}", "0010|0020": "CMB-TEST-1", "0010|0010": "Test^Phantom",
+        }  # fmt: skip
+        for tag, value in tags.items():
+            s.SetMetaData(tag, value)
+        path = folder / f"{series_uid.rsplit('.', 1)[-1]}_{k:03d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(s)
+        written.append(path)
+    return written

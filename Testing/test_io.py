@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from CMBDetectLib.errors import CaseError
 from CMBDetectLib.io import Geometry, case_name, check_size, read_volume, write_volume
-from handmade import oblique_geometry
+from handmade import oblique_geometry, write_dicom_series
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
@@ -37,25 +37,8 @@ def test_ijk_to_ras_matches_sitk_physical_points():
 def test_dicom_series_folder(tmp_path):
     g = oblique_geometry(spacing=(0.5, 0.5, 1.5))
     a = (np.random.default_rng(2).random((6, 20, 24)) * 1000).astype(np.int16)
-    image = sitk.GetImageFromArray(a)
-    image.SetSpacing(g.spacing), image.SetOrigin(g.origin), image.SetDirection(g.direction)
     folder = tmp_path / "dicom"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = g.direction_matrix
-    orientation = "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1]))
-    for k in range(a.shape[0]):
-        s = image[:, :, k]
-        s.SetMetaData("0008|0060", "MR")
-        s.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1")
-        s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
-        s.SetMetaData("0020|0037", orientation)
-        s.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
-        s.SetMetaData("0020|0013", str(k + 1))
-        s.SetMetaData("0018|0050", str(g.spacing[2]))
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(s)
+    write_dicom_series(folder, a, g, "1.2.826.0.1.3680043.2.1125.1.1", study_uid="1.2.826.0.1.3680043.2.1125.1")
     v = read_volume(folder)
     assert v.shape == a.shape
     np.testing.assert_array_equal(v.array, a.astype(np.float32))

@@ -139,14 +139,57 @@ def _available_memory_bytes() -> int | None:
         return None  # not knowable on this platform: no guard
 
 
-def _dicom_series_files(folder: Path, case: str) -> list[str]:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder: its files in slice order (as GDCM sorts them) and what
+    identifies it to a reader."""
+
+    uid: str
+    description: str
+    files: tuple[str, ...]
+    rows: int
+    columns: int
+    study_uid: str = ""
+    frame_of_reference_uid: str = ""
+
+    def describe(self) -> str:
+        return f"{self.uid} ('{self.description}', {len(self.files)} slices of {self.columns}x{self.rows})"
+
+
+def _series_of(folder: Path, uid: str) -> DicomSeries:
+    files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    info = sitk.ImageFileReader()
+    info.SetFileName(files[0])
+    info.ReadImageInformation()
+
+    def tag(key: str) -> str:
+        return info.GetMetaData(key).strip() if info.HasMetaDataKey(key) else ""
+
+    columns, rows = info.GetSize()[:2]
+    return DicomSeries(uid, tag("0008|103e"), files, rows, columns, tag("0020|000d"), tag("0020|0052"))
+
+
+def dicom_series(folder: Path, case: str, series: str | None = None) -> DicomSeries:
+    """The series of `folder` to read: the only one, or the one whose Series Instance UID is
+    `series`. Several series and no choice is refused with the list: taking one silently
+    (the largest, say) could read a phase or a minimum-intensity projection as the SWI."""
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
         raise CaseError(case, f"no DICOM series found in folder {folder}")
-    # Several series in one folder: take the one with the most slices, the usual SWI magnitude.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    return list(files)
+    found = [_series_of(folder, uid) for uid in uids]
+    listing = "; ".join(s.describe() for s in found)
+    if series is not None:
+        chosen = [s for s in found if s.uid == series]
+        if not chosen:
+            raise CaseError(case, f"DICOM series {series} is not in {folder}; it holds: {listing}")
+        return chosen[0]
+    if len(found) > 1:
+        raise CaseError(
+            case,
+            f"the folder {folder} holds {len(found)} DICOM series; choose one with --series UID "
+            f"(or a 'series' column in the case list): {listing}",
+        )
+    return found[0]
 
 
 def check_size(shape_ijk: tuple[int, ...], case: str, available: int | None = None) -> None:
@@ -163,19 +206,23 @@ def check_size(shape_ijk: tuple[int, ...], case: str, available: int | None = No
         )
 
 
-def read_volume(path: str | os.PathLike, case: str | None = None) -> Volume:
+def read_volume(path: str | os.PathLike, case: str | None = None, series: str | None = None) -> Volume:
     """Read a 3D scalar volume (NIfTI, NRRD, MHA, or a DICOM series folder) as float32.
 
+    `series`: the Series Instance UID to read from a folder that holds several (dicom_series).
     Raises CaseError naming the case for anything that is not a readable 3D scalar volume:
     a missing or truncated file, a grid no scanner makes (spacing, shear), NaN voxels.
     """
     path = Path(path)
     case = case or case_name(path)
+    series = (series or "").strip() or None  # an empty cell of a case list chooses nothing
     if not path.exists():
         raise CaseError(case, _missing(path))
+    if series and not path.is_dir():
+        raise CaseError(case, f"DICOM series {series} was asked for, but {path} is a file, not a DICOM folder")
     try:
         if path.is_dir():
-            files = _dicom_series_files(path, case)
+            files = list(dicom_series(path, case, series).files)
             reader: sitk.ImageFileReader | sitk.ImageSeriesReader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             info = sitk.ImageFileReader()

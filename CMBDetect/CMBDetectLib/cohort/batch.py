@@ -20,7 +20,7 @@ import csv
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, NamedTuple, TextIO
 
 from tqdm import tqdm
 
@@ -33,15 +33,21 @@ from .names import printable, refuse_unsafe_and_duplicates
 from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
 from .workers import CaseOutcome, CaseTask, run_case, run_in_processes
 
-__all__ = ["CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
+__all__ = ["CaseInput", "CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
+
+
+class CaseInput(NamedTuple):
+    name: str
+    path: Path
+    series: str | None = None  # the Series Instance UID to read from a DICOM folder of several
 
 
 # The columns a case list may name its images by, in order of preference.
 IMAGE_COLUMNS = ("image", "path", "input", "file")
 
 
-def _cases_from_csv(path: Path) -> tuple[list[tuple[str, Path]], dict[int, str]]:
-    """The list's (case, path) pairs, and for each row that names no image, why it is refused.
+def _cases_from_csv(path: Path) -> tuple[list[CaseInput], dict[int, str]]:
+    """The list's (case, path, series) entries, and for each row that names no image, why it is refused.
 
     Raises InputError when the list as a whole cannot be used (missing, unreadable, empty,
     no image column): no case of it could run.
@@ -61,40 +67,41 @@ def _cases_from_csv(path: Path) -> tuple[list[tuple[str, Path]], dict[int, str]]
     column = next((c for c in IMAGE_COLUMNS if c in columns), None)
     if column is None:
         raise InputError(f"case list {path} needs a column named {', '.join(IMAGE_COLUMNS[:-1])} or {IMAGE_COLUMNS[-1]} (has: {', '.join(columns)})")
-    cases: list[tuple[str, Path]] = []
+    cases: list[CaseInput] = []
     problems: dict[int, str] = {}
     for number, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet counts
         cell = (row.get(column) or "").strip()
         if not cell:
             # Path("") is the current folder: the list's own folder would be read as a DICOM series.
             problems[len(cases)] = f"row {number} of {path.name}: the {column} cell is empty"
-            cases.append((row.get("case") or "", path))
+            cases.append(CaseInput(row.get("case") or "", path))
             continue
         p = Path(cell)
         if not p.is_absolute():
             p = path.parent / p  # paths in a case list are relative to the list
-        cases.append((row.get("case") or case_name(p), p))  # no case column, or an empty cell: the file's name
+        # No case column, or an empty cell: the file's name. An empty series cell chooses nothing.
+        cases.append(CaseInput(row.get("case") or case_name(p), p, (row.get("series") or "").strip() or None))
     return cases, problems
 
 
-def _folder_entries(folder: Path) -> list[tuple[str, Path]]:
+def _folder_entries(folder: Path) -> list[CaseInput]:
     """The cases of a folder: its volume files and its subfolders (each a DICOM series), or the
     folder itself (one DICOM series); then its links that lead nowhere (dangling or looping),
     which would otherwise vanish without a word: read_volume reports each by name."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    volumes = [(case_name(p), p) for p in entries if p.is_file() and is_volume_file(p)]
-    subdirs = [(p.name, p) for p in entries if p.is_dir()]
-    broken = [(case_name(p), p) for p in entries if p.is_symlink() and not p.exists()]
-    return (volumes + subdirs or [(folder.name, folder)]) + broken
+    volumes = [CaseInput(case_name(p), p) for p in entries if p.is_file() and is_volume_file(p)]
+    subdirs = [CaseInput(p.name, p) for p in entries if p.is_dir()]
+    broken = [CaseInput(case_name(p), p) for p in entries if p.is_symlink() and not p.exists()]
+    return (volumes + subdirs or [CaseInput(folder.name, folder)]) + broken
 
 
-def expand_inputs(inputs: list[str | Path]) -> tuple[list[tuple[str, Path]], dict[int, str]]:
-    """(case name, path) for every case named by the inputs, in a stable order; and, by
+def expand_inputs(inputs: list[str | Path]) -> tuple[list[CaseInput], dict[int, str]]:
+    """(case name, path, series) for every case named by the inputs, in a stable order; and, by
     position, the reason each entry that cannot run is refused (a case-list row without image).
 
     Raises InputError for an input that cannot be listed at all (a missing or empty case list).
     """
-    cases: list[tuple[str, Path]] = []
+    cases: list[CaseInput] = []
     problems: dict[int, str] = {}
     for item in map(Path, inputs):
         if item.suffix.lower() == ".csv":
@@ -104,7 +111,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[tuple[str, Path]], dic
         elif item.is_dir():
             cases += _folder_entries(item)
         else:
-            cases.append((case_name(item), item))  # read_volume says if it is missing or unreadable
+            cases.append(CaseInput(case_name(item), item))  # read_volume says if it is missing or unreadable
     return cases, problems
 
 
@@ -125,14 +132,23 @@ def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, d
     return fingerprint(described), described
 
 
-def _refuse_unrunnable(cases: list[tuple[str, Path]], out_dir: Path, phase: str | Path | None) -> None:
+def _refuse_unrunnable(
+    cases: list[CaseInput], out_dir: Path, phase: str | Path | None, series: str | None, dicom_dir: Path | None
+) -> None:
     """BatchError for a batch that cannot run as asked, before any case starts."""
     if phase is not None and not Path(phase).is_dir() and len(cases) > 1:
         raise BatchError(
             f"the phase image {phase} is one file, and the inputs name {len(cases)} cases: it would be "
             "taken as every case's phase. For a batch, give a folder of <case>.* phase images"
         )
+    if series is not None and len(cases) > 1:
+        raise BatchError(
+            f"--series {series} chooses the series of one case, and the inputs name {len(cases)} cases. "
+            "For a batch, give a case list (CSV) with a 'series' column"
+        )
     prepare_output_folder(out_dir)
+    if dicom_dir is not None:
+        prepare_output_folder(dicom_dir)
 
 
 def detect_batch(
@@ -148,14 +164,19 @@ def detect_batch(
     workers: int = 1,
     scheduler=None,
     phase: str | Path | None = None,
+    series: str | None = None,
+    dicom_out: str | Path | None = None,
 ) -> list[CaseOutcome]:
     """Detect every case; returns one outcome per case, in input order.
 
     `phase`: a phase image (one case) or a folder of `<case>.*` phase images, for the candidate
-    stage. `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
+    stage. `series`: the Series Instance UID to read, for one case whose DICOM folder holds
+    several (a case list gives it per case in a `series` column). `dicom_out`: a folder for the
+    DICOM Segmentation and measurement report of each case read from a DICOM series.
+    `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
     address, or a `distributed.Client`) sends them to a Dask cluster instead. Raises BatchError,
-    before any case runs, when the output folder cannot be written or one phase image is given
-    for several cases.
+    before any case runs, when an output folder cannot be written, or one phase image or one
+    series is given for several cases.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -164,43 +185,51 @@ def detect_batch(
     params = replace(params, model=_absolute_model(params.model))
     cases, problems = expand_inputs(inputs)
     out_dir = Path(output_dir).absolute()
+    dicom_dir = Path(dicom_out).absolute() if dicom_out is not None else None
+    series = (series or "").strip() or None
     if cases:
-        _refuse_unrunnable(cases, out_dir, phase)
+        _refuse_unrunnable(cases, out_dir, phase, series, dicom_dir)
+    if series is not None:
+        cases = [c._replace(series=series) for c in cases]
     outcomes: dict[int, CaseOutcome] = {}
 
     def finish(i: int, outcome: CaseOutcome) -> None:
-        outcome.source = str(cases[i][1])  # as the user named it (tasks carry absolute paths)
+        outcome.source = str(cases[i].path)  # as the user named it (tasks carry absolute paths)
         outcomes[i] = outcome
         if not outcome.ok:
             tqdm.write(f"{outcome.status.upper()} {outcome.error}", file=log)
         if on_case:
             on_case(outcome)
 
-    refused = {**refuse_unsafe_and_duplicates([case for case, _ in cases]), **problems}
+    refused = {**refuse_unsafe_and_duplicates([c.name for c in cases]), **problems}
     for i, reason in refused.items():
-        shown = printable(cases[i][0])
-        finish(i, CaseOutcome(shown, str(cases[i][1]), False, error=f"{shown or '(empty)'}: refused: {reason}", status="refused"))
+        shown = printable(cases[i].name)
+        finish(i, CaseOutcome(shown, str(cases[i].path), False, error=f"{shown or '(empty)'}: refused: {reason}", status="refused"))
     accepted = [i for i in range(len(cases)) if i not in refused]
     if not accepted:
         return [outcomes[i] for i in sorted(outcomes)]
 
-    debris = remove_staging_debris(out_dir, {cases[i][0] for i in accepted})
+    names = {cases[i].name for i in accepted}
+    debris = remove_staging_debris(out_dir, names) + (remove_staging_debris(dicom_dir, names) if dicom_dir else [])
     if debris:
         tqdm.write(f"removed {len(debris)} staging folder(s) left by an interrupted run", file=log)
     fp, described = _run_fingerprint(params, phase is not None)
     tasks: dict[int, CaseTask] = {}
     for i in accepted:
-        case, path = cases[i]
-        summary = None if force else done_summary(out_dir, case, fp, preview)
+        case, path, case_series = cases[i]
+        summary = None if force else done_summary(out_dir, case, fp, preview, case_series, dicom_dir)
         if summary is not None:
             finish(i, CaseOutcome(
                 case, str(path), True, int(summary.get("n_lesions", 0)), int(summary.get("n_small", 0)),
                 int(summary.get("n_large", 0)), model_trained=bool(summary.get("model_trained", True)), status="skipped",
             ))  # fmt: skip
             continue
-        remove_case_outputs(out_dir, case)  # failed, changed or interrupted: start clean
+        remove_case_outputs(out_dir, case, dicom_dir)  # failed, changed or interrupted: start clean
         phase_path = str(Path(phase).absolute()) if phase is not None else None
-        tasks[i] = CaseTask(case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described, phase_path)
+        tasks[i] = CaseTask(
+            case, str(Path(path).absolute()), str(out_dir), params, preview, fp, described, phase_path,
+            case_series, str(dicom_dir) if dicom_dir else None,
+        )  # fmt: skip
 
     index = {task.case: i for i, task in tasks.items()}
     bar = tqdm(total=len(tasks), desc="cases", unit="case", disable=not show_progress or len(tasks) < 2, file=log)

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..detection.records import every_output_path, output_paths
+from ..detection.records import DICOM_FILES, dicom_output_paths, every_output_path, output_paths
 from ..detection.pipeline import DetectionParams, DetectionResult
 from ..models import CardIdentity
 
@@ -61,30 +61,60 @@ class FingerprintedResult(DetectionResult):
         return {**super().summary(), "params_fingerprint": self.fingerprint, "params_fingerprinted": self.fingerprint_of}
 
 
-def done_summary(out_dir: Path, case: str, expected: str, preview: bool) -> dict | None:
-    """The summary of `case` when it is complete with fingerprint `expected`, else None."""
-    path = output_paths(out_dir, case)["summary"]
+def _read_summary(out_dir: Path, case: str) -> dict | None:
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(output_paths(out_dir, case)["summary"].read_text())
     except (OSError, ValueError):
         return None  # absent, or cut short by a crash (a summary is renamed into place, but be safe)
-    if not isinstance(summary, dict) or summary.get("params_fingerprint") != expected:
+    return summary if isinstance(summary, dict) else None
+
+
+def done_summary(
+    out_dir: Path, case: str, expected: str, preview: bool, series: str | None = None, dicom_dir: Path | None = None
+) -> dict | None:
+    """The summary of `case` when it is complete with fingerprint `expected`, else None.
+
+    Complete means every output this run asks for is there: the preview when `preview`; with
+    `series`, the case was read from that DICOM series; with `dicom_dir`, a case read from a
+    DICOM series has its measurement report in that folder (and its SEG when it has lesions).
+    """
+    summary = _read_summary(out_dir, case)
+    if summary is None or summary.get("params_fingerprint") != expected:
         return None
     listed = summary.get("files")
     if not isinstance(listed, dict) or (preview and "preview" not in listed):
         return None
     if not all(isinstance(name, str) and (Path(out_dir) / name).is_file() for name in listed.values()):
         return None
+    source = summary.get("dicom_source")
+    if series is not None and (not isinstance(source, dict) or source.get("series_instance_uid") != series):
+        return None
+    if dicom_dir is not None and isinstance(source, dict):
+        report = listed.get("dicom_sr")
+        wanted = dicom_output_paths(dicom_dir, case)["dicom_sr"]
+        if report is None or (Path(out_dir) / report).resolve() != wanted.resolve():
+            return None
     return summary
 
 
-def remove_case_outputs(out_dir: Path, case: str) -> None:
+def remove_case_outputs(out_dir: Path, case: str, dicom_dir: Path | None = None) -> None:
     """Remove every file an earlier, different or interrupted run may have left for `case`,
-    whatever its options (the summary first).
+    whatever its options (the summary first): in `out_dir`, the DICOM objects its summary
+    lists wherever they are, and those of `case` in `dicom_dir`.
 
     Only files: anything else by those names is not ours, and the case will fail on it, by name.
     """
-    for path in reversed(list(every_output_path(out_dir, case).values())):
+    listed = (_read_summary(out_dir, case) or {}).get("files")
+    listed = listed if isinstance(listed, dict) else {}
+    # Only files by our names: a summary is a plain file, and what it lists must not be a way
+    # to delete anything else.
+    dicom = [
+        Path(out_dir) / listed[key] for key, name in DICOM_FILES.items()
+        if isinstance(listed.get(key), str) and Path(listed[key]).name == name.format(case=case)
+    ]  # fmt: skip
+    if dicom_dir is not None:
+        dicom += dicom_output_paths(dicom_dir, case).values()
+    for path in [*reversed(list(every_output_path(out_dir, case).values())), *dicom]:
         if path.is_symlink() or path.is_file():
             try:
                 path.unlink()

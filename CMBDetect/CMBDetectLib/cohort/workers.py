@@ -67,6 +67,8 @@ class CaseTask:
     fingerprint: str = ""
     fingerprint_of: dict = field(default_factory=dict)
     phase: str | None = None  # a phase image, or a folder of `<case>.*` phase images
+    series: str | None = None  # the Series Instance UID to read from a DICOM folder of several
+    dicom_out: str | None = None  # the folder for the DICOM SEG and SR of a case read from DICOM
 
 
 def cpu_cores() -> int:
@@ -106,7 +108,7 @@ def _hold_if_asked(case: str) -> None:
 
 def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = None) -> CaseOutcome:
     """Detect and write one case; a bad case comes back as a failed outcome, never as an exception."""
-    from ..io import read_phase
+    from ..io import dicom_series, read_phase
     from ..detection.outputs import write_case_outputs
     from ..detection.pipeline import detect_volume
     from .names import inside, unsafe_name_reason
@@ -118,13 +120,20 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         if reason or not inside(Path(task.out_dir), case):  # checked before, checked again where it is written
             raise CaseError(case, reason or "its outputs would land outside the output folder")
         _die_if_asked(case)
-        volume = read_volume(Path(task.source), case)
+        source = Path(task.source)
+        series = dicom_series(source, case, task.series) if source.is_dir() else None
+        volume = read_volume(source, case, series.uid if series else task.series)
+        # What the DICOM input gave us travels beside the volume: detection never sees it.
+        dicom = _dicom_export(task, series, volume.shape) if series and task.dicom_out else None
         phase = read_phase(task.phase, case, volume) if task.phase else None
         result = detect_volume(volume, task.params, progress=progress, case=case, phase=phase)
         if task.fingerprint:
             result = FingerprintedResult.of(result, task.fingerprint, task.fingerprint_of)
         _hold_if_asked(case)
-        write_case_outputs(result, Path(task.out_dir), case, image=volume.array if task.preview else None)
+        write_case_outputs(
+            result, Path(task.out_dir), case, image=volume.array if task.preview else None,
+            dicom_source=_source_summary(series) if series else None, dicom=dicom,
+        )  # fmt: skip
         s = result.summary()
         return CaseOutcome(
             case, task.source, True, s["n_lesions"], s["n_small"], s["n_large"], time.perf_counter() - start,
@@ -137,6 +146,22 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         # must not stop a cohort: report it in full and go on.
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=f"{case}: {detail}")
+
+
+def _source_summary(series) -> dict[str, str]:
+    return {
+        "study_instance_uid": series.study_uid, "series_instance_uid": series.uid,
+        "series_description": series.description, "frame_of_reference_uid": series.frame_of_reference_uid,
+    }  # fmt: skip
+
+
+def _dicom_export(task: CaseTask, series, shape: tuple[int, int, int]):
+    """The series' headers, read before detection so that a series the writers cannot
+    reference fails at once, not after minutes of work."""
+    from ..export import DicomExport, check_available, read_dicom_source
+
+    check_available()  # checked by the command too, but a cluster's worker may lack highdicom
+    return DicomExport(Path(task.dicom_out), read_dicom_source(series, task.case, shape))
 
 
 def died(task: CaseTask, attempts: int, where: str) -> CaseOutcome:
@@ -213,8 +238,8 @@ def run_in_processes(tasks: Iterable[CaseTask], n_workers: int, on_done: Callabl
             # dead now (the pool has shut down), and the retried cases must not inherit them.
             from .resume import remove_staging_debris
 
-            for out_dir in {t.out_dir for t in pending}:
-                remove_staging_debris(Path(out_dir), {t.case for t in pending if t.out_dir == out_dir})
+            for folder in {d for t in pending for d in (t.out_dir, t.dicom_out) if d}:
+                remove_staging_debris(Path(folder), {t.case for t in pending if folder in (t.out_dir, t.dicom_out)})
         first = pending[0]
         ctx = get_context("spawn")  # fork would copy torch's thread pools and locks: unsafe
         with ProcessPoolExecutor(

@@ -38,6 +38,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="optional high-pass phase image(s) on the SWI grid, radians (a file for one case, or a folder of <case>.nii.gz for a batch): the candidate stage uses it to tell bleeds from calcifications")
     p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE",
                    help="candidate classifier (registry id or .safetensors with its card); default: the one the detector's card names")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="the Series Instance UID to read from a DICOM folder that holds several (one case; for a batch, a 'series' column in the case list)")
+    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                   help="also write a DICOM Segmentation (<case>_seg.dcm) and measurement report (<case>_sr.dcm) into DIR for each case read from a DICOM series")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cohort = p.add_argument_group("cohorts", "resume, local worker processes, Dask clusters (README: Cohorts)")
     cohort.add_argument("--force", action="store_true", help="redo every case, even those already done in OUT with the same model and parameters")
@@ -76,6 +80,14 @@ def run(args: argparse.Namespace) -> int:
     if args.phase is not None and not args.phase.exists():
         print(f"error: --phase {args.phase} does not exist", file=sys.stderr)
         return 2
+    if args.dicom_out is not None:
+        from ..export import check_available
+
+        try:
+            check_available()  # highdicom and a pydicom it supports: say so before any work
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from ..detection.lesions import DEFAULT_THRESHOLD
 
     params = DetectionParams(
@@ -119,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes = detect_batch(
             args.inputs, args.output, params, show_progress=not args.quiet, on_case=print_case, preview=args.preview,
             force=args.force, workers=args.workers, scheduler=args.scheduler, phase=args.phase,
+            series=args.series, dicom_out=args.dicom_out,
         )  # fmt: skip
     except (BatchError, InputError) as exc:  # raised before any case ran
         print(f"error: {exc}", file=sys.stderr)
@@ -139,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
     skipped = sum(o.status == "skipped" for o in outcomes)
     note = f" ({skipped} skipped: done earlier)" if skipped else ""
     print(f"{done} of {len(outcomes)} cases done{note}, {total} microbleeds in all; results in {args.output}")
+    if args.dicom_out is not None:
+        not_dicom = [o.case for o in outcomes if o.ok and not Path(o.source).is_dir()]
+        if not_dicom:
+            print(f"warning: --dicom-out: {len(not_dicom)} case(s) were not read from a DICOM series, and have no "
+                  f"DICOM objects (they would reference no source images): {', '.join(not_dicom)}", file=sys.stderr)  # fmt: skip
     for o in failed:
         print(f"  failed: {o.error}", file=sys.stderr)
     return exit_code(outcomes) if table is not None else 1

@@ -5,9 +5,11 @@ Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<cas
 `<case>_lesions.csv`, on request `<case>_preview.png` (preview.py), and `<case>_summary.json`.
 With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
 down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
-P(microbleed). The columns, rows and tags are records.py's (torch-free, for Slicer's process).
-Everything is written into a hidden folder first, flushed to the disk, and moved into place only
-when every file exists, the summary last, so a failed case (a full disk included) leaves nothing behind.
+P(microbleed). For a case read from a DICOM series, `--dicom-out DIR` adds `<case>_seg.dcm` and
+`<case>_sr.dcm` in DIR (export/). The columns, rows and tags are records.py's (torch-free, for
+Slicer's process). Everything is written into a hidden folder first, flushed to the disk, and moved
+into place only when every file exists, the summary last, so a failed case (a full disk included)
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from ..errors import BatchError, CaseError
 from ..io import Geometry, atomic_path, fsync_file, write_volume
 from .lesions import CLASS_COLORS, Lesion
 from .preview import write_preview
-from .records import LESION_COLUMNS, REJECTED_COLUMNS, Candidate, lesion_row, output_paths, rejected_row, segment_tags
+from .records import (
+    LESION_COLUMNS, REJECTED_COLUMNS, Candidate, dicom_output_paths, lesion_row, output_paths, rejected_row, segment_tags,
+)  # fmt: skip
+
+
+def listed_name(out_dir: Path, path: Path) -> str:
+    """How the summary names a file: relative to the output folder when inside it, else absolute."""
+    try:
+        return Path(path).relative_to(out_dir).as_posix()
+    except ValueError:
+        return str(Path(path).absolute())
 
 
 def prepare_output_folder(out_dir: Path) -> None:
@@ -139,21 +151,41 @@ def write_probability(path: Path, probability: np.ndarray, geometry: Geometry) -
         nib.save(image, str(tmp))
 
 
-def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | None = None) -> dict[str, Path]:
+def write_case_outputs(
+    result, out_dir: Path, case: str, image: np.ndarray | None = None, *, dicom_source: dict | None = None, dicom=None
+) -> dict[str, Path]:
     """Write every file of one case, then move them into `out_dir` together (summary last).
 
     With the input `image` (k, j, i), a preview PNG of the detections is written too. A file
     that cannot be written (a full disk) raises CaseError naming it, and nothing is left.
+    `dicom_source`: what identifies the DICOM series the case was read from, for the summary.
+    `dicom`: an export.DicomExport; its objects are staged and moved into its folder with the
+    rest, before the summary, which lists them.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     two_stage = getattr(result, "candidate_stage", None) is not None
     final = output_paths(out_dir, case, preview=image is not None, rejected=two_stage)
     staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=out_dir))
+    dicom_staging: Path | None = None
     moved: list[Path] = []
     try:
         staged = output_paths(staging, case, preview=image is not None, rejected=two_stage)
-        summary = {"case": case, **result.summary(), "files": {k: v.name for k, v in final.items()}}
+        staged_dicom: dict[str, Path] = {}
+        if dicom is not None:
+            dicom_staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=dicom.folder))
+            try:
+                staged_dicom = dicom.write(result, case, dicom_output_paths(dicom_staging, case))
+                for path in staged_dicom.values():
+                    fsync_file(path)
+            except OSError as exc:
+                raise CaseError(case, f"cannot write the DICOM objects in {dicom.folder}: {exc.strerror or exc}") from None
+        final_dicom = {key: Path(dicom.folder) / path.name for key, path in staged_dicom.items()}
+        files = {k: v.name for k, v in final.items() if k != "summary"}
+        files.update({k: listed_name(out_dir, v) for k, v in final_dicom.items()})
+        files["summary"] = final["summary"].name
+        source = {"dicom_source": dicom_source} if dicom_source else {}
+        summary = {"case": case, **result.summary(), **source, "files": files}
         writers = {
             "segmentation": lambda p: write_segmentation_nrrd(p, result.labels, result.lesions, result.geometry),
             "labels": lambda p: write_volume(result.labels, result.geometry, p),
@@ -172,14 +204,17 @@ def write_case_outputs(result, out_dir: Path, case: str, image: np.ndarray | Non
                 fsync_file(path)  # a write error the disk reports late (NFS, quota) surfaces here
             except OSError as exc:
                 raise CaseError(case, f"cannot write {final[key].name} in {out_dir}: {exc.strerror or exc}") from None
-        for key, path in staged.items():
+        for key, path in [*staged_dicom.items(), *staged.items()]:
+            target = final_dicom[key] if key in final_dicom else final[key]
             os.chmod(path, 0o644)
-            os.replace(path, final[key])
-            moved.append(final[key])
+            os.replace(path, target)
+            moved.append(target)
     except BaseException:
         for path in moved:  # a case is either complete or absent
             path.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
+        if dicom_staging is not None:
+            shutil.rmtree(dicom_staging, ignore_errors=True)
+    return {**final_dicom, **final}

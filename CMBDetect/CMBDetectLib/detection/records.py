@@ -84,6 +84,9 @@ OUTPUT_FILES = {
     "summary": "{case}_summary.json",
 }
 OPTIONAL_FILES = ("rejected_csv", "preview")
+# With `--dicom-out DIR`, for a case read from a DICOM series: the DICOM Segmentation (only when
+# there is a lesion: a SEG needs a segment) and the measurement report, written by export/.
+DICOM_FILES = {"dicom_seg": "{case}_seg.dcm", "dicom_sr": "{case}_sr.dcm"}
 
 
 def every_output_path(out_dir: Path, case: str) -> dict[str, Path]:
@@ -96,6 +99,11 @@ def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool
     candidates' CSV when asked for."""
     wanted = {"rejected_csv": rejected, "preview": preview}
     return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
+
+
+def dicom_output_paths(dicom_dir: Path, case: str) -> dict[str, Path]:
+    """The DICOM objects `case` may have in the `--dicom-out` folder."""
+    return {key: Path(dicom_dir) / name.format(case=case) for key, name in DICOM_FILES.items()}
 
 
 def lesion_row(lesion: Lesion) -> dict[str, object]:
