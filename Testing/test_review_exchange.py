@@ -266,3 +266,23 @@ def test_create_with_missing_detections_creates_nothing(tmp_path, capsys):
     # so the same command works once the detections are there
     fake_detect(images, tmp_path / "det")
     assert cmbdetect(["review", "create", str(path), "--images", str(images), "--detections", str(tmp_path / "det")]) == 0
+
+
+def test_simulated_readers_name_the_mimic_an_incorrect_detection_lies_on(study, tmp_path):
+    """With the engine's mimic maps beside the truth, a detection on a vein is "incorrect:
+    vessel", as a reader would say; without them the reason is "other"."""
+    from CMBDetectLib.io import write_volume
+    from handmade import oblique_geometry
+    from test_review_walkthrough import FALSE_POSITIVE, SHAPE, sphere_mask
+
+    def reasons(out):
+        assert cmbdetect(["review", "simulate", str(study), "--truth", str(tmp_path / "data"), "--reader", "ana", "-o", str(out)]) == 0
+        return {r["reason"] for r in csv.DictReader(open(out)) if r["decision"] == "incorrect"}
+
+    assert reasons(tmp_path / "plain.csv") == {"other"}
+    geometry = oblique_geometry()
+    mimics = np.zeros(SHAPE, np.uint8)
+    mimics[sphere_mask(SHAPE, geometry, FALSE_POSITIVE[0], FALSE_POSITIVE[1] / 2 + 1.0)] = 1  # a vein under the false positive
+    for case in ("case0", "case1"):
+        write_volume(mimics, geometry, tmp_path / "data" / "mimics" / f"{case}.nii.gz")
+    assert reasons(tmp_path / "mimic.csv") == {"vessel"}

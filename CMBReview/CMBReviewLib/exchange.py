@@ -279,11 +279,39 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
+# The synthetic engine's mimic codes (synth.MIMIC_CODES) as a reader's reasons for "incorrect".
+MIMIC_CODE_REASONS = {1: "vessel", 2: "calcification", 3: "iron_deposit", 4: "artefact"}
+
+
+def _mimic_map(truth: Path, case: str, like) -> np.ndarray | None:
+    """The case's mimic map from a `cmbdetect synth` folder (mimics/<case>.*), or None."""
+    files = [p for p in (truth / "mimics").glob(f"{case}.*") if p.name.split(".")[0] == case] if (truth / "mimics").is_dir() else []
+    if not files:
+        return None
+    mimics = read_volume(files[0], case)
+    if grid_differences(mimics.shape, mimics.geometry, like.shape, like.geometry):
+        raise StudyError(f"{case}: mimic map {files[0].name} is not on the truth's grid")
+    return np.rint(mimics.array).astype(np.int64)
+
+
+def _mimic_reason(mimics: np.ndarray | None, inside: np.ndarray) -> str:
+    """The reason a reader would give: the mimic most of the detection lies on, else "other"."""
+    if mimics is None:
+        return "other"
+    codes = mimics[inside]
+    codes = codes[(codes > 0) & (codes < 5)]
+    if codes.size == 0:
+        return "other"
+    return MIMIC_CODE_REASONS[int(np.bincount(codes).argmax())]
+
+
 def simulate_decisions(study: Study, truth: str | Path, reader: str, error_rate: float = 0.0, seed: int = 0) -> list[dict]:
     """Example decisions of a simulated reader who knows the synthetic ground truth.
 
     For trying the review workflow on `cmbdetect synth` data only: a detector lesion touching a
-    true microbleed is judged correct, any other incorrect (reason "other"); each true microbleed
+    true microbleed is judged correct, any other incorrect, with the mimic most of it lies on
+    when the truth folder has the engine's mimic maps (`mimics/<case>`: vein -> vessel,
+    calcification, nucleus -> iron_deposit, air-tissue edge -> artefact), else "other"; each true microbleed
     no detection touches is added as missed (a sphere of its equivalent diameter at its centroid).
     With `error_rate`, that share of the verdicts is flipped and of the missed lesions overlooked
     (seeded), so that two simulated readers disagree. Reading times are drawn from 60-240 s.
@@ -307,12 +335,14 @@ def simulate_decisions(study: Study, truth: str | Path, reader: str, error_rate:
             raise StudyError(f"{case.name}: truth {files[0].name} is not on the image's grid ({'; '.join(differ)})")
         true = truth_volume.array.astype(np.int64)
         det = detector_labels(study, case.name, image)
+        mimics = _mimic_map(truth, case.name, truth_volume)
         for l in sorted((l for l in study.lesions(case.id) if l.source == "detector"), key=lambda l: l.detector_label):
             hit = bool(np.any(true[det == l.detector_label] > 0))
             if rng.random() < error_rate:
                 hit = not hit
             rows.append({"case": case.name, "reader": reader, "decision": "correct" if hit else "incorrect",
-                         "lesion": l.detector_label, "reason": None if hit else "other", "certainty": "definite"})  # fmt: skip
+                         "lesion": l.detector_label, "reason": None if hit else _mimic_reason(mimics, det == l.detector_label),
+                         "certainty": "definite"})  # fmt: skip
         found = set(np.unique(true[det > 0]).tolist())
         for t in describe(true.astype(np.uint16), image.geometry):
             if t.id in found or rng.random() < error_rate:
