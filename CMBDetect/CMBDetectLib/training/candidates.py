@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import time
 import zlib
@@ -437,8 +438,12 @@ def train_classifier(
     settings: StageSettings,
     card: dict,
     progress: Progress | None = None,
+    init: CandidateNet | None = None,
 ) -> dict:
-    """Train, keep the lowest-validation-loss model, write OUT/best.safetensors + card."""
+    """Train, keep the lowest-validation-loss model, write OUT/best.safetensors + card.
+
+    `init`: fine-tune a copy of this network (its own configuration; `config`'s width and patch
+    settings are not used), as `cmbdetect adapt` does; it is left unchanged."""
     report = progress or (lambda message: None)
     if len(data.labels) == 0:
         raise ValueError("no candidates found in the training cases: nothing to train on")
@@ -449,8 +454,11 @@ def train_classifier(
     train_mask, val_mask = split_by_case(data.cases, config.val_fraction, config.seed)
     if not val_mask.any():
         val_mask = train_mask.copy()  # one case: validate on it (said in the card)
-    net_config = ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm)
-    network = CandidateNet(net_config)
+    if init is not None:
+        network = copy.deepcopy(init)
+        network.train()
+    else:
+        network = CandidateNet(ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm))
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     # Validation loss weighs each class equally, as training sees them, so the many "other"
