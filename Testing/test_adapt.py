@@ -101,3 +101,140 @@ def test_the_case_split_is_seeded_and_leaves_a_case_on_each_side():
     assert (fit, cal) == split_cases(list(reversed(names)), 0.3, 4)
     assert len(cal) == 3 and not set(fit) & set(cal) and sorted(fit + cal) == names
     assert [len(x) for x in split_cases(["a", "b"], 0.9, 0)] == [1, 1]
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _shipped_hashes() -> dict[str, str]:
+    return {p.name: models.sha256_of(p) for p in sorted(models.models_dir().iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Four small synthetic cases whose truth leaves out every third bleed, as a site's readers
+    might: stage 1's candidates on those are false ones, for stage 2 to learn and calibrate on."""
+    from CMBDetectLib.io import write_volume
+    from CMBDetectLib.synth import generate_case
+
+    root = tmp_path_factory.mktemp("site")
+    for index in range(4):
+        case = generate_case(seed=11, index=index, matrix=(160, 160), n_slices=16, n_microbleeds=16, field_strength_t=3.0,
+                             slice_thickness_mm=1.5, domain="shifted", vein_density=2.0)  # fmt: skip
+        truth = np.where(np.isin(case.labels, np.arange(1, case.labels.max() + 1, 3)), 0, case.labels).astype(np.uint16)
+        write_volume(case.image.array, case.image.geometry, root / "images" / f"{case.name}.nii.gz")
+        write_volume(truth, case.image.geometry, root / "truth" / f"{case.name}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapted(site, tmp_path_factory):
+    from CMBDetectLib.cli import main
+
+    before = _shipped_hashes()
+    out = tmp_path_factory.mktemp("adapted") / "site-model"
+    code = main(["adapt", "--images", str(site / "images"), "--truth", str(site / "truth"), "-o", str(out),
+                 "--max-minutes", "0.3", "--calibration-fraction", "0.5", "-q"])  # fmt: skip
+    return code, out, before
+
+
+def test_adapt_writes_a_model_folder_that_detect_loads_with_its_own_classifier(adapted, site, tmp_path):
+    from CMBDetectLib.commands.detect import main as detect_main
+
+    code, out, before = adapted
+    assert code == 0
+    assert _shipped_hashes() == before  # the shipped files are read, never written
+    card = json.loads((out / "unet.json").read_text())
+    assert card["candidate_classifier"] == "classifier.safetensors"
+    a = card["adaptation"]
+    assert sorted(a["cases"]["fit"] + a["cases"]["calibration"]) == sorted(p.name[: -len(".nii.gz")] for p in (site / "images").iterdir())
+    first = a["inputs"][0]
+    assert first["image_sha256"] == models.sha256_of(first["image"]) and first["truth_sha256"] == models.sha256_of(first["truth"])
+    assert a["adapted_from"]["sha256"] == before[json.loads((models.models_dir() / "models.json").read_text())["models"][-1]["file"]] or a["adapted_from"]["sha256"] in before.values()
+    assert set(a["calibration_cases_figures"]) == {"no_phase", "phase"}
+    classifier_card = json.loads((out / "classifier.json").read_text())
+    assert set(classifier_card["operating_points"]) >= {"default", "count", "review"}
+    assert classifier_card["calibration_fit"]["calibration_cases"] == a["cases"]["calibration"]
+
+    image = sorted((site / "images").iterdir())[0]
+    assert detect_main([str(image), "-o", str(tmp_path / "det"), "--model", str(out), "-q"]) == 0
+    summary = json.loads(next((tmp_path / "det").glob("*_summary.json")).read_text())
+    used = summary["params_fingerprinted"]
+    assert used["classifier_sha256"] == models.sha256_of(out / "classifier.safetensors") == classifier_card["sha256"]
+    assert used["model_sha256"] == models.sha256_of(out / "unet.safetensors")
+    assert summary["candidate_stage"]["classifier_id"] == classifier_card["id"] == "cmbdetect-adapted-candidates"
+
+
+def test_adapt_refuses_to_write_over_a_model_folder(adapted, site, capsys):
+    from CMBDetectLib.cli import main
+
+    _, out, _ = adapted
+    weights = models.sha256_of(out / "unet.safetensors")
+    code = main(["adapt", "--images", str(site / "images"), "--truth", str(site / "truth"), "-o", str(out), "-q"])
+    assert code == 2 and "already holds a model" in capsys.readouterr().err
+    assert models.sha256_of(out / "unet.safetensors") == weights
+
+
+def test_bad_inputs_are_error_lines_naming_the_case_and_nothing_is_written(site, tmp_path, capsys):
+    from CMBDetectLib.cli import main
+    from CMBDetectLib.io import read_volume, write_volume
+
+    def run(images, truth) -> str:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert main(["adapt", "--images", str(images), "--truth", str(truth), "-o", str(out), "-q"]) == 2
+        assert not out.exists()
+        return capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "error: no images" in run(empty, site / "truth")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    first, second = sorted((site / "truth").iterdir())[:2]
+    shutil.copy(first, partial / first.name)
+    err = run(site / "images", partial)
+    lonely = second.name[: -len(".nii.gz")]
+    assert f"error: {lonely}: no label map" in err and first.name[: -len(".nii.gz")] + ":" not in err
+    shifted = tmp_path / "shifted"
+    shutil.copytree(site / "truth", shifted)
+    label = read_volume(shifted / first.name)
+    g = label.geometry
+    write_volume(label.array, type(g)(tuple(s * 1.5 for s in g.spacing), g.origin, g.direction), shifted / first.name)
+    err = run(site / "images", shifted)
+    assert err.startswith(f"error: {first.name[: -len('.nii.gz')]}: ") and "grid" in err
+
+
+def test_classifier_fine_tuning_starts_from_the_base_and_keeps_it_when_no_epoch_beats_it(tmp_path):
+    import torch
+
+    from CMBDetectLib.detection.candidates import StageSettings
+    from CMBDetectLib.detection.classifier import CandidateNet, ClassifierConfig
+    from CMBDetectLib.training.candidates import CandidateSet, CandidateTrainConfig, train_classifier
+
+    rng = np.random.default_rng(0)
+    n = 48
+    labels = np.array([0, 5] * (n // 2))
+    patches = rng.random((n, 3, 12, 12, 12)).astype(np.float32) * 0.2 + 0.8
+    patches[labels == 0, 0, 4:8, 4:8, 4:8] = 0.0  # microbleeds: a dark centre; "other": none
+    data = CandidateSet(
+        patches=patches.astype(np.float16), labels=labels, cases=np.array([f"c{(i // 2) % 4}" for i in range(n)]),
+        has_phase=np.zeros(n, bool), sources=np.array(["unet"] * n, "U9"),
+    )  # fmt: skip
+    # A base that has learnt the task ...
+    torch.manual_seed(0)
+    learn = CandidateTrainConfig(epochs=6, samples_per_epoch=64, batch_size=16, stop_patience=6, width=4, patch_size=12, plant_p=0.0, cartoon_p=0.0, black_level_p=0.0)
+    train_classifier(data, tmp_path / "base", learn, StageSettings(), {"id": "b", "version": "1"})
+    from CMBDetectLib.detection.candidates import load_classifier_file
+
+    base = load_classifier_file(tmp_path / "base" / "best.safetensors").network
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    # A learning rate that wrecks the network in one step: the base (epoch 0) must be what is kept.
+    config = CandidateTrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, learning_rate=1e4, stop_patience=5, width=99,
+                                  plant_p=0.0, cartoon_p=0.0, black_level_p=0.0)  # fmt: skip
+    card = train_classifier(data, tmp_path / "tuned", config, StageSettings(), {"id": "t", "version": "1"}, init=base)
+    assert card["training"]["best_epoch"] == 0 and card["network"]["width"] == 4
+    from safetensors.torch import load_file
+
+    kept = load_file(str(tmp_path / "tuned" / "best.safetensors"))
+    assert all(torch.equal(kept[k], before[k]) for k in before)
+    assert all(torch.equal(base.state_dict()[k], before[k]) for k in before)  # the base itself is untouched
