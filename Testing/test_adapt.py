@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from CMBDetectLib import models
 
 
@@ -31,7 +30,11 @@ def _model_folder(folder: Path) -> Path:
 
 def test_a_model_folder_loads_its_unet_and_its_own_classifier_from_any_working_directory(tmp_path, monkeypatch):
     from CMBDetectLib.detection.inference import select_device
-    from CMBDetectLib.detection.pipeline import DetectionParams, get_model, stage_two_classifier
+    from CMBDetectLib.detection.pipeline import (
+        DetectionParams,
+        get_model,
+        stage_two_classifier,
+    )
 
     folder = _model_folder(tmp_path / "site" / "model")
     elsewhere = tmp_path / "elsewhere"
@@ -91,6 +94,11 @@ def test_site_samples_label_candidates_from_the_truth_and_add_the_lesions_stage_
     centre = ClassifierConfig().patch_size // 2
     assert dark["patches"][dark["sources"] == "missed"][0, 0, centre, centre, centre] < 0.2
     assert MICROBLEED == CLASSES.index("microbleed")
+    # Where the site has a mimic map, a false candidate takes the mimic it lies on.
+    mimics = np.zeros(shape, np.int16)
+    mimics[_blob(shape, false, 2)] = 1
+    named = site_samples(CaseArrays(Volume(image, geometry), truth, None, mimics), probability, StageSettings(bridge_slices=1), ClassifierConfig())
+    assert sorted(CLASSES[c] for c in named["labels"][named["sources"] == "unet"]) == ["microbleed", "vein"]
 
 
 def test_the_case_split_is_seeded_and_leaves_a_case_on_each_side():
@@ -150,7 +158,9 @@ def test_adapt_writes_a_model_folder_that_detect_loads_with_its_own_classifier(a
     assert sorted(a["cases"]["fit"] + a["cases"]["calibration"]) == sorted(p.name[: -len(".nii.gz")] for p in (site / "images").iterdir())
     first = a["inputs"][0]
     assert first["image_sha256"] == models.sha256_of(first["image"]) and first["truth_sha256"] == models.sha256_of(first["truth"])
-    assert a["adapted_from"]["sha256"] == before[json.loads((models.models_dir() / "models.json").read_text())["models"][-1]["file"]] or a["adapted_from"]["sha256"] in before.values()
+    registry = models.read_registry()
+    default = next(e for e in registry["models"] if e["id"] == registry["default"])
+    assert a["adapted_from"]["model"] == default["id"] and a["adapted_from"]["sha256"] == default["sha256"]
     assert set(a["calibration_cases_figures"]) == {"no_phase", "phase"}
     classifier_card = json.loads((out / "classifier.json").read_text())
     assert set(classifier_card["operating_points"]) >= {"default", "count", "review"}
@@ -206,10 +216,12 @@ def test_bad_inputs_are_error_lines_naming_the_case_and_nothing_is_written(site,
 
 def test_classifier_fine_tuning_starts_from_the_base_and_keeps_it_when_no_epoch_beats_it(tmp_path):
     import torch
-
     from CMBDetectLib.detection.candidates import StageSettings
-    from CMBDetectLib.detection.classifier import CandidateNet, ClassifierConfig
-    from CMBDetectLib.training.candidates import CandidateSet, CandidateTrainConfig, train_classifier
+    from CMBDetectLib.training.candidates import (
+        CandidateSet,
+        CandidateTrainConfig,
+        train_classifier,
+    )
 
     rng = np.random.default_rng(0)
     n = 48

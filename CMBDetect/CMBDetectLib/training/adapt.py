@@ -25,9 +25,9 @@ import csv
 import datetime
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -42,14 +42,35 @@ from ..detection.candidates import (
     scaled_magnitude,
 )
 from ..detection.classifier import ClassifierConfig
-from ..detection.records import CLASSES, MICROBLEED
+from ..detection.records import MICROBLEED
 from ..errors import CaseError, InputError
 from ..evaluation.metrics import instance_labels
-from ..io import Geometry, Volume, case_name, is_volume_file, read_phase, read_volume, sha256_of
+from ..io import (
+    Geometry,
+    Volume,
+    case_name,
+    is_volume_file,
+    read_phase,
+    read_volume,
+    sha256_of,
+)
 from ..labels import read_label
-from ..models import FOLDER_WEIGHTS, LoadedModel, card_path, load_model, models_dir, read_registry, save_model
+from ..models import (
+    FOLDER_WEIGHTS,
+    LoadedModel,
+    card_path,
+    load_model,
+    models_dir,
+    read_registry,
+    save_model,
+)
 from .calibration import MODES, ModeFit, calibrated_card, fit_mode, score_case
-from .candidates import CandidateSet, CandidateTrainConfig, candidate_classes, train_classifier
+from .candidates import (
+    CandidateSet,
+    CandidateTrainConfig,
+    candidate_classes,
+    train_classifier,
+)
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 WORK = "work"
@@ -114,7 +135,7 @@ def _volumes(folder: Path) -> dict[str, Path]:
         for p in sorted(folder.iterdir()):
             if p.is_file() and not p.name.startswith(".") and is_volume_file(p):
                 name = case_name(p)
-                out[name[: -len(".seg")] if name.endswith(".seg") else name] = p
+                out[name.removesuffix(".seg")] = p
     return out
 
 
@@ -159,8 +180,8 @@ def read_case(case: SiteCase) -> CaseArrays:
         m = read_volume(case.mimics, case.name)
         if m.shape != volume.shape or not m.geometry.matches(volume.geometry):
             raise CaseError(case.name, "mimic map is not on the image's grid")
-        mimics = np.rint(m.array).astype(np.int64)
-    return CaseArrays(volume, truth.astype(np.int64), phase, mimics)
+        mimics = np.rint(m.array).astype(np.int16)
+    return CaseArrays(volume, truth.astype(np.int32, copy=False), phase, mimics)
 
 
 def check_cases(cases: list[SiteCase]) -> None:
@@ -207,7 +228,7 @@ def site_samples(
     site's classifier most needs to see)."""
     geometry = arrays.volume.geometry
     cand_map, cands = find_candidates(probability, geometry, settings)
-    mimics = arrays.mimics if arrays.mimics is not None else np.zeros(arrays.truth.shape, np.int64)
+    mimics = arrays.mimics if arrays.mimics is not None else np.zeros(arrays.truth.shape, np.uint8)
     classes = candidate_classes(cand_map, len(cands), arrays.truth, mimics)
     touched = np.unique(arrays.truth[(cand_map > 0) & (arrays.truth > 0)])
     missed = np.setdiff1d(np.arange(1, int(arrays.truth.max(initial=0)) + 1), touched)
@@ -276,7 +297,12 @@ def adapt(
 ) -> AdaptResult:
     """Adapt the base model (registry id, weights or model folder; None: the default) to the
     site's labelled cases and write the new model into OUT (module docstring)."""
-    from ..detection.pipeline import DetectionParams, card_classifier, detect_volume, get_classifier
+    from ..detection.pipeline import (
+        DetectionParams,
+        card_classifier,
+        detect_volume,
+        get_classifier,
+    )
     from .loop import TrainConfig, train
 
     config = config or AdaptConfig()
@@ -319,19 +345,23 @@ def adapt(
     unet_path = work / "unet" / "best.safetensors" if unet_kept == "adapted" else base_model.path
     say(f"stage 1: validation Dice {t['initial_val_dice']} (base) -> {t['best_val_dice']} (best epoch {t['best_epoch']}): {unet_kept} U-Net kept")
 
-    # Stage 1 on every case, once: the fit cases' candidates train stage 2, the others calibrate it.
-    probabilities: dict[str, np.ndarray] = {}
-    arrays: dict[str, CaseArrays] = {}
-    for name in fit_names + cal_names:
-        arrays[name] = read_case(by_name[name])
-        params = DetectionParams(model=str(unet_path), single_stage=True, device="cpu")
-        probabilities[name] = detect_volume(arrays[name].volume, params, case=name).probability
-        say(f"stage 1: {name} done ({budget.elapsed():.1f} min)")
-
-    # Stage 2: the site's samples, and a copy of the base classifier fine-tuned on them.
+    # Stage 1 on every case, once: the fit cases' candidates become stage 2's samples (and their
+    # volumes are let go), the calibration cases' probability maps are kept for the calibration.
     net_config = base_classifier.network.config
     settings = base_classifier.settings
-    samples = {n: site_samples(arrays[n], probabilities[n], settings, net_config) for n in fit_names}
+    params = DetectionParams(model=str(unet_path), single_stage=True, device="cpu")
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    probabilities: dict[str, np.ndarray] = {}
+    for name in fit_names + cal_names:
+        arrays = read_case(by_name[name])
+        probability = detect_volume(arrays.volume, params, case=name).probability
+        if name in fit_names:
+            samples[name] = site_samples(arrays, probability, settings, net_config)
+        else:
+            probabilities[name] = probability
+        say(f"stage 1: {name} done ({budget.elapsed():.1f} min)")
+
+    # Stage 2: a copy of the base classifier fine-tuned on the site's samples.
     data = _candidate_set(samples, net_config)
     n_samples = {
         "microbleed_candidates": int(((data.labels == MICROBLEED) & (data.sources == "unet")).sum()),
@@ -362,7 +392,7 @@ def adapt(
     # Calibration and operating points on the calibration cases, with the adapted U-Net's candidates.
     scored: dict[str, list] = {mode: [] for mode in MODES}
     for name in cal_names:
-        a = arrays[name]
+        a = read_case(by_name[name])
         scored["no_phase"].append(score_case(name, a.volume.array, probabilities[name], a.volume.geometry, a.truth, adapted))
         if a.phase is not None:
             scored["phase"].append(score_case(name, a.volume.array, probabilities[name], a.volume.geometry, a.truth, adapted, a.phase))
@@ -385,8 +415,9 @@ def adapt(
     # The model folder: weights first, cards last, each renamed into place; unet.json is the last
     # file, so a folder that loads is a complete one.
     unet_network = load_model(str(unet_path)).network
-    unet_card = {k: v for k, v in (trained if unet_kept == "adapted" else base_model.card).items()
-                 if k not in ("metrics", "reproduce", "training_curve", "u_net") and not k.startswith(("metrics_", "domain_shift"))}  # fmt: skip
+    # Only what describes these weights: the base card's figures and history are not this model's.
+    source_card = trained if unet_kept == "adapted" else base_model.card
+    unet_card = {k: source_card[k] for k in ("preprocessing", "training", "training_data") if k in source_card}
     unet_card.update(
         id=config.model_id, version=config.version, trained=True, cmbdetect_version=__version__,
         title=f"{base_model.id} {base_model.version} adapted to a site with cmbdetect adapt",
