@@ -60,6 +60,7 @@ def module_resources(module: str) -> set[str]:
 NOT_SHIPPED_IN_SLICER = {
     "CMBDetect": (
         "CMBDetectLib/cli.py",
+        "CMBDetectLib/commands/adapt.py",
         "CMBDetectLib/cohort/benchmark.py",
         "CMBDetectLib/commands/cohort_benchmark.py",
         "CMBDetectLib/commands/benchmark.py",

@@ -20,6 +20,9 @@ from .detection.network import NetworkConfig, ResUNet
 from .io import sha256_of
 
 MODELS_DIR_ENV = "CMBDETECT_MODELS_DIR"
+# A model folder (written by `cmbdetect adapt`) holds its U-Net under this name; its card names
+# the candidate classifier by a path relative to the folder.
+FOLDER_WEIGHTS = "unet.safetensors"
 
 
 def models_dir() -> Path:
@@ -71,10 +74,15 @@ def card_path(weights: Path) -> Path:
 
 
 def resolve(spec: str | None, directory: Path | None = None) -> tuple[Path, str | None]:
-    """A registry id, a weights path, or None (the default) -> (weights path, expected sha256 or None)."""
+    """A registry id, a weights path, a model folder (`cmbdetect adapt`'s: its unet.safetensors),
+    or None (the default) -> (weights path, expected sha256 or None)."""
     directory = directory or models_dir()
-    if spec and (spec.endswith(".safetensors") or os.sep in spec or "/" in spec):
+    if spec and (spec.endswith(".safetensors") or os.sep in spec or "/" in spec or Path(spec).is_dir()):
         path = Path(spec)
+        if path.is_dir():
+            path = path / FOLDER_WEIGHTS
+            if not path.is_file():
+                raise FileNotFoundError(f"model folder {spec} has no {FOLDER_WEIGHTS} (a folder written by `cmbdetect adapt` is expected)")
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         return path, None

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..detection.candidates import save_classifier
     from ..detection.inference import select_device
-    from ..detection.pipeline import DetectionParams, detect_volume, get_classifier, get_model
+    from ..detection.pipeline import DetectionParams, card_classifier, detect_volume, get_classifier, get_model
     from ..io import case_name, is_volume_file
     from ..training.calibration import MODES, calibrated_card, fit_mode, read_case_files, score_case
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.tune} must hold images/ and labels/", file=sys.stderr)
         return 2
     model = get_model(args.model, select_device("cpu"))
-    spec = args.classifier or model.card.get("candidate_classifier")
+    spec = args.classifier or card_classifier(model)
     if not spec:
         print(f"error: model {model.id} names no candidate classifier; pass --classifier", file=sys.stderr)
         return 2

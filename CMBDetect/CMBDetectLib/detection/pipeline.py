@@ -92,7 +92,7 @@ def _weights_state(spec: str | None) -> tuple[str, int, int, int]:
     """The file `spec` names now, and its state: weights replaced at the same path (a model
     retrained in place) are loaded afresh, not served stale by a long-lived process such as a
     Dask worker, whose results would then carry the new weights' fingerprint."""
-    path = resolve(spec)[0]
+    path = resolve(spec)[0].absolute()  # the same relative name from another directory is another file
     try:
         st = path.stat()
     except OSError:
@@ -138,11 +138,23 @@ def get_classifier(spec: str) -> LoadedClassifier:
     return _CLASSIFIER_CACHE[spec][1]
 
 
+def card_classifier(model: LoadedModel) -> str | None:
+    """The candidate classifier a detector's card names: a registry id, or a file path, which
+    is relative to the card's folder (an adapted model carries its own classifier beside it)."""
+    spec = model.card.get("candidate_classifier")
+    if not spec:
+        return None
+    spec = str(spec)
+    if spec.endswith(".safetensors") or "/" in spec:
+        return str((model.path.parent / spec).absolute())
+    return spec
+
+
 def stage_two_classifier(params: DetectionParams, model: LoadedModel) -> LoadedClassifier | None:
     """The candidate classifier this run uses, or None for the single-stage pipeline."""
     if params.single_stage:
         return None
-    spec = params.candidate_model or model.card.get("candidate_classifier")
+    spec = params.candidate_model or card_classifier(model)
     return get_classifier(str(spec)) if spec else None
 
 

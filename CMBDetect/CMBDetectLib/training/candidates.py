@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import time
 import zlib
@@ -437,8 +438,12 @@ def train_classifier(
     settings: StageSettings,
     card: dict,
     progress: Progress | None = None,
+    init: CandidateNet | None = None,
 ) -> dict:
-    """Train, keep the lowest-validation-loss model, write OUT/best.safetensors + card."""
+    """Train, keep the lowest-validation-loss model, write OUT/best.safetensors + card.
+
+    `init`: fine-tune a copy of this network (its own configuration; `config`'s width and patch
+    settings are not used), as `cmbdetect adapt` does; it is left unchanged."""
     report = progress or (lambda message: None)
     if len(data.labels) == 0:
         raise ValueError("no candidates found in the training cases: nothing to train on")
@@ -449,8 +454,11 @@ def train_classifier(
     train_mask, val_mask = split_by_case(data.cases, config.val_fraction, config.seed)
     if not val_mask.any():
         val_mask = train_mask.copy()  # one case: validate on it (said in the card)
-    net_config = ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm)
-    network = CandidateNet(net_config)
+    if init is not None:
+        network = copy.deepcopy(init)
+        network.train()
+    else:
+        network = CandidateNet(ClassifierConfig(width=config.width, patch_size=config.patch_size, patch_spacing_mm=config.patch_spacing_mm))
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     # Validation loss weighs each class equally, as training sees them, so the many "other"
@@ -464,8 +472,29 @@ def train_classifier(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_rows: list[dict[str, object]] = []
+
+    def validation_loss() -> float:
+        network.eval()
+        with torch.no_grad():
+            # Validation without phase and with it (where the case has one): both uses count.
+            logits = []
+            for with_phase in (False, True):
+                for s in range(0, len(val_patches), 64):
+                    x = val_patches[s : s + 64].astype(np.float32)
+                    if not with_phase:
+                        x[:, 1:] = 0.0
+                    logits.append(network(torch.from_numpy(x)))
+            val_y = torch.from_numpy(np.concatenate([val_labels, val_labels]).astype(np.int64))
+            val_loss = float(val_loss_fn(torch.cat(logits), val_y))
+        return val_loss
+
     best = (float("inf"), 0)
     best_state = None
+    if init is not None:
+        # The base network is epoch 0: fine-tuning that never beats it on validation is not kept.
+        best = (validation_loss(), 0)
+        best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        report(f"epoch 0 (the network fine-tuned from): validation loss {best[0]:.4f}")
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         network.train()
@@ -484,18 +513,7 @@ def train_classifier(
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-        network.eval()
-        with torch.no_grad():
-            # Validation without phase and with it (where the case has one): both uses count.
-            logits = []
-            for with_phase in (False, True):
-                for s in range(0, len(val_patches), 64):
-                    x = val_patches[s : s + 64].astype(np.float32)
-                    if not with_phase:
-                        x[:, 1:] = 0.0
-                    logits.append(network(torch.from_numpy(x)))
-            val_y = torch.from_numpy(np.concatenate([val_labels, val_labels]).astype(np.int64))
-            val_loss = float(val_loss_fn(torch.cat(logits), val_y))
+        val_loss = validation_loss()
         minutes = (time.perf_counter() - start) / 60
         row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val_loss, 5), "minutes": round(minutes, 2)}
         log_rows.append(row)
