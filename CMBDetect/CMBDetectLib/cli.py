@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "review": "CMBDetectLib.commands.review",
     "train-candidates": "CMBDetectLib.commands.train_candidates",
     "calibrate": "CMBDetectLib.commands.calibrate",
+    "longitudinal": "CMBDetectLib.commands.longitudinal",
 }
 
 
