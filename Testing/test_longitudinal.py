@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from CMBDetectLib.cli import main
 from CMBDetectLib.io import Geometry, geometry_of, to_sitk, write_volume
 from CMBDetectLib.longitudinal.grade import aria_h_grade
@@ -134,10 +133,10 @@ def test_an_oblique_followup_on_another_grid_is_handled(tmp_path, detector):
 
 
 def test_a_followup_that_does_not_register_is_refused_not_graded(tmp_path, detector, capsys):
-    base = baseline_scan(tmp_path / "b.nii.gz")
+    baseline_scan(tmp_path / "b.nii.gz")
     noise = np.abs(np.random.default_rng(3).normal(200, 120, SHAPE)).astype(np.float32)
     write_volume(noise, GRID, tmp_path / "noise.nii.gz")
-    follow = followup_of(OLD + NEW[:1], tmp_path / "good.nii.gz")
+    followup_of(OLD + NEW[:1], tmp_path / "good.nii.gz")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("baseline,followup,case\nb.nii.gz,noise.nii.gz,bad\nb.nii.gz,good.nii.gz,good\n")
     assert main(["longitudinal", "--pairs-csv", str(pairs), "-o", str(tmp_path / "out"), *detector]) == 1
@@ -148,7 +147,7 @@ def test_a_followup_that_does_not_register_is_refused_not_graded(tmp_path, detec
 
 
 def test_two_followups_of_one_baseline_detect_it_once_and_resume(tmp_path, detector, capsys):
-    base = baseline_scan(tmp_path / "b.nii.gz")
+    baseline_scan(tmp_path / "b.nii.gz")
     followup_of(OLD + NEW[:1], tmp_path / "f1.nii.gz")
     followup_of(OLD + NEW, tmp_path / "f2.nii.gz", seed=2)
     pairs = tmp_path / "pairs.csv"
@@ -170,3 +169,32 @@ def test_two_followups_of_one_baseline_detect_it_once_and_resume(tmp_path, detec
 @pytest.mark.parametrize("new, grade", [(0, "none"), (1, "mild"), (4, "mild"), (5, "moderate"), (9, "moderate"), (10, "severe"), (31, "severe")])
 def test_aria_h_grade_follows_the_prescribing_information(new, grade):
     assert aria_h_grade(new) == grade
+
+
+def test_scans_of_one_name_in_different_folders_are_kept_apart(tmp_path, detector):
+    # A cohort laid out sub/ses/swi.nii.gz: every baseline has one file name, every follow-up another.
+    for sub, old in (("s1", OLD), ("s2", OLD[:1])):
+        (tmp_path / sub).mkdir()
+        baseline_scan(tmp_path / sub / "m0.nii.gz", old)
+        followup_of(OLD + NEW[:1], tmp_path / sub / "m6.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("baseline,followup,case\ns1/m0.nii.gz,s1/m6.nii.gz,s1\ns2/m0.nii.gz,s2/m6.nii.gz,s2\n")
+    out = tmp_path / "out"
+    assert main(["longitudinal", "--pairs-csv", str(pairs), "-o", str(out), *detector]) == 0
+    s1, s2 = (json.loads((out / f"{c}_summary.json").read_text()) for c in ("s1", "s2"))
+    assert (s1["new_microbleeds"], s2["new_microbleeds"]) == (1, 2)  # s2's baseline lacks one of OLD
+    assert s1["baseline_case"] != s2["baseline_case"] and s1["followup_case"] != s2["followup_case"]
+    assert len(list((out / "baseline").glob("*_summary.json"))) == 2
+
+
+def test_a_pairs_row_without_a_scan_or_with_a_taken_case_is_refused_and_the_others_go_on(tmp_path, detector, capsys):
+    baseline_scan(tmp_path / "b.nii.gz")
+    followup_of(OLD, tmp_path / "f.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("baseline,followup,case\n,f.nii.gz,empty\nb.nii.gz,f.nii.gz,ok\nb.nii.gz,f.nii.gz,ok\n")
+    assert main(["longitudinal", "--pairs-csv", str(pairs), "-o", str(tmp_path / "out"), *detector]) == 1
+    err = capsys.readouterr().err
+    assert "error: empty: row 2 of pairs.csv: the baseline cell is empty" in err
+    assert "error: ok: row 4 of pairs.csv: case ok is also row 3's" in err
+    assert not (tmp_path / "out" / "empty_summary.json").exists()
+    assert json.loads((tmp_path / "out" / "ok_summary.json").read_text())["new_microbleeds"] == 0

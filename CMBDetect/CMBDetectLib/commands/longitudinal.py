@@ -16,7 +16,9 @@ HELP = "count new microbleeds between a baseline and a follow-up scan, and grade
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("scans", nargs="*", type=Path, metavar="SCAN", help="BASELINE FOLLOWUP: two volumes (or DICOM folders) of one head")
     p.add_argument("-o", "--output", required=True, type=Path, help="folder for the results (created if missing)")
-    p.add_argument("--pairs-csv", type=Path, default=None, metavar="FILE", help="a CSV with baseline, followup and (optional) case columns, one pair a row")
+    p.add_argument(
+        "--pairs-csv", type=Path, default=None, metavar="FILE", help="a CSV with baseline, followup and (optional) case columns, one pair a row"
+    )
     p.add_argument("--case", default=None, help="the pair's name, the outputs' prefix (default: the follow-up's case name)")
     p.add_argument("--model", default=None, help="detector: registry id or .safetensors with its card (default: the registry's)")
     p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE", help="candidate classifier (default: the one the detector's card names)")

@@ -79,7 +79,7 @@ def _ball(volume: Volume, lps: np.ndarray, radius_mm: float) -> tuple[tuple[slic
     hi = np.clip(np.ceil(ijk).astype(int) + half + 1, 1, shape_ijk)
     if np.any(hi <= lo) or np.any(ijk < -0.5) or np.any(ijk > np.asarray(shape_ijk) - 0.5):
         return (slice(0, 0),) * 3, np.zeros((0, 0, 0), bool)  # outside the baseline's field of view
-    kk, jj, ii = np.mgrid[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+    kk, jj, ii = np.mgrid[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
     points = g.index_to_lps(np.stack([ii, jj, kk], axis=-1))
     inside = np.linalg.norm(points - lps, axis=-1) <= radius_mm
     return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0])), inside

@@ -6,11 +6,13 @@ register the follow-up to the baseline, match, grade, write `<case>_changes.csv`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,6 +44,7 @@ class Pair:
     baseline: Path
     followup: Path
     case: str  # the follow-up's case name: the outputs' prefix
+    problem: str = ""  # why the pairs list's row cannot run (an empty cell, a case named twice)
 
 
 @dataclass
@@ -76,11 +79,22 @@ def read_pairs_csv(path: Path) -> list[Pair]:
         raise InputError(f"pairs list {path} needs the columns baseline and followup (missing: {', '.join(missing)})")
     if not rows:
         raise InputError(f"pairs list {path} has no rows below its header")
-    pairs = []
-    for row in rows:
-        b, f = (Path((row.get(k) or "").strip()) for k in ("baseline", "followup"))
+    pairs: list[Pair] = []
+    rows_of: dict[str, int] = {}
+    for number, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet counts
+        cells = {k: (row.get(k) or "").strip() for k in ("baseline", "followup")}
+        b, f = (Path(cells[k]) for k in ("baseline", "followup"))
         b, f = (p if p.is_absolute() else path.parent / p for p in (b, f))
-        pairs.append(Pair(b, f, (row.get("case") or "").strip() or case_name(f)))
+        case = (row.get("case") or "").strip() or (case_name(f) if cells["followup"] else f"row {number}")
+        empty = [k for k, v in cells.items() if not v]
+        problem = ""
+        if empty:  # Path("") is the list's own folder: it would be read as a DICOM series
+            problem = f"row {number} of {path.name}: the {' and '.join(empty)} cell is empty"
+        elif case in rows_of:  # the second would overwrite the first's results
+            problem = f"row {number} of {path.name}: case {case} is also row {rows_of[case]}'s; give each pair its own case"
+        else:
+            rows_of[case] = number
+        pairs.append(Pair(b, f, case, problem))
     return pairs
 
 
@@ -113,7 +127,13 @@ def _review_cut(detection_params, summary: dict) -> float:
 
 
 class Detected:
-    """Each scan detected once per run, whatever the number of pairs it is in."""
+    """Each scan detected once, whatever the number of pairs it is in, under a name of its own.
+
+    A scan's outputs are named by its case name, as `detect` names them; a cohort laid out as
+    sub-01/m0.nii.gz, sub-02/m0.nii.gz gives every baseline one name, and detect's resume,
+    which knows the model but not the input, would serve the first subject's lesions for
+    every other. So each name is claimed by one scan (OUT/scans.json, kept across runs) and a
+    second scan of that name gets the name with a short hash of its path."""
 
     def __init__(self, out: Path, params: LongitudinalParams) -> None:
         from ..detection.pipeline import DetectionParams
@@ -121,27 +141,51 @@ class Detected:
         self.out = out
         self.detection = DetectionParams(model=params.model, candidate_model=params.candidate_model,
                                          operating_point=params.operating_point, device=params.device)  # fmt: skip
-        self.done: dict[tuple[str, str], str] = {}  # (role, absolute path) -> case name
+        self.claims_path = out / "scans.json"
+        try:
+            self.claims: dict[str, dict[str, str]] = json.loads(self.claims_path.read_text())
+        except (OSError, ValueError):
+            self.claims = {}
+        self.done: set[tuple[str, str]] = set()  # (role, case) detected in this run
+
+    def name(self, role: str, path: Path) -> str:
+        source = str(path.absolute())
+        claims = self.claims.setdefault(role, {})
+        for case, claimed in claims.items():
+            if claimed == source:
+                return case
+        case = case_name(path)
+        if case in claims:
+            case = f"{case}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+        return case
 
     def __call__(self, role: str, path: Path, pair_case: str) -> str:
         from ..cohort.batch import detect_batch
 
-        key = (role, str(path.absolute()))
-        if key not in self.done:
-            outcomes = detect_batch([path], self.out / role, self.detection, show_progress=False, log=io.StringIO())
-            if not outcomes or not outcomes[0].ok:
-                raise CaseError(pair_case, f"{role} {path}: detection failed: {outcomes[0].error if outcomes else 'no case found'}")
-            self.done[key] = outcomes[0].case
-        return self.done[key]
+        case = self.name(role, path)
+        if (role, case) in self.done:
+            return case
+        with tempfile.TemporaryDirectory() as folder:
+            listing = Path(folder) / "cases.csv"
+            with open(listing, "w", newline="") as f:
+                csv.writer(f).writerows([["image", "case"], [str(path.absolute()), case]])
+            outcomes = detect_batch([listing], self.out / role, self.detection, show_progress=False, log=io.StringIO())
+        if not outcomes or not outcomes[0].ok:
+            raise CaseError(pair_case, f"{role} {path}: detection failed: {outcomes[0].error if outcomes else 'no case found'}")
+        self.claims[role][case] = str(path.absolute())
+        with atomic_path(self.claims_path) as tmp:
+            tmp.write_text(json.dumps(self.claims, indent=2) + "\n")
+        self.done.add((role, case))
+        return case
 
 
 def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: Detected) -> dict:
     """Everything for one pair; returns its summary. Raises CaseError (naming the pair) when a
     scan cannot be read or detected, or the follow-up does not register to the baseline."""
-    base_case, follow_case = detected("baseline", pair.baseline, pair.case), detected("followup", pair.followup, pair.case)
+    base_case, follow_case = (detected("baseline", pair.baseline, pair.case), detected("followup", pair.followup, pair.case))
     base_dir, follow_dir = out / "baseline", out / "followup"
     base_summary = json.loads((base_dir / f"{base_case}_summary.json").read_text())
-    baseline, followup = read_volume(pair.baseline, base_case), read_volume(pair.followup, follow_case)
+    baseline, followup = (read_volume(pair.baseline, base_case), read_volume(pair.followup, follow_case))
     try:
         reg: RigidResult = register_rigid(baseline, followup)
     except RuntimeError as exc:
@@ -151,7 +195,7 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
         raise NotRegistered(pair.case, f"the follow-up {pair.followup} does not register to the baseline {pair.baseline} "
                                    f"(correlation {reg.correlation:.2f} after rigid registration, below {params.min_correlation}): "
                                    "not the same head, or too different to compare; not graded")  # fmt: skip
-    base_spots, follow_spots = _spots(base_dir / f"{base_case}_lesions.csv"), _spots(follow_dir / f"{follow_case}_lesions.csv")
+    base_spots, follow_spots = (_spots(base_dir / f"{base_case}_lesions.csv"), _spots(follow_dir / f"{follow_case}_lesions.csv"))
     mapped = [replace(s, lps=reg.to_moving(s.lps)[0]) for s in base_spots]
     matched = pair_lesions(mapped, follow_spots)
     review_cut = _review_cut(detected.detection, base_summary)
@@ -218,6 +262,11 @@ def run_pairs(pairs: list[Pair], out: Path, params: LongitudinalParams | None = 
     detected = Detected(out, params)
     outcomes = []
     for pair in pairs:
+        if pair.problem:
+            outcomes.append(PairOutcome(pair.case, False, "refused", error=f"{pair.case}: {pair.problem}"))
+            if on_pair:
+                on_pair(outcomes[-1])
+            continue
         summary_path = out / f"{pair.case}_summary.json"
         outcome: PairOutcome
         if not force and summary_path.is_file():

@@ -23,7 +23,7 @@ MIN_CORRELATION = 0.5
 @dataclass
 class RigidResult:
     transform: sitk.Transform  # fixed space -> moving space, LPS mm
-    correlation: float  # normalised correlation of the two scans after registration, in the fixed head
+    correlation: float  # normalised correlation of the two scans after registration (_correlation)
     metric: float  # the final Mattes mutual information (negative: lower is better)
     iterations: int
 
@@ -55,8 +55,7 @@ def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: in
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    # The scans are thin slabs at times (16 slices): shrink in-plane more than through-plane
-    # would be better, but SimpleITK shrinks every axis alike; 4-2-1 still leaves >= 4 slices.
+    # Coarse to fine, so that a motion of several millimetres is found before the detail is.
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
@@ -66,8 +65,9 @@ def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: in
 
 
 def _correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
-    """Pearson correlation of the fixed scan and the moving scan resampled onto it, over the
-    fixed scan's head (above Otsu's threshold) where the moving scan has data."""
+    """Pearson correlation of the fixed scan and the moving scan resampled onto it, where the
+    moving scan has data; 0 when that covers less than half the fixed scan's head (above
+    Otsu's threshold)."""
     a = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
     resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, np.nan, sitk.sitkFloat32)
     b = sitk.GetArrayViewFromImage(resampled).astype(np.float64)
@@ -75,8 +75,7 @@ def _correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfor
     inside = head & np.isfinite(b)
     if inside.sum() < 100 or inside.sum() < 0.5 * head.sum():
         return 0.0  # the moving scan covers too little of the fixed head to compare
-    # The whole field of view, not only the head: the head's outline carries the alignment,
-    # and inside the head a phantom is flat noise.
+    # The whole overlap, not only the head: the head's outline carries much of the alignment.
     both = np.isfinite(b)
     x, y = a[both], b[both]
     if x.std() == 0 or y.std() == 0:
