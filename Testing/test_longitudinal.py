@@ -198,3 +198,15 @@ def test_a_pairs_row_without_a_scan_or_with_a_taken_case_is_refused_and_the_othe
     assert "error: ok: row 4 of pairs.csv: case ok is also row 3's" in err
     assert not (tmp_path / "out" / "empty_summary.json").exists()
     assert json.loads((tmp_path / "out" / "ok_summary.json").read_text())["new_microbleeds"] == 0
+
+
+def test_a_bleed_outside_the_baselines_field_of_view_is_not_called_new(tmp_path, detector):
+    # The baseline stops at column 76: NEW[2] (column 86) was never imaged at baseline.
+    write_volume(sitk.GetArrayFromImage(head(OLD, 0))[:, :, :76], GRID, tmp_path / "b.nii.gz")
+    follow = followup_of(OLD + NEW, tmp_path / "f.nii.gz")
+    assert main(["longitudinal", str(tmp_path / "b.nii.gz"), str(follow), "-o", str(tmp_path / "out"), *detector]) == 0
+    summary = json.loads((tmp_path / "out" / "f_summary.json").read_text())
+    assert (summary["new_microbleeds"], summary["persisting"], summary["not_compared"]) == (2, len(OLD), 1)
+    outside = [r for r in rows(tmp_path / "out" / "f_changes.csv") if r["status"] == "not_compared"]
+    assert len(outside) == 1 and nearest(expected_in_followup(NEW[2:]), outside[0]) < 1.5
+    assert outside[0]["evidence"] == "outside the baseline's field of view"

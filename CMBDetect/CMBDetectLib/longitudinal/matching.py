@@ -22,6 +22,10 @@ DARK_FRACTION = 0.5
 SURROUND_MM = 8.0  # half-width of the box whose median is the local tissue level
 
 NEW, PERSISTING, RESOLVED = "new", "persisting", "resolved"
+# A lesion where the other scan has no image: neither new nor resolved, and never graded.
+NOT_COMPARED = "not_compared"
+OUTSIDE_BASELINE = "outside the baseline's field of view"
+OUTSIDE_FOLLOWUP = "outside the follow-up's field of view"
 MATCHED = "matched at baseline"
 BELOW_COUNT = "seen at baseline below the count point"
 DARK_AT_BASELINE = "seen at baseline below the count point (dark spot)"
@@ -67,6 +71,12 @@ def pair_lesions(baseline: list[Spot], followup: list[Spot]) -> list[tuple[int, 
             used_f.add(j)
             pairs.append((i, j))
     return pairs
+
+
+def in_view(volume: Volume, lps: np.ndarray) -> bool:
+    """Whether an LPS point lies inside the volume's grid (within half a voxel of its edge)."""
+    ijk = np.linalg.solve(volume.geometry.ijk_to_lps(), np.append(lps, 1.0))[:3]
+    return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.asarray(volume.array.shape[::-1]) - 0.5))
 
 
 def _ball(volume: Volume, lps: np.ndarray, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray]:

@@ -21,7 +21,10 @@ from ..errors import CaseError, InputError
 from ..io import atomic_path, case_name, read_volume
 from ..registration.rigid import MIN_CORRELATION, RigidResult, register_rigid
 from .grade import aria_h_grade
-from .matching import MATCHED, MISSED, NEW, PERSISTING, RESOLVED, Change, Spot, baseline_evidence, match_radius, pair_lesions
+from .matching import (
+    MATCHED, MISSED, NEW, NOT_COMPARED, OUTSIDE_BASELINE, OUTSIDE_FOLLOWUP, PERSISTING, RESOLVED, Change, Spot,
+    baseline_evidence, in_view, match_radius, pair_lesions,
+)  # fmt: skip
 
 CHANGE_COLUMNS = [
     "status", "evidence", "centroid_r", "centroid_a", "centroid_s", "centroid_l", "centroid_p", "centroid_s_lps",
@@ -206,16 +209,23 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
         if j in followed:
             changes.append(Change(PERSISTING, MATCHED, f.lps, f.diameter_mm, f.p_microbleed))
             continue
-        radius = match_radius(f, f)
-        evidence = baseline_evidence(baseline, probability, reg.to_fixed(f.lps)[0], radius, review_cut)
+        at_baseline = reg.to_fixed(f.lps)[0]
+        if not in_view(baseline, at_baseline):
+            changes.append(Change(NOT_COMPARED, OUTSIDE_BASELINE, f.lps, f.diameter_mm, f.p_microbleed))
+            continue
+        evidence = baseline_evidence(baseline, probability, at_baseline, match_radius(f, f), review_cut)
         changes.append(Change(PERSISTING if evidence else NEW, evidence, f.lps, f.diameter_mm, f.p_microbleed))
     kept = {i for i, _ in matched}
-    changes += [Change(RESOLVED, MISSED, s.lps, s.diameter_mm, s.p_microbleed) for i, s in enumerate(mapped) if i not in kept]
-    counts = {status: sum(c.status == status for c in changes) for status in (NEW, PERSISTING, RESOLVED)}
+    for i, s in enumerate(mapped):
+        if i not in kept:
+            seen = in_view(followup, s.lps)
+            changes.append(Change(RESOLVED if seen else NOT_COMPARED, MISSED if seen else OUTSIDE_FOLLOWUP, s.lps, s.diameter_mm, s.p_microbleed))
+    counts = {status: sum(c.status == status for c in changes) for status in (NEW, PERSISTING, RESOLVED, NOT_COMPARED)}
     summary = {
         "case": pair.case, "baseline": str(pair.baseline), "followup": str(pair.followup),
         "baseline_case": base_case, "followup_case": follow_case,
         "new_microbleeds": counts[NEW], "persisting": counts[PERSISTING], "resolved": counts[RESOLVED],
+        "not_compared": counts[NOT_COMPARED],
         "persisting_seen_below_count_point": sum(c.status == PERSISTING and c.evidence not in ("", MATCHED) for c in changes),
         "aria_h": aria_h_grade(counts[NEW]),
         "aria_h_source": "ARIA-H radiographic severity, lecanemab/donanemab prescribing information: mild 1-4, moderate 5-9, severe >= 10 new microbleeds",
