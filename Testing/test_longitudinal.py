@@ -14,7 +14,12 @@ import SimpleITK as sitk
 from CMBDetectLib.cli import main
 from CMBDetectLib.io import Geometry, geometry_of, to_sitk, write_volume
 from CMBDetectLib.longitudinal.grade import aria_h_grade
-from handmade import constant_classifier, oblique_geometry, phantom, save_dark_spot_model
+from handmade import (
+    constant_classifier,
+    oblique_geometry,
+    phantom,
+    save_dark_spot_model,
+)
 from test_operating_points import calibrated_copy
 
 SHAPE = (16, 96, 112)
@@ -210,3 +215,21 @@ def test_a_bleed_outside_the_baselines_field_of_view_is_not_called_new(tmp_path,
     outside = [r for r in rows(tmp_path / "out" / "f_changes.csv") if r["status"] == "not_compared"]
     assert len(outside) == 1 and nearest(expected_in_followup(NEW[2:]), outside[0]) < 1.5
     assert outside[0]["evidence"] == "outside the baseline's field of view"
+
+
+def test_a_pair_is_redone_when_the_classifier_changes_at_the_same_path(tmp_path, detector, capsys):
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    follow = followup_of(OLD + NEW[:1], tmp_path / "f.nii.gz")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    classifier = calibrated_copy(constant_classifier(folder / "c.safetensors", keep_at=0.5, favourite="microbleed"), review=0.5, count=0.8)
+    args = ["longitudinal", str(base), str(follow), "-o", str(tmp_path / "out"), *detector[:2], "--candidate-model", str(classifier), "--device", "cpu"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "f_summary.json").read_text())["new_microbleeds"] == 1
+    # Retrained in place: now no candidate reaches the count point (uniform P(microbleed) 0.4).
+    calibrated_copy(constant_classifier(folder / "c.safetensors", keep_at=0.5), review=0.5, count=0.8)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(done)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "f_summary.json").read_text())
+    assert (summary["new_microbleeds"], summary["persisting"]) == (0, 0)

@@ -22,8 +22,20 @@ from ..io import atomic_path, case_name, read_volume
 from ..registration.rigid import MIN_CORRELATION, RigidResult, register_rigid
 from .grade import aria_h_grade
 from .matching import (
-    MATCHED, MISSED, NEW, NOT_COMPARED, OUTSIDE_BASELINE, OUTSIDE_FOLLOWUP, PERSISTING, RESOLVED, Change, Spot,
-    baseline_evidence, in_view, match_radius, pair_lesions,
+    MATCHED,
+    MISSED,
+    NEW,
+    NOT_COMPARED,
+    OUTSIDE_BASELINE,
+    OUTSIDE_FOLLOWUP,
+    PERSISTING,
+    RESOLVED,
+    Change,
+    Spot,
+    baseline_evidence,
+    in_view,
+    match_radius,
+    pair_lesions,
 )  # fmt: skip
 
 CHANGE_COLUMNS = [
@@ -182,12 +194,31 @@ class Detected:
         return case
 
 
-def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: Detected) -> dict:
-    """Everything for one pair; returns its summary. Raises CaseError (naming the pair) when a
-    scan cannot be read or detected, or the follow-up does not register to the baseline."""
+def _earlier(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: Detected, force: bool = False) -> tuple[dict, bool]:
+    """Everything for one pair; returns its summary, and whether it was done before with the
+    same parameters and the same detections (then nothing is redone unless `force`). Raises
+    CaseError (naming the pair) when a scan cannot be read or detected, or the follow-up does
+    not register to the baseline."""
     base_case, follow_case = (detected("baseline", pair.baseline, pair.case), detected("followup", pair.followup, pair.case))
     base_dir, follow_dir = out / "baseline", out / "followup"
     base_summary = json.loads((base_dir / f"{base_case}_summary.json").read_text())
+    follow_summary = json.loads((follow_dir / f"{follow_case}_summary.json").read_text())
+    # The scans' detections enter the parameters: detect's resume redoes a scan whose model
+    # changed (even at the same path), and then the pair must be redone too.
+    parameters = {
+        **_parameters(pair, params),
+        "baseline_detection": base_summary.get("params_fingerprint"), "followup_detection": follow_summary.get("params_fingerprint"),
+    }  # fmt: skip
+    earlier = {} if force else _earlier(out / f"{pair.case}_summary.json")
+    if earlier.get("parameters") == parameters:
+        return earlier, True
     baseline, followup = (read_volume(pair.baseline, base_case), read_volume(pair.followup, follow_case))
     try:
         reg: RigidResult = register_rigid(baseline, followup)
@@ -235,10 +266,10 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
         "notes": NOTES,
         "files": {"changes_csv": f"{pair.case}_changes.csv", "baseline": f"baseline/{base_case}_summary.json",
                   "followup": f"followup/{follow_case}_summary.json"},
-        "parameters": _parameters(pair, params),
+        "parameters": parameters,
     }  # fmt: skip
     _write(out, pair.case, changes, summary)
-    return summary
+    return summary, False
 
 
 def _row(change: Change) -> dict:
@@ -265,7 +296,8 @@ def _write(out: Path, case: str, changes: list[Change], summary: dict) -> None:
 def run_pairs(pairs: list[Pair], out: Path, params: LongitudinalParams | None = None, force: bool = False,
               on_pair: Callable[[PairOutcome], None] | None = None) -> list[PairOutcome]:  # fmt: skip
     """Every pair, in order; a pair that fails is reported and the others go on. A pair whose
-    summary exists with the same parameters is skipped unless `force`."""
+    summary exists with the same parameters and detections is skipped unless `force` (its
+    scans' detections are redone only when their own parameters changed, as `detect` resumes)."""
     params = params or LongitudinalParams()
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -277,21 +309,9 @@ def run_pairs(pairs: list[Pair], out: Path, params: LongitudinalParams | None = 
             if on_pair:
                 on_pair(outcomes[-1])
             continue
-        summary_path = out / f"{pair.case}_summary.json"
-        outcome: PairOutcome
-        if not force and summary_path.is_file():
-            try:
-                earlier = json.loads(summary_path.read_text())
-            except (OSError, ValueError):
-                earlier = {}
-            if earlier.get("parameters") == _parameters(pair, params):
-                outcome = PairOutcome(pair.case, True, "skipped", summary=earlier)
-                outcomes.append(outcome)
-                if on_pair:
-                    on_pair(outcome)
-                continue
         try:
-            outcome = PairOutcome(pair.case, True, "done", summary=compare_pair(pair, out, params, detected))
+            summary, skipped = compare_pair(pair, out, params, detected, force)
+            outcome = PairOutcome(pair.case, True, "skipped" if skipped else "done", summary=summary)
         except CaseError as exc:
             outcome = PairOutcome(pair.case, False, "refused" if isinstance(exc, NotRegistered) else "failed", error=str(exc))
         outcomes.append(outcome)
