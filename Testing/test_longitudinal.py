@@ -233,3 +233,11 @@ def test_a_pair_is_redone_when_the_classifier_changes_at_the_same_path(tmp_path,
     assert "(done)" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "f_summary.json").read_text())
     assert (summary["new_microbleeds"], summary["persisting"]) == (0, 0)
+
+
+def test_a_case_name_that_would_climb_out_of_the_output_folder_is_refused(tmp_path, detector, capsys):
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    out = tmp_path / "deep" / "out"
+    assert main(["longitudinal", str(base), str(base), "-o", str(out), "--case", "../escape", *detector]) == 1
+    assert "error: ../escape: the case name holds a path separator" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("escape_*"))

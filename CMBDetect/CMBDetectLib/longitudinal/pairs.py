@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..cohort.names import printable, unsafe_name_reason
 from ..errors import CaseError, InputError
 from ..io import atomic_path, case_name, read_volume
 from ..registration.rigid import MIN_CORRELATION, RigidResult, register_rigid
@@ -304,6 +305,9 @@ def run_pairs(pairs: list[Pair], out: Path, params: LongitudinalParams | None = 
     detected = Detected(out, params)
     outcomes = []
     for pair in pairs:
+        unsafe = unsafe_name_reason(pair.case)  # the case becomes file names in OUT: never outside it
+        if unsafe:
+            pair = replace(pair, case=printable(pair.case), problem=unsafe)
         if pair.problem:
             outcomes.append(PairOutcome(pair.case, False, "refused", error=f"{pair.case}: {pair.problem}"))
             if on_pair:
