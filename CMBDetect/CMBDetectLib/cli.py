@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train-candidates": "CMBDetectLib.commands.train_candidates",
     "calibrate": "CMBDetectLib.commands.calibrate",
     "adapt": "CMBDetectLib.commands.adapt",
+    "longitudinal": "CMBDetectLib.commands.longitudinal",
 }
 
 
