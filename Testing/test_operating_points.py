@@ -113,6 +113,10 @@ def test_isotonic_calibration_is_monotone_and_lowers_the_calibration_error():
     assert before > 0.15 and after < 0.05  # overconfident by construction; isotonic fixes it in-sample
     fit = fit_mode(cases)
     assert fit.ece_after < fit.ece_before
+    from CMBDetectLib.training.calibration import describe_fits
+
+    lines = describe_fits({"no_phase": fit}, "tuning set")
+    assert lines[0].startswith("no_phase: 600 candidates") and [l.split(":")[0].strip() for l in lines[1:]] == ["review", "count"]
 
 
 def test_operating_points_meet_their_rules_on_the_tuning_set():

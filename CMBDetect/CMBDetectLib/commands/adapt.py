@@ -55,11 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"fit cases: {', '.join(result.fit_cases)}; calibration cases: {', '.join(result.calibration_cases)}")
     print(f"stage 1: {result.unet_kept} U-Net kept; stage 2 samples {result.n_samples}")
-    for mode, fit in result.fits.items():
-        f = fit.card_figures()
-        print(f"{mode}: {f['n_candidates']} candidates ({f['n_true']} true) on the calibration cases")
-        for name, point in f["operating_points"].items():
-            print(f"  {name}: P >= {point['threshold']}: sensitivity small {point['sensitivity_small']} large {point['sensitivity_large']}, "
-                  f"precision {point['precision']}, {point['fp_per_scan']} FP/scan (the site's own calibration cases: few, optimistic)")  # fmt: skip
+    from ..training.calibration import describe_fits
+
+    print("\n".join(describe_fits(result.fits, "the site's own calibration cases, few")))
     print(f"wrote {result.out} in {result.minutes:.1f} min; use it with: cmbdetect detect ... --model {result.out}")
     return 0

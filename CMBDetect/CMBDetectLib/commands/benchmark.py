@@ -234,7 +234,6 @@ def run(args: argparse.Namespace) -> int:
     slices = figures["slices"]
     print(f"case: {figures['case']}, {slices} slices; the head's boxes hold {100 * figures['head_work_fraction']:.0f}% of the dense pass's pixels")
     print(f"device {args.device}; {args.repeats} fresh process(es) per variant; medians")
-    first = figures["variants"][0]
     peak = statistics.median(r["matmul_gflops"] for v in figures["variants"] for r in v["runs"])
     print(f"this machine: fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm {args.matmul_size}x{args.matmul_size} in each run before its case; median of all runs)")
     for width in dict.fromkeys(v["width"] for v in figures["variants"]):

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..detection.inference import select_device
     from ..detection.pipeline import DetectionParams, card_classifier, detect_volume, get_classifier, get_model
     from ..io import case_name, is_volume_file
-    from ..training.calibration import MODES, calibrated_card, fit_mode, read_case_files, score_case
+    from ..training.calibration import MODES, calibrated_card, describe_fits, fit_mode, read_case_files, score_case
 
     images, labels, phases = args.tune / "images", args.tune / "labels", args.tune / "phase"
     if not images.is_dir() or not labels.is_dir():
@@ -81,11 +81,6 @@ def run(args: argparse.Namespace) -> int:
     out = args.output / f"{args.id}-v{args.version}.safetensors"
     args.output.mkdir(parents=True, exist_ok=True)
     card = save_classifier(classifier.network, out, card)
-    for mode, fit in fits.items():
-        f = fit.card_figures()
-        print(f"{mode}: {f['n_candidates']} candidates ({f['n_true']} true); ECE {f['ece_before']} -> {f['ece_after']}")
-        for name, point in f["operating_points"].items():
-            print(f"  {name}: P >= {point['threshold']}: sensitivity small {point['sensitivity_small']} large {point['sensitivity_large']}, "
-                  f"precision {point['precision']}, {point['fp_per_scan']} FP/scan (tuning set: optimistic)")  # fmt: skip
+    print("\n".join(describe_fits(fits, "tuning set")))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

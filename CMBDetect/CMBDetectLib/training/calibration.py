@@ -221,6 +221,21 @@ def fit_mode(cases: Sequence[CaseCandidates]) -> ModeFit:
     )  # fmt: skip
 
 
+def describe_fits(fits: dict[str, "ModeFit"], where: str) -> list[str]:
+    """What `calibrate` and `adapt` print: per phase mode, the candidates and each operating
+    point's figures on the cases it was fitted on (`where` says which: they are optimistic)."""
+    lines = []
+    for mode, fit in fits.items():
+        f = fit.card_figures()
+        lines.append(f"{mode}: {f['n_candidates']} candidates ({f['n_true']} true); ECE {f['ece_before']} -> {f['ece_after']}")
+        for name, point in f["operating_points"].items():
+            lines.append(
+                f"  {name}: P >= {point['threshold']}: sensitivity small {point['sensitivity_small']} large "
+                f"{point['sensitivity_large']}, precision {point['precision']}, {point['fp_per_scan']} FP/scan ({where}: optimistic)"
+            )
+    return lines
+
+
 def calibrated_card(card: dict, fits: dict[str, ModeFit], provenance: dict, default_point: str = "count") -> dict:
     """A copy of a classifier card with the calibration, the operating points and how they were made."""
     out = dict(card)
