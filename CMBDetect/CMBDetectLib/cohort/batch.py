@@ -1,7 +1,7 @@
 """Detection over many cases: files, folders, DICOM series folders or a CSV list.
 
 A batch, in order:
-1. the inputs become (case name, path) pairs; unsafe and duplicated names, and case-list rows
+1. the inputs become cases (name, path, DICOM series if one was chosen); unsafe and duplicated names, and case-list rows
    without an image, are refused, each with its reason, before any case runs (names.py); a
    case list that cannot be read at all stops the batch before anything is written;
 2. staging folders left by a killed run are removed, and every case already done with the

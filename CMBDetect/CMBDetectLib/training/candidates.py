@@ -154,17 +154,6 @@ def candidate_classes(candidates: np.ndarray, n: int, truth: np.ndarray, mimics:
     out[has_mimic] = code[has_mimic]
     out[instance_majority(candidates, n, truth > 0, 2)[1]] = MICROBLEED
     return out
-    inside = candidates > 0
-    ids = candidates[inside].astype(np.int64)
-    on_bleed = np.bincount(ids, weights=(truth[inside] > 0), minlength=n + 1)[1:] > 0
-    codes = mimics[inside].astype(np.int64)
-    counts = np.zeros((n + 1, 5), np.int64)
-    np.add.at(counts, (ids, np.clip(codes, 0, 4)), 1)
-    mimic_votes = counts[1:, 1:]
-    has_mimic = mimic_votes.sum(axis=1) > 0
-    out[has_mimic] = 1 + np.argmax(mimic_votes[has_mimic], axis=1)
-    out[on_bleed] = MICROBLEED
-    return out
 
 
 DARK_SPOT_CONTRAST = 0.3  # black top-hat depth, in units of the white-matter signal
