@@ -224,6 +224,10 @@ def test_confidence_intervals(cohort):
         assert v["low"] <= v["estimate"] <= v["high"], key
     assert ci["overlap_recall"]["low"] == ci["overlap_recall"]["high"] == 1.0  # every lesion found in every case
     assert ci["_method"]["resamples"] == 300
+    icc = ci["count_icc"]  # the per-case count ICC gets its interval like every other figure
+    assert icc["estimate"] == pytest.approx(cohort["summary"]["count_icc"], abs=1e-4)
+    assert icc["n_valid"] > 0 and icc["low"] <= icc["estimate"] <= icc["high"]
+    assert icc["low"] < icc["high"]  # the cohort's counts disagree in some cases, so resamples differ
 
 
 def test_csv_and_html(cohort):
@@ -239,6 +243,7 @@ def test_csv_and_html(cohort):
     assert page.count("data:image/png;base64,") == 2  # ROC and FROC, embedded
     assert "Table 3" in page and "Small lesions (2-5 mm)" in page
     assert "origin" in page  # the failed case is listed with its problem
+    assert "count ICC" in page  # beside the other headline figures, with its interval
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
 
 

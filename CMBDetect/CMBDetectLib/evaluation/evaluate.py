@@ -712,6 +712,16 @@ def _froc(ev: Evaluation) -> dict | None:
     return out
 
 
+def _count_icc_interval(ev: Evaluation, weights: np.ndarray) -> M.Interval:
+    """Bootstrap interval of the per-case count ICC: each resample repeats a case as often as
+    it was drawn, as for every other figure."""
+    truth = np.array([r.table.n_truth for r in ev.results], float)
+    pred = np.array([r.table.n_pred for r in ev.results], float)
+    values = [count_icc(np.repeat(truth, w), np.repeat(pred, w)) for w in weights]
+    values = np.array([np.nan if v is None else v for v in values], float)
+    return M.percentile_interval(values, count_icc(truth, pred), ev.settings.confidence)
+
+
 def _intervals(ev: Evaluation, columns, counts, stats, candidates) -> dict:
     s = ev.settings
     if s.n_bootstrap <= 0:
@@ -723,6 +733,7 @@ def _intervals(ev: Evaluation, columns, counts, stats, candidates) -> dict:
         sc, lb, ci = candidates
         values = M.grouped_auc_many(sc, lb, ci, weights)
         out["lesion_auc"] = M.percentile_interval(values, M.roc_auc(sc, lb), s.confidence).as_dict()
+    out["count_icc"] = _count_icc_interval(ev, weights).as_dict()
     for v in out.values():
         for key in ("estimate", "low", "high"):
             v[key] = _round(v[key])

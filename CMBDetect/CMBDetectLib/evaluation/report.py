@@ -44,6 +44,7 @@ HEADLINE = [
     ("overlap_fp_per_scan", "False positives per scan (paper rule)"),
     ("touch_fp_per_scan", "False positives per scan (touch)"),
     ("distance_fp_per_scan", "False positives per scan (5 mm)"),
+    ("count_icc", "Per-case count ICC(2,1) with the truth"),
     ("lesion_auc", "Lesion ROC AUC"),
     ("patient_fpr", "Patient FPR"),
     ("patient_fnr", "Patient FNR"),
@@ -161,6 +162,9 @@ def summary_text(summary: dict) -> str:
         pix_auc = (summary["pixel"]["roc"] or {}).get("auc")
         les_auc = (les["roc"] or {}).get("auc")
         lines.append(f"AUC: pixel {fmt(pix_auc)}, lesion {fmt(les_auc)}")
+        icc = summary.get("confidence_intervals", {}).get("count_icc") or {}
+        interval = f" [{fmt(icc.get('low'))}, {fmt(icc.get('high'))}]" if icc.get("low") is not None else ""
+        lines.append(f"per-case count ICC(2,1): {fmt(summary.get('count_icc'))}{interval}")
         by_mimic = les.get("false_positives_by_mimic")
         if by_mimic:
             lines.append("false positives (paper's rule) by mimic: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in by_mimic.items()))
