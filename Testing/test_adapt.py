@@ -487,3 +487,56 @@ def test_the_slicer_worker_loads_an_adapted_folder_with_its_own_classifier(which
     # Its own operating point (count, no phase), not the shipped classifier's.
     assert stage["keep_at"] == pytest.approx(classifier["operating_points"]["count"]["no_phase"], abs=1e-6)
     job.cleanup()
+
+
+# ---------------------------------------------------------------------------- CMBReview's Adapt button
+
+
+def test_cmbreviews_adapt_job_runs_adapt_study_in_a_child_with_progress_and_offers_the_model(adapted_from_study, mrml, tmp_path):
+    """As the button runs it: a child process (AdaptJob), progress lines polled, the finished
+    folder offered and chosen in CMBDetect's model selector (its parameter node)."""
+    from CMBDetectLib.mrml import modelchoice
+    from CMBReviewLib.adaptjob import AdaptJob
+
+    study = adapted_from_study[3]
+    job = AdaptJob(study, tmp_path / "model", max_minutes=0.3)
+    job.start()
+    fractions = []
+    while not job.run.finished:
+        fractions += [e.fraction for e in job.poll() if e.kind == "PROGRESS"]
+    assert job.run.state == "succeeded", job.run.error
+    assert fractions and all(0 <= f <= 1 for f in fractions) and fractions == sorted(fractions)
+    node = modelchoice.parameter_node(mrml.scene)
+    folder = modelchoice.offer_adapted_model(node, job.out)
+    assert modelchoice.chosen_model(node) == folder == str((tmp_path / "model").resolve())
+    assert json.loads((tmp_path / "model" / "unet.json").read_text())["adaptation"]["source"]["study"] == str(study.absolute())
+
+
+def test_cancelling_the_adapt_job_kills_the_child(adapted_from_study, tmp_path):
+    import time
+
+    from CMBReviewLib.adaptjob import AdaptJob
+
+    job = AdaptJob(adapted_from_study[3], tmp_path / "model", max_minutes=5)
+    job.start()
+    deadline = time.monotonic() + 300
+    while not any(e.kind == "PROGRESS" for e in job.poll()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job.run.state == "cancelled" and not job.run.alive
+    assert not (tmp_path / "model" / "unet.json").exists()
+
+
+def test_training_writes_its_log_without_matplotlib(tmp_path):
+    """Slicer lacks matplotlib: the adapt child must train and log without it (no curve PNG)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None  # as if not installed\n"
+        "from pathlib import Path\n"
+        "from CMBDetectLib.training.loop import _write_log\n"
+        "_write_log(Path(sys.argv[1]), [{'epoch': 1, 'steps': 2, 'train_loss': 0.5, 'val_dice': 0.1, 'lr': 1e-4, 'minutes': 0.1}])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert (tmp_path / "training_log.csv").is_file() and not (tmp_path / "training_curves.png").exists()

@@ -315,6 +315,7 @@ def train(
     """Train, keeping the best-validation-Dice model as OUT/best.safetensors (+ card). Returns the card."""
     from tqdm import tqdm
 
+    begun = time.time()  # --max-minutes counts the cases' loading and the first validation too
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -362,7 +363,7 @@ def train(
     if untrained_dice is not None:
         log(f"validation Dice before training: {untrained_dice:.3f}")
         state["initial_dice"] = untrained_dice
-    started = time.time() - state["seconds"]
+    started = begun - state["seconds"]
     # The fine-tuned network is what a budget spent before the first epoch keeps (epoch 0).
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.init and state["epoch"] == 0 else None
     budget_s = config.max_minutes * 60
