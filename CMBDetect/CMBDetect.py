@@ -105,6 +105,8 @@ class CMBDetectParameterNode:
     useGpu - run the network on CUDA (CPU otherwise).
     outputSegmentation - where lesions go; created on Apply when empty.
     showRejected - show the candidates stage 2 rejected in the views.
+    The chosen model and the adapted model folders offered are kept in the same MRML node by
+    CMBDetectLib.mrml.modelchoice (not fields here: the list changes, and CMBReview adds to it).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -156,6 +158,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelActivated)
         # Only a click on a row moves the views; a refreshed table (any parameter change) does not.
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
         self.ui.rejectedTableView.connect("clicked(QModelIndex)", self.onRejectedClicked)
@@ -221,6 +224,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
         self._updateApplyButton()
+        self._fillModelComboBox()
         self._showOutputs(p.outputSegmentation if p else None)
         if p and self._job is None and self._lesionParameters is not None and self._currentLesionParameters() != self._lesionParameters:
             self._rethresholdTimer.start()  # restarted by every further change: one run per rest
@@ -254,6 +258,50 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self._updateApplyButton()
 
+    # --- Model -------------------------------------------------------------------------
+
+    def _fillModelComboBox(self) -> None:
+        """The registry's models, the adapted folders offered, and "Adapted model folder..."
+        last; the parameter node's choice selected. Rebuilt only when the list changes."""
+        p = self._parameterNode
+        if p is None:
+            return
+        try:
+            choices = self.logic.modelChoices(p)
+        except Exception:  # noqa: BLE001 - a broken registry must not break the module's setup
+            logging.exception("CMBDetect: the model list")
+            return
+        items = [(c.label, c.spec) for c in choices] + [(_("Adapted model folder..."), None)]
+        combo = self.ui.modelComboBox
+        if getattr(self, "_modelItems", None) != items:
+            self._modelItems = items
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for label, _spec in items:
+                combo.addItem(label)
+            combo.blockSignals(wasBlocked)
+        chosen = self.logic.chosenModel(p) or ""
+        index = next((n for n, (_label, spec) in enumerate(items) if spec == chosen), 0)
+        if combo.currentIndex != index:
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = index
+            combo.blockSignals(wasBlocked)
+
+    def onModelActivated(self, index: int) -> None:
+        p = self._parameterNode
+        items = getattr(self, "_modelItems", [])
+        if p is None or not 0 <= index < len(items):
+            return
+        spec = items[index][1]
+        if spec is None:  # "Adapted model folder...": the folder `cmbdetect adapt -o` wrote
+            folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Adapted model folder (cmbdetect adapt -o FOLDER)"))
+            if folder:
+                with slicer.util.tryWithErrorDisplay(_("This folder cannot be used as a model."), waitCursor=True):
+                    self.logic.addAdaptedModel(p, folder)
+            self._fillModelComboBox()  # back to the chosen model when nothing was added
+            return
+        self.logic.chooseModel(p, spec)
+
     # --- Detection -----------------------------------------------------------------------
 
     def onApplyButton(self) -> None:
@@ -284,6 +332,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 useGpu=p.useGpu,
                 phaseVolume=p.phaseVolume,
                 operatingPoint=p.operatingPoint,
+                model=self.logic.chosenModel(p),
             )
         except Exception as exc:  # noqa: BLE001
             slicer.app.restoreOverrideCursor()
@@ -563,6 +612,34 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             installer.setup(self.requirementsPath(), "CMBDetect", confirm, torch_requirement=TORCH_REQUIREMENT)
         finally:
             _ADAPTER["failed"] = False  # the Lib may import now
+
+    # --- Model (CMBDetectLib.mrml.modelchoice: the choice lives in the parameter node) ------
+
+    @staticmethod
+    def modelChoices(parameterNode) -> list:
+        from CMBDetectLib.mrml import modelchoice
+
+        return modelchoice.model_choices(modelchoice.adapted_folders(parameterNode.parameterNode))
+
+    @staticmethod
+    def chosenModel(parameterNode) -> Optional[str]:
+        """The model for the worker's --model: a registry id or an adapted folder; None: the default."""
+        from CMBDetectLib.mrml import modelchoice
+
+        return modelchoice.chosen_model(parameterNode.parameterNode)
+
+    @staticmethod
+    def chooseModel(parameterNode, spec: Optional[str]) -> None:
+        from CMBDetectLib.mrml import modelchoice
+
+        modelchoice.choose_model(parameterNode.parameterNode, spec)
+
+    @staticmethod
+    def addAdaptedModel(parameterNode, folder: str) -> str:
+        """Offer an adapted model folder and choose it; ValueError when it is not one."""
+        from CMBDetectLib.mrml import modelchoice
+
+        return modelchoice.offer_adapted_model(parameterNode.parameterNode, folder)
 
     # --- Detection -----------------------------------------------------------------------
 

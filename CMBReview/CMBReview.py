@@ -85,6 +85,7 @@ class CMBReviewParameterNode:
     imagesFolder - the SWI volumes of the new study's cases.
     detectionsFolder - their CMBDetect results (<case>_lesions.csv, _lesions.nii.gz, _summary.json).
     readers - the new study's readers, separated by commas or spaces.
+    adaptOutputFolder - where "Adapt the model to this site" writes the adapted model.
     """
 
     studyPath: Path
@@ -92,6 +93,7 @@ class CMBReviewParameterNode:
     imagesFolder: Path
     detectionsFolder: Path
     readers: str
+    adaptOutputFolder: Path
 
 
 #
@@ -115,6 +117,9 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._groundTruthNode = None
         self._timer = qt.QTimer()
         self._timer.setInterval(1000)
+        self._adaptJob = None  # the running CMBReviewLib.adaptjob.AdaptJob
+        self._adaptTimer = qt.QTimer()
+        self._adaptTimer.setInterval(500)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -148,13 +153,17 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.endorseButton.connect("clicked(bool)", self.onEndorse)
         self.ui.statisticsButton.connect("clicked(bool)", self.onStatistics)
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdapt)
+        self.ui.adaptProgressBar.hide()
         self._timer.connect("timeout()", self._onTick)
+        self._adaptTimer.connect("timeout()", self._onAdaptTimer)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self._enableCaseWidgets(False)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._stopAdaptation()
         try:
             self._finishCase()
         finally:
@@ -529,6 +538,62 @@ class CMBReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 paths = self.session.write_report(folder)
                 self.ui.statusLabel.text = _("Wrote {path}").format(path=paths.get("html"))
 
+    # --- Adapt the model to this site (a child process: the GUI stays responsive) ------------
+
+    def onAdapt(self) -> None:
+        if self._adaptJob is not None:
+            self._stopAdaptation()
+            self.ui.statusLabel.text = _("Adaptation cancelled; the output folder keeps what it had written (work/).")
+            return
+        if not self._studyOpen():
+            return
+        from CMBReviewLib.session import chosen_path
+
+        out = chosen_path(self._parameterNode.adaptOutputFolder) if self._parameterNode else None
+        if out is None:
+            slicer.util.errorDisplay(_("Choose an output folder for the adapted model first."), windowTitle=_("CMBReview"))
+            return
+        with slicer.util.tryWithErrorDisplay(_("The adaptation could not start."), waitCursor=True):
+            self.logic.setupAdaptRequirements(confirm=self._confirmInstall)
+            self._adaptJob = self.logic.startAdaptation(self.session.study.path, out, self.ui.adaptMinutesSpinBox.value)
+        if self._adaptJob is None:
+            return
+        self.ui.adaptButton.text = _("Cancel adaptation")
+        self.ui.adaptProgressBar.value = 0
+        self.ui.adaptProgressBar.show()
+        self._adaptTimer.start()
+
+    def _onAdaptTimer(self) -> None:
+        job = self._adaptJob
+        if job is None:
+            self._adaptTimer.stop()
+            return
+        job.poll()
+        self.ui.adaptProgressBar.value = int(round(100 * job.run.fraction))
+        self.ui.adaptProgressBar.format = f"{job.run.message} (%p%)"
+        if not job.run.finished:
+            return
+        self._endAdaptation()
+        if job.run.state == "succeeded":
+            with slicer.util.tryWithErrorDisplay(_("The adapted model could not be offered in CMBDetect."), waitCursor=True):
+                folder = self.logic.offerAdaptedModel(job.out)
+                self.ui.statusLabel.text = _("Adapted model written to {folder}; CMBDetect's model selector now offers it (and has chosen it).").format(folder=folder)
+        else:
+            slicer.util.errorDisplay(_("The adaptation failed.") + "\n\n" + job.run.error, windowTitle=_("CMBReview"), detailedText="\n".join(job.run.log))
+
+    def _endAdaptation(self) -> None:
+        self._adaptTimer.stop()
+        self._adaptJob = None
+        self.ui.adaptButton.text = _("Adapt the model to this site")
+        self.ui.adaptProgressBar.hide()
+
+    def _stopAdaptation(self) -> None:
+        """Kill a running adaptation (and everything it started) now."""
+        job = self._adaptJob
+        if job is not None:
+            job.cancel()
+            self._endAdaptation()
+
 
 def ctkPathFilters(writable: bool = False) -> int:
     import ctk
@@ -592,6 +657,44 @@ class CMBReviewLogic(ScriptedLoadableModuleLogic):
 
         session = self._session()
         return session.create_study(path, imagesFolder, detectionsFolder, reader_names(readers))
+
+    # --- Adapt the model to this site -----------------------------------------------------
+
+    @staticmethod
+    def _cmbdetectResources() -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(slicer.modules.cmbdetect.path)), "Resources")
+
+    def setupAdaptRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
+        """What `cmbdetect adapt` needs: CMBDetect's detection requirements (torch included) and
+        Resources/adapt-requirements.txt (scikit-learn, statsmodels); installed only if `confirm` agrees."""
+        from CMBDetectLib import installer
+
+        resources = self._cmbdetectResources()
+        installer.setup(os.path.join(resources, "requirements.txt"), "CMBDetect", confirm)
+        installer.setup(os.path.join(resources, "adapt-requirements.txt"), "CMBReview", confirm, need_torch=False)
+
+    @staticmethod
+    def startAdaptation(studyPath, outFolder, maxMinutes: float, python: Optional[str] = None, env: Optional[dict] = None):
+        """Start `adapt --study` in PythonSlicer; returns the running CMBReviewLib.adaptjob.AdaptJob."""
+        import shutil
+
+        from CMBReviewLib.adaptjob import AdaptJob
+
+        if python is None:
+            python = shutil.which("PythonSlicer")
+            if not python:
+                raise RuntimeError(_("PythonSlicer was not found on PATH; it runs the adaptation beside Slicer."))
+            env = slicer.util.startupEnvironment()
+        job = AdaptJob(studyPath, outFolder, float(maxMinutes), python=python, env=env)
+        job.start()
+        return job
+
+    @staticmethod
+    def offerAdaptedModel(folder) -> str:
+        """Offer the folder in CMBDetect's model selector (its parameter node), and choose it there."""
+        from CMBDetectLib.mrml import modelchoice
+
+        return modelchoice.offer_adapted_model(modelchoice.parameter_node(slicer.mrmlScene), folder)
 
 
 #

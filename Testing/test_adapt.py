@@ -250,3 +250,293 @@ def test_classifier_fine_tuning_starts_from_the_base_and_keeps_it_when_no_epoch_
     kept = load_file(str(tmp_path / "tuned" / "best.safetensors"))
     assert all(torch.equal(kept[k], before[k]) for k in before)
     assert all(torch.equal(base.state_dict()[k], before[k]) for k in before)  # the base itself is untouched
+
+
+# ---------------------------------------------------------------------------- a review study as the site's cases
+
+
+def _reviewed_study(root: Path, rows_for) -> Path:
+    """Two hand-made cases (test_review_walkthrough: three bleeds, the detector finds two and
+    one false spot), one reader whose decisions `rows_for(case, detections, truth, geometry)` gives."""
+    import csv
+
+    from CMBDetectLib.cli import main
+    from CMBDetectLib.io import read_volume
+    from test_review_walkthrough import fake_detect, fake_synth
+
+    fake_synth(root / "data", 2, seed=0)
+    fake_detect(root / "data" / "images", root / "det")
+    study = root / "study.db"
+    assert main(["review", "create", str(study), "--images", str(root / "data" / "images"), "--detections", str(root / "det")]) == 0
+    assert main(["review", "add-reader", str(study), "ana"]) == 0
+    rows = []
+    for case in ("case0", "case1"):
+        detections = read_volume(root / "det" / f"{case}_lesions.nii.gz")
+        truth = read_volume(root / "data" / "labels" / f"{case}.nii.gz")
+        rows += rows_for(case, np.rint(detections.array).astype(int), np.rint(truth.array).astype(int), truth.geometry)
+    decisions = root / "decisions.csv"
+    with open(decisions, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case", "reader", "decision", "lesion", "reason", "r", "a", "s", "seconds"])
+        w.writeheader()
+        w.writerows(rows)
+    assert main(["review", "import", str(study), str(decisions)]) == 0
+    return study
+
+
+def _vessel_and_missed(case, detections, truth, geometry):
+    """Correct where a detection is on a bleed, "incorrect: vessel" elsewhere; the bleed the
+    detector missed added by a click at its centre (no diameter: grown as in Slicer)."""
+    from scipy import ndimage
+
+    rows = []
+    for lesion in range(1, detections.max() + 1):
+        on_bleed = bool((truth[detections == lesion] > 0).any())
+        rows.append({"case": case, "reader": "ana", "decision": "correct" if on_bleed else "incorrect", "lesion": lesion,
+                     "reason": None if on_bleed else "vessel"})  # fmt: skip
+    for bleed in np.setdiff1d(np.unique(truth[truth > 0]), np.unique(truth[detections > 0])):
+        centre = np.array(ndimage.center_of_mass(truth == bleed))[::-1]
+        r, a, s = geometry.index_to_ras(centre)
+        rows.append({"case": case, "reader": "ana", "decision": "missed", "r": r, "a": a, "s": s})
+    rows.append({"case": case, "reader": "ana", "decision": "reading", "seconds": 90})
+    return rows
+
+
+def test_a_study_gives_microbleeds_for_correct_and_missed_lesions_and_a_vein_for_an_incorrect_vessel(tmp_path):
+    from CMBDetectLib.detection.candidates import StageSettings
+    from CMBDetectLib.detection.classifier import ClassifierConfig
+    from CMBDetectLib.detection.records import CLASSES
+    from CMBDetectLib.io import read_volume
+    from CMBDetectLib.training.adapt import read_case, site_samples
+    from CMBReviewLib.adaptation import ReviewStudy
+
+    study = _reviewed_study(tmp_path, _vessel_and_missed)
+    source = ReviewStudy(study)
+    cases = source.cases(tmp_path / "work")
+    assert [c.name for c in cases] == ["case0", "case1"] and all(c.verdicts for c in cases)
+    provenance = source.provenance()
+    assert provenance["study_sha256"] == models.sha256_of(study) and provenance["readers"] == ["ana"]
+    assert [c["mimics"] for c in provenance["cases"]] == [{"vein": 1}, {"vein": 1}]
+    arrays = read_case(cases[0])
+    truth = np.rint(read_volume(tmp_path / "data" / "labels" / "case0.nii.gz").array).astype(int)
+    detections = np.rint(read_volume(tmp_path / "det" / "case0_lesions.nii.gz").array).astype(int)
+    assert arrays.truth.max() == 3  # two correct detections and the missed bleed
+    missed = np.setdiff1d(np.unique(truth[truth > 0]), np.unique(truth[detections > 0]))
+    assert len(missed) == 1 and (arrays.truth[truth == missed[0]] > 0).mean() > 0.5  # its grown mask
+    false = (detections > 0) & (truth == 0)
+    assert (arrays.mimics[false] == CLASSES.index("vein")).all() and (arrays.mimics[~false] == 0).all()
+
+    def sources(probability):
+        s = site_samples(arrays, probability, StageSettings(bridge_slices=1), ClassifierConfig())
+        return sorted((str(src), CLASSES[c]) for src, c in zip(s["sources"], s["labels"]))
+
+    # Stage 1 proposes what the detector found: the missed bleed is a microbleed sample of its own,
+    # the false detection a vein.
+    found = (detections > 0).astype(np.float32) * 0.9
+    assert sources(found) == [("missed", "microbleed"), ("unet", "microbleed"), ("unet", "microbleed"), ("unet", "vein")]
+    # Stage 1 proposes nothing: every bleed is a microbleed sample and the detection judged a vessel still a vein.
+    assert sources(np.zeros_like(found)) == [("missed", "microbleed")] * 3 + [("reviewed", "vein")]
+
+
+def test_a_tie_between_readers_reasons_goes_to_the_first_listed_and_every_reason_has_a_class():
+    from CMBDetectLib.detection.records import CLASSES
+    from CMBReviewLib.adaptation import REASON_CLASS, consensus_reason
+
+    assert consensus_reason(["artefact", "vessel"]) == "vessel" and consensus_reason(["other", "artefact", "artefact"]) == "artefact"
+    assert {r: REASON_CLASS[r] for r in ("vessel", "calcification", "iron_deposit", "artefact")} == {
+        "vessel": "vein", "calcification": "calcification", "iron_deposit": "nucleus", "artefact": "air_edge"}
+    assert {REASON_CLASS[r] for r in ("partial_volume", "cavernous_malformation", "other")} == {"other"}
+    assert set(REASON_CLASS.values()) <= set(CLASSES)
+
+
+def test_adapt_study_refuses_a_study_nobody_reviewed_and_writes_nothing(tmp_path, capsys):
+    from CMBDetectLib.cli import main
+
+    study = _reviewed_study(tmp_path, lambda *a: [])
+    out = tmp_path / "model"
+    assert main(["adapt", "--study", str(study), "-o", str(out), "-q"]) == 2
+    assert "no case has been reviewed" in capsys.readouterr().err and not out.exists()
+    assert main(["adapt", "--study", str(study), "--images", str(tmp_path), "-o", str(out), "-q"]) == 2
+    assert "either --study" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- --max-minutes
+
+
+def test_an_epoch_runs_only_if_the_longest_so_far_still_fits():
+    from CMBDetectLib.training.budget import next_epoch_fits
+
+    assert next_epoch_fits(0.0, [], 60.0) and not next_epoch_fits(60.0, [], 60.0)
+    assert next_epoch_fits(40.0, [10.0, 20.0], 60.0)  # 40 + 20 = 60: ends on the budget
+    assert not next_epoch_fits(41.0, [10.0, 20.0], 60.0)  # the longest epoch, not the last, decides
+    assert not next_epoch_fits(45.0, [20.0, 10.0], 60.0)
+
+
+def test_a_budget_spent_before_the_first_epoch_keeps_the_classifier_fine_tuned_from(tmp_path):
+    import torch
+    from CMBDetectLib.detection.candidates import StageSettings, load_classifier_file
+    from CMBDetectLib.training.candidates import CandidateSet, CandidateTrainConfig, train_classifier
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(1)
+    n = 32
+    labels = np.array([0, 5] * (n // 2))
+    data = CandidateSet(patches=rng.random((n, 3, 12, 12, 12)).astype(np.float16), labels=labels,
+                        cases=np.array([f"c{i % 4}" for i in range(n)]), has_phase=np.zeros(n, bool), sources=np.array(["unet"] * n, "U9"))  # fmt: skip
+    settings = StageSettings()
+    tiny = dict(samples_per_epoch=16, batch_size=8, width=4, patch_size=12, plant_p=0.0, cartoon_p=0.0, black_level_p=0.0)
+    torch.manual_seed(0)
+    train_classifier(data, tmp_path / "base", CandidateTrainConfig(epochs=1, **tiny), settings, {"id": "b", "version": "1"})
+    base = load_classifier_file(tmp_path / "base" / "best.safetensors").network
+    messages: list[str] = []
+    # A budget of a few nanoseconds: gone before the first step of the first epoch.
+    config = CandidateTrainConfig(epochs=5, max_minutes=1e-10, **tiny)
+    card = train_classifier(data, tmp_path / "tuned", config, settings, {"id": "t", "version": "1"}, messages.append, init=base)
+    assert card["training"]["epochs_run"] == 0 and card["training"]["best_epoch"] == 0
+    assert any(m.startswith("stopping:") and "time budget" in m for m in messages)
+    kept = load_file(str(tmp_path / "tuned" / "best.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_budget_spent_before_the_first_epoch_keeps_the_unet_fine_tuned_from(site, tmp_path):
+    import csv
+
+    import torch
+    from CMBDetectLib.training.loop import TrainConfig, train
+
+    registry = models.read_registry()
+    cases = tmp_path / "cases.csv"
+    with open(cases, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "image", "label"])
+        for image in sorted((site / "images").iterdir())[:2]:
+            w.writerow([image.name[: -len(".nii.gz")], str(image), str(site / "truth" / image.name)])
+    messages: list[str] = []
+    config = TrainConfig(crop=64, batch_size=2, steps_per_epoch=4, max_epochs=3, val_slices=4, max_minutes=1e-10, init=registry["default"])
+    card = train(cases, tmp_path / "run", config, log=messages.append, show_progress=False)
+    assert card["training"]["best_epoch"] == 0 and card["training"]["best_val_dice"] == card["training"]["initial_val_dice"]
+    assert any(m.startswith("stopping:") and "time budget" in m for m in messages)
+    base = models.load_model(registry["default"]).network.state_dict()
+    kept = models.load_model(str(tmp_path / "run" / "best.safetensors")).network.state_dict()
+    assert all(torch.equal(kept[k], base[k]) for k in base)
+
+
+# ---------------------------------------------------------------------------- --study end to end
+
+
+@pytest.fixture(scope="module")
+def adapted_from_study(site, tmp_path_factory):
+    """The `site` cases detected with the shipped model, reviewed by the scripted reader from
+    their truth (review create, simulate, import), and `adapt --study` on that study."""
+    from CMBDetectLib.cli import main
+
+    root = tmp_path_factory.mktemp("study-site")
+    assert main(["detect", str(site / "images"), "-o", str(root / "det"), "-q"]) == 0
+    study = root / "study.db"
+    assert main(["review", "create", str(study), "--images", str(site / "images"), "--detections", str(root / "det")]) == 0
+    assert main(["review", "add-reader", str(study), "ana"]) == 0
+    assert main(["review", "simulate", str(study), "--truth", str(site / "truth"), "--reader", "ana", "-o", str(root / "ana.csv")]) == 0
+    assert main(["review", "import", str(study), str(root / "ana.csv")]) == 0
+    before = _shipped_hashes()
+    out = root / "site-model"
+    code = main(["adapt", "--study", str(study), "-o", str(out), "--max-minutes", "0.3", "--calibration-fraction", "0.5", "-q"])
+    return code, out, before, study
+
+
+def test_adapt_study_writes_a_model_folder_with_the_study_in_its_card_that_detect_loads(adapted_from_study, site, tmp_path):
+    from CMBDetectLib.commands.detect import main as detect_main
+
+    code, out, before, study = adapted_from_study
+    assert code == 0
+    assert _shipped_hashes() == before
+    card = json.loads((out / "unet.json").read_text())
+    assert card["candidate_classifier"] == "classifier.safetensors"
+    source = card["adaptation"]["source"]
+    assert source["kind"] == "CMBReview study" and source["study"] == str(study.absolute())
+    assert source["study_sha256"] == models.sha256_of(study) and source["readers"] == ["ana"]
+    names = sorted(p.name[: -len(".nii.gz")] for p in (site / "images").iterdir())
+    assert sorted(c["case"] for c in source["cases"]) == names
+    assert sorted(card["adaptation"]["cases"]["fit"] + card["adaptation"]["cases"]["calibration"]) == names
+    # The truth the U-Net was fine-tuned on is the study's consensus, kept in the folder.
+    assert all(Path(i["truth"]).name.endswith(".seg.nrrd") and Path(i["truth"]).is_relative_to(out) for i in card["adaptation"]["inputs"])
+
+    image = sorted((site / "images").iterdir())[0]
+    assert detect_main([str(image), "-o", str(tmp_path / "det"), "--model", str(out), "-q"]) == 0
+    summary = json.loads(next((tmp_path / "det").glob("*_summary.json")).read_text())
+    assert summary["params_fingerprinted"]["classifier_sha256"] == models.sha256_of(out / "classifier.safetensors")
+
+
+@pytest.mark.parametrize("which", ["images", "study"])
+def test_the_slicer_worker_loads_an_adapted_folder_with_its_own_classifier(which, adapted, adapted_from_study, site, mrml, tmp_path):
+    """As the module runs it: DetectionJob starts the worker in a child process with --model FOLDER."""
+    import slicer.util
+    from CMBDetectLib.io import read_volume
+    from CMBDetectLib.mrml.job import DetectionJob
+
+    code, out = (adapted[0], adapted[1]) if which == "images" else (adapted_from_study[0], adapted_from_study[1])
+    assert code == 0
+    volume = read_volume(sorted((site / "images").iterdir())[0])
+    node = slicer.util.addVolumeFromArray(volume.array, volume.geometry.ijk_to_ras(), "swi")
+    job = DetectionJob(node, tmp_path / "work", model=str(out))
+    job.start()
+    assert job.wait(600) == "succeeded", job.run.error
+    summary = job.run.output().summary
+    unet, classifier = (json.loads((out / name).read_text()) for name in ("unet.json", "classifier.json"))
+    assert (summary["model_id"], summary["model_version"]) == (unet["id"], unet["version"])
+    stage = summary["candidate_stage"]
+    assert (stage["classifier_id"], stage["classifier_version"]) == (classifier["id"], classifier["version"])
+    # Its own operating point (count, no phase), not the shipped classifier's.
+    assert stage["keep_at"] == pytest.approx(classifier["operating_points"]["count"]["no_phase"], abs=1e-6)
+    job.cleanup()
+
+
+# ---------------------------------------------------------------------------- CMBReview's Adapt button
+
+
+def test_cmbreviews_adapt_job_runs_adapt_study_in_a_child_with_progress_and_offers_the_model(adapted_from_study, mrml, tmp_path):
+    """As the button runs it: a child process (AdaptJob), progress lines polled, the finished
+    folder offered and chosen in CMBDetect's model selector (its parameter node)."""
+    from CMBDetectLib.mrml import modelchoice
+    from CMBReviewLib.adaptjob import AdaptJob
+
+    study = adapted_from_study[3]
+    job = AdaptJob(study, tmp_path / "model", max_minutes=0.3)
+    job.start()
+    fractions = []
+    while not job.run.finished:
+        fractions += [e.fraction for e in job.poll() if e.kind == "PROGRESS"]
+    assert job.run.state == "succeeded", job.run.error
+    assert fractions and all(0 <= f <= 1 for f in fractions) and fractions == sorted(fractions)
+    node = modelchoice.parameter_node(mrml.scene)
+    folder = modelchoice.offer_adapted_model(node, job.out)
+    assert modelchoice.chosen_model(node) == folder == str((tmp_path / "model").resolve())
+    assert json.loads((tmp_path / "model" / "unet.json").read_text())["adaptation"]["source"]["study"] == str(study.absolute())
+
+
+def test_cancelling_the_adapt_job_kills_the_child(adapted_from_study, tmp_path):
+    import time
+
+    from CMBReviewLib.adaptjob import AdaptJob
+
+    job = AdaptJob(adapted_from_study[3], tmp_path / "model", max_minutes=5)
+    job.start()
+    deadline = time.monotonic() + 300
+    while not any(e.kind == "PROGRESS" for e in job.poll()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job.run.state == "cancelled" and not job.run.alive
+    assert not (tmp_path / "model" / "unet.json").exists()
+
+
+def test_training_writes_its_log_without_matplotlib(tmp_path):
+    """Slicer lacks matplotlib: the adapt child must train and log without it (no curve PNG)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None  # as if not installed\n"
+        "from pathlib import Path\n"
+        "from CMBDetectLib.training.loop import _write_log\n"
+        "_write_log(Path(sys.argv[1]), [{'epoch': 1, 'steps': 2, 'train_loss': 0.5, 'val_dice': 0.1, 'lr': 1e-4, 'minutes': 0.1}])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert (tmp_path / "training_log.csv").is_file() and not (tmp_path / "training_curves.png").exists()

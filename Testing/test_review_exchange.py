@@ -286,3 +286,47 @@ def test_simulated_readers_name_the_mimic_an_incorrect_detection_lies_on(study, 
     for case in ("case0", "case1"):
         write_volume(mimics, geometry, tmp_path / "data" / "mimics" / f"{case}.nii.gz")
     assert reasons(tmp_path / "mimic.csv") == {"vessel"}
+
+
+def test_the_scripted_readers_verdicts_equal_those_computed_from_the_truth_directly(study, tmp_path):
+    """`review simulate` against the answer worked out here from the files alone: a detection is
+    correct when it covers a true voxel, else incorrect with the reason of the mimic most of it
+    lies on; every true bleed no detection touches is missed, at its centre."""
+    from CMBDetectLib.io import read_volume, write_volume
+    from handmade import oblique_geometry
+    from scipy import ndimage
+    from test_review_walkthrough import FALSE_POSITIVE, SHAPE, sphere_mask
+
+    geometry = oblique_geometry()
+    reason_of_code = {1: "vessel", 2: "calcification", 3: "iron_deposit", 4: "artefact"}
+    for case, code in (("case0", 1), ("case1", 2)):
+        mimics = np.zeros(SHAPE, np.uint8)
+        mimics[sphere_mask(SHAPE, geometry, FALSE_POSITIVE[0], FALSE_POSITIVE[1] / 2 + 1.0)] = code
+        mimics[sphere_mask(SHAPE, geometry, FALSE_POSITIVE[0], 1.0)] = 4  # a little air edge inside: the majority wins
+        write_volume(mimics, geometry, tmp_path / "data" / "mimics" / f"{case}.nii.gz")
+    out = tmp_path / "scripted.csv"
+    assert cmbdetect(["review", "simulate", str(study), "--truth", str(tmp_path / "data"), "--reader", "ana", "-o", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+
+    expected_verdicts, expected_missed = set(), {}
+    for case in ("case0", "case1"):
+        truth = np.rint(read_volume(tmp_path / "data" / "labels" / f"{case}.nii.gz").array).astype(int)
+        detections = np.rint(read_volume(tmp_path / "det" / f"{case}_lesions.nii.gz").array).astype(int)
+        mimics = np.rint(read_volume(tmp_path / "data" / "mimics" / f"{case}.nii.gz").array).astype(int)
+        for lesion in range(1, detections.max() + 1):
+            inside = detections == lesion
+            if (truth[inside] > 0).any():
+                expected_verdicts.add((case, "correct", lesion, ""))
+            else:
+                codes = mimics[inside][mimics[inside] > 0]
+                expected_verdicts.add((case, "incorrect", lesion, reason_of_code[int(np.bincount(codes).argmax())] if codes.size else "other"))
+        untouched = set(np.unique(truth[truth > 0])) - set(np.unique(truth[detections > 0]))
+        expected_missed[case] = sorted(tuple(np.round(geometry.index_to_ras(np.array(ndimage.center_of_mass(truth == t))[::-1]), 1)) for t in untouched)
+
+    verdicts = {(r["case"], r["decision"], int(r["lesion"]), r["reason"]) for r in rows if r["decision"] in ("correct", "incorrect")}
+    assert verdicts == expected_verdicts
+    assert {v[3] for v in verdicts if v[1] == "incorrect"} == {"vessel", "calcification"}
+    for case in ("case0", "case1"):
+        missed = sorted(tuple(round(float(r[k]), 1) for k in "ras") for r in rows if r["decision"] == "missed" and r["case"] == case)
+        assert len(missed) == len(expected_missed[case]) == 1
+        assert np.allclose(missed, expected_missed[case], atol=0.15)

@@ -18,26 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .detection.network import NetworkConfig, ResUNet
 from .io import sha256_of
-
-MODELS_DIR_ENV = "CMBDETECT_MODELS_DIR"
-# A model folder (written by `cmbdetect adapt`) holds its U-Net under this name; its card names
-# the candidate classifier by a path relative to the folder.
-FOLDER_WEIGHTS = "unet.safetensors"
-
-
-def models_dir() -> Path:
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
-
-
-
-def read_registry(directory: Path | None = None) -> dict:
-    path = (directory or models_dir()) / "models.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"models registry not found: {path}")
-    return json.loads(path.read_text())
+from .registry import FOLDER_WEIGHTS, card_path, models_dir, read_registry  # noqa: F401 - part of this module's API
 
 
 class CardIdentity:
@@ -67,10 +48,6 @@ class LoadedModel(CardIdentity):
     @property
     def trained(self) -> bool:
         return bool(self.card.get("trained", False))
-
-
-def card_path(weights: Path) -> Path:
-    return weights.with_suffix(".json")
 
 
 def resolve(spec: str | None, directory: Path | None = None) -> tuple[Path, str | None]:

@@ -1,7 +1,10 @@
-"""`cmbdetect adapt --images DIR --truth DIR -o OUT`: adapt both stages to a site from its
-labelled cases (training/adapt.py), writing a model folder that `detect --model OUT` loads.
+"""`cmbdetect adapt --images DIR --truth DIR -o OUT` or `cmbdetect adapt --study STUDY.db -o OUT`:
+adapt both stages to a site from its labelled cases or its readers' verdicts (training/adapt.py;
+a study is read by CMBReviewLib/adaptation.py, imported here only, as commands/review.py does),
+writing a model folder that `detect --model OUT` loads.
 
     cmbdetect adapt --images site/images --truth site/labels -o models/site-a --max-minutes 20
+    cmbdetect adapt --study review/study.db -o models/site-a --max-minutes 20
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     from ..training.adapt import AdaptConfig
 
     d = AdaptConfig()
-    p.add_argument("--images", required=True, type=Path, help="folder of the site's SWI volumes, <case>.nii.gz (NIfTI, NRRD, MHA)")
-    p.add_argument("--truth", required=True, type=Path,
+    p.add_argument("--study", type=Path, default=None,
+                   help="a CMBReview study (instead of --images/--truth): its consensus lesions (correct, and missed ones with their grown "
+                        "masks) are microbleeds; detections judged incorrect are samples of the mimic their reason names")
+    p.add_argument("--images", type=Path, help="folder of the site's SWI volumes, <case>.nii.gz (NIfTI, NRRD, MHA)")
+    p.add_argument("--truth", type=Path,
                    help="label maps as `evaluate --truth` reads them: TRUTH/labels/<case>.* or TRUTH/<case>.* (.seg.nrrd too), on the image's grid; "
                         "an optional TRUTH/mimics/ names the mimics of false candidates")
     p.add_argument("--phase", type=Path, default=None, help="optional folder of high-pass phase images <case>.nii.gz (radians)")
@@ -31,12 +37,38 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", default=d.model_id, help=f"id of the adapted model (default {d.model_id})")
     p.add_argument("--version", default=None, help="version of the adapted model (default: today's date)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="progress as the Slicer worker's protocol on stdout (PROGRESS <fraction of --max-minutes> <message>, DONE <OUT>), "
+                        "for CMBReview's Adapt button")
+
+
+def _progress_lines(max_minutes: float):
+    import time
+
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        # The budget bounds the run, so the share of it spent is the progress a bar can show.
+        fraction = min((time.monotonic() - started) / 60 / max_minutes, 0.99)
+        print(f"PROGRESS {fraction:.4f} {message}", flush=True)
+
+    return say
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CaseError
     from ..training.adapt import AdaptConfig, adapt
+    from ..training.sitecases import LabelledFolders
 
+    if (args.study is None) == (args.images is None and args.truth is None):
+        print("error: give either --study STUDY.db or --images DIR --truth DIR", file=sys.stderr)
+        return 2
+    if args.study is None and (args.images is None or args.truth is None):
+        print("error: --images and --truth go together", file=sys.stderr)
+        return 2
+    if args.study is not None and args.phase is not None:
+        print("error: --phase goes with --images; a study's cases have no phase images", file=sys.stderr)
+        return 2
     if not args.max_minutes > 0:
         print(f"error: --max-minutes must be positive, not {args.max_minutes}", file=sys.stderr)
         return 2
@@ -46,9 +78,15 @@ def run(args: argparse.Namespace) -> int:
     config = AdaptConfig(max_minutes=args.max_minutes, calibration_fraction=args.calibration_fraction, seed=args.seed, model_id=args.id)
     if args.version:
         config.version = args.version
-    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say = _progress_lines(args.max_minutes) if args.progress_lines else (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.study is not None:
+        from CMBReviewLib.adaptation import ReviewStudy
+
+        source = ReviewStudy(args.study, progress=say)
+    else:
+        source = LabelledFolders(args.images, args.truth, args.phase)
     try:
-        result = adapt(args.images, args.truth, args.output, args.model, config, args.phase, say)
+        result = adapt(source, args.output, args.model, config, say)
     except (ValueError, CaseError, FileNotFoundError, KeyError) as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -59,4 +97,18 @@ def run(args: argparse.Namespace) -> int:
 
     print("\n".join(describe_fits(result.fits, "the site's own calibration cases, few")))
     print(f"wrote {result.out} in {result.minutes:.1f} min; use it with: cmbdetect detect ... --model {result.out}")
+    if args.progress_lines:
+        print(f"DONE {result.out}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m CMBDetectLib.commands.adapt ...`: this command alone, as CMBReview's Adapt button
+    runs it inside Slicer, where the rest of the command line (synthesis, evaluation) is not shipped."""
+    parser = argparse.ArgumentParser(prog="cmbdetect adapt", description=HELP)
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,10 +102,18 @@ class WorkerOutput:
 
 
 class WorkerRun:
-    """One detection in a child Python: `start()`, then `poll()` or `wait()`, `cancel()` any time."""
+    """One detection in a child Python: `start()`, then `poll()` or `wait()`, `cancel()` any time.
 
-    def __init__(self, arguments: list[str], out_dir: str | os.PathLike, python: str | None = None, env: dict | None = None) -> None:
+    `module` and `result_file` let another long command speak the same protocol in a child
+    (`cmbdetect adapt --progress-lines`, which CMBReview runs): the run succeeded when the child
+    exited 0 and `out_dir/result_file` (written last) is there."""
+
+    def __init__(
+        self, arguments: list[str], out_dir: str | os.PathLike, python: str | None = None, env: dict | None = None,
+        module: str = "CMBDetectLib.detection.worker", result_file: str = RESULT_FILE,
+    ) -> None:  # fmt: skip
         self.arguments = list(arguments)
+        self.module, self.result_file = module, result_file
         self.out_dir = Path(out_dir)
         self.python = python or sys.executable
         self.env = dict(os.environ if env is None else env)
@@ -123,7 +131,7 @@ class WorkerRun:
 
     @property
     def command(self) -> list[str]:
-        return [self.python, "-u", "-m", "CMBDetectLib.detection.worker", *self.arguments]
+        return [self.python, "-u", "-m", self.module, *self.arguments]
 
     @property
     def pid(self) -> int | None:
@@ -189,11 +197,11 @@ class WorkerRun:
                 self.log = (self.log + [event.text])[-LOG_LINES:]
         if self.state == RUNNING and self._done and self._process is not None and self._process.poll() is not None:
             code = self._process.returncode
-            complete = code == 0 and (self.out_dir / RESULT_FILE).is_file()
+            complete = code == 0 and (self.out_dir / self.result_file).is_file()
             self.state = SUCCEEDED if complete else FAILED
             if not complete and not self.error:
                 tail = [line for line in self.log if line.strip()][-1:]
-                self.error = f"the detection process ended with exit status {code}" + (f": {tail[0]}" if tail else "")
+                self.error = f"the process ended with exit status {code}" + (f": {tail[0]}" if tail else "")
         return events
 
     @property

@@ -1,5 +1,10 @@
 """Adapting the two-stage model to a site from its own labelled cases (`cmbdetect adapt`).
 
+The cases come from a `SiteSource`: `LabelledFolders` (label maps as `evaluate --truth` reads
+them) here, or a CMBReview study (CMBReviewLib/adaptation.py: the readers' consensus as label
+maps, and their "incorrect" verdicts as a map of the mimics they named). The core never imports
+CMBReviewLib; the command layer picks the source.
+
 1. The site's cases are split by case, seeded, into *fit* cases (about 70%) and *calibration*
    cases (the rest, at least one each way).
 2. Stage 1: the base U-Net is fine-tuned on the fit cases (training/loop.py, a small learning
@@ -7,7 +12,8 @@
 3. Stage 2: the adapted U-Net's candidates on the fit cases are the samples: a candidate that
    overlaps a true lesion is a microbleed, any other is "other" (or the mimic a `mimics/` map
    names, where the site has one), and a true lesion that no candidate reached is a microbleed
-   sample at its centre. A copy of the base classifier is fine-tuned on them
+   sample at its centre; from a study, a detection the readers judged incorrect that no
+   candidate reached is a sample of its mimic at its centre. A copy of the base classifier is fine-tuned on them
    (training/candidates.py).
 4. The new classifier's P(microbleed) is calibrated, and its operating points chosen, on the
    calibration cases (training/calibration.py), which neither training step saw.
@@ -15,8 +21,8 @@
    the folder) and classifier.safetensors + classifier.json, with provenance; OUT/work holds the
    training logs and checkpoints. The shipped models are read, never written.
 
-One time budget bounds the whole run: a share for each training loop, which stops after the
-epoch that reaches it and keeps its best epoch.
+One time budget bounds the whole run: a share for each training loop, which stops before an
+epoch that would not fit its share (training/budget.py) and keeps its best epoch.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import time
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,18 +48,10 @@ from ..detection.candidates import (
     scaled_magnitude,
 )
 from ..detection.classifier import ClassifierConfig
-from ..detection.records import MICROBLEED
+from ..detection.records import CLASSES, MICROBLEED
 from ..errors import CaseError, InputError
 from ..evaluation.metrics import instance_labels
-from ..io import (
-    Geometry,
-    Volume,
-    case_name,
-    is_volume_file,
-    read_phase,
-    read_volume,
-    sha256_of,
-)
+from ..io import Geometry, Volume, read_phase, read_volume
 from ..labels import read_label
 from ..models import (
     FOLDER_WEIGHTS,
@@ -64,6 +62,8 @@ from ..models import (
     read_registry,
     save_model,
 )
+from .budget import Budget
+from .sitecases import SiteCase, SiteSource
 from .calibration import MODES, ModeFit, calibrated_card, fit_mode, score_case
 from .candidates import (
     CandidateSet,
@@ -95,24 +95,6 @@ class AdaptConfig:
 
 
 @dataclass
-class SiteCase:
-    name: str
-    image: Path
-    truth: Path
-    phase: Path | None = None
-    mimics: Path | None = None
-
-    def inputs(self) -> dict[str, object]:
-        """Each input file with its sha256: what the model was adapted from."""
-        out: dict[str, object] = {"case": self.name}
-        for role in ("image", "truth", "phase", "mimics"):
-            path = getattr(self, role)
-            if path is not None:
-                out[role], out[f"{role}_sha256"] = str(Path(path).absolute()), sha256_of(path)
-        return out
-
-
-@dataclass
 class AdaptResult:
     out: Path
     unet_card: dict
@@ -128,46 +110,13 @@ class AdaptResult:
 # ---------------------------------------------------------------------------- inputs
 
 
-def _volumes(folder: Path) -> dict[str, Path]:
-    """Volumes of a folder by case name (`<case>.seg.nrrd` is case `<case>`)."""
-    out: dict[str, Path] = {}
-    if folder.is_dir():
-        for p in sorted(folder.iterdir()):
-            if p.is_file() and not p.name.startswith(".") and is_volume_file(p):
-                name = case_name(p)
-                out[name.removesuffix(".seg")] = p
-    return out
-
-
-def list_site_cases(images: Path, truth: Path, phase: Path | None = None) -> list[SiteCase]:
-    """The site's cases: images/<case>.*, truth as `evaluate --truth` reads it (TRUTH/labels/ when
-    there is one, else TRUTH itself; `.seg.nrrd` too), TRUTH/mimics/ and PHASE/<case>.* optional.
-    Every problem is collected, so one InputError names them all."""
-    images, truth = Path(images), Path(truth)
-    for folder, what in ((images, "--images"), (truth, "--truth")):
-        if not folder.is_dir():
-            raise InputError(f"{what} {folder} is not a folder")
-    if phase is not None and not Path(phase).is_dir():
-        raise InputError(f"--phase {phase} is not a folder")
-    found = _volumes(images)
-    if not found:
-        raise InputError(f"no images (NIfTI, NRRD, MHA) in {images}")
-    label_dir = truth / "labels" if (truth / "labels").is_dir() else truth
-    labels = _volumes(label_dir)
-    mimics = _volumes(truth / "mimics") if label_dir != truth else {}
-    phases = _volumes(Path(phase)) if phase is not None else {}
-    problems = [f"{name}: no label map {name}.nii.gz / .nrrd / .seg.nrrd in {label_dir}" for name in found if name not in labels]
-    if problems:
-        raise InputError("\n".join(problems))
-    return [SiteCase(n, p, labels[n], phases.get(n), mimics.get(n)) for n, p in found.items()]
-
-
 @dataclass
 class CaseArrays:
     volume: Volume
     truth: np.ndarray  # instances 1..n (connected components, as evaluate counts lesions)
     phase: np.ndarray | None
     mimics: np.ndarray | None
+    verdicts: bool = False  # SiteCase.verdicts
 
 
 def read_case(case: SiteCase) -> CaseArrays:
@@ -181,7 +130,7 @@ def read_case(case: SiteCase) -> CaseArrays:
         if m.shape != volume.shape or not m.geometry.matches(volume.geometry):
             raise CaseError(case.name, "mimic map is not on the image's grid")
         mimics = np.rint(m.array).astype(np.int16)
-    return CaseArrays(volume, truth.astype(np.int32, copy=False), phase, mimics)
+    return CaseArrays(volume, truth.astype(np.int32, copy=False), phase, mimics, case.verdicts)
 
 
 def check_cases(cases: list[SiteCase]) -> None:
@@ -219,22 +168,47 @@ def truth_centres_lps(truth: np.ndarray, ids: np.ndarray, geometry: Geometry) ->
     return (ijk1 @ geometry.ijk_to_lps().T)[:, :3]
 
 
+def unreached_verdicts(mimics: np.ndarray, cand_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reviewed detections (regions of a verdict map, one class each) that no candidate
+    touches: their class indices and a label map of them (1..n), for samples at their centres."""
+    regions = np.zeros(mimics.shape, np.int32)
+    classes: list[int] = []
+    for code in np.unique(mimics[mimics > 0]):
+        labelled, n = ndimage.label(mimics == code)
+        for r in range(1, n + 1):
+            region = labelled == r
+            if not (cand_map[region] > 0).any():
+                classes.append(int(code))
+                regions[region] = len(classes)
+    return np.array(classes, int), regions
+
+
 def site_samples(
     arrays: CaseArrays, probability: np.ndarray, settings: StageSettings, config: ClassifierConfig
 ) -> dict[str, np.ndarray]:
     """Stage 2's training samples of one case: every candidate of stage 1, labelled from the
-    truth (microbleed) or else the mimic map (its mimic) or else "other"; and every true lesion
-    no candidate touched, as a microbleed sample at its centre (what stage 1 missed is what a
-    site's classifier most needs to see)."""
+    truth (microbleed) or else the mimic map (its mimic) or else "other"; every true lesion no
+    candidate touched, as a microbleed sample at its centre (what stage 1 missed is what a
+    site's classifier most needs to see); and, with a verdict map (a review study), every
+    detection readers judged incorrect that no candidate touched, as a sample of its mimic."""
     geometry = arrays.volume.geometry
     cand_map, cands = find_candidates(probability, geometry, settings)
     mimics = arrays.mimics if arrays.mimics is not None else np.zeros(arrays.truth.shape, np.uint8)
-    classes = candidate_classes(cand_map, len(cands), arrays.truth, mimics)
+    # "other" (code 5) in a verdict map is the default class already; the engine's codes stop at 4.
+    classes = candidate_classes(cand_map, len(cands), arrays.truth, np.where(mimics < CLASSES.index("other"), mimics, 0))
     touched = np.unique(arrays.truth[(cand_map > 0) & (arrays.truth > 0)])
     missed = np.setdiff1d(np.arange(1, int(arrays.truth.max(initial=0)) + 1), touched)
-    centres = np.concatenate([np.array([c.centroid_lps for c in cands]).reshape(-1, 3), truth_centres_lps(arrays.truth, missed, geometry)])
-    labels = np.r_[classes, np.full(len(missed), MICROBLEED)].astype(np.int8)
-    sources = np.array(["unet"] * len(cands) + ["missed"] * len(missed), dtype="U9")
+    if arrays.verdicts and arrays.mimics is not None:
+        negative_classes, negatives = unreached_verdicts(np.where(arrays.truth > 0, 0, arrays.mimics), cand_map)
+    else:
+        negative_classes, negatives = np.zeros(0, int), np.zeros(arrays.truth.shape, np.int32)
+    centres = np.concatenate([
+        np.array([c.centroid_lps for c in cands]).reshape(-1, 3),
+        truth_centres_lps(arrays.truth, missed, geometry),
+        truth_centres_lps(negatives, np.arange(1, len(negative_classes) + 1), geometry),
+    ])  # fmt: skip
+    labels = np.r_[classes, np.full(len(missed), MICROBLEED), negative_classes].astype(np.int8)
+    sources = np.array(["unet"] * len(cands) + ["missed"] * len(missed) + ["reviewed"] * len(negative_classes), dtype="U9")
     s = config.patch_size
     patches = (
         sample_patches(scaled_magnitude(arrays.volume.array), arrays.phase, geometry, centres, config)
@@ -259,19 +233,6 @@ def _candidate_set(items: dict[str, dict[str, np.ndarray]], config: ClassifierCo
 # ---------------------------------------------------------------------------- the run
 
 
-class Budget:
-    """Minutes left of the run's --max-minutes."""
-
-    def __init__(self, minutes: float) -> None:
-        self.minutes, self.start = minutes, time.monotonic()
-
-    def elapsed(self) -> float:
-        return (time.monotonic() - self.start) / 60
-
-    def left(self) -> float:
-        return self.minutes - self.elapsed()
-
-
 def _base_identity(base: str | None) -> str:
     """The base model as a registry id or a path: never None, which would mean 'from scratch' to the loop."""
     return base if base else str(read_registry()["default"])
@@ -287,16 +248,15 @@ def check_output(out: Path) -> None:
 
 
 def adapt(
-    images: Path,
-    truth: Path,
+    source: SiteSource,
     out: Path,
     base: str | None = None,
     config: AdaptConfig | None = None,
-    phase: Path | None = None,
     progress: Progress | None = None,
 ) -> AdaptResult:
     """Adapt the base model (registry id, weights or model folder; None: the default) to the
-    site's labelled cases and write the new model into OUT (module docstring)."""
+    site's cases from `source` and write the new model into OUT (module docstring). Bad inputs
+    raise InputError before any training, and leave nothing behind."""
     from ..detection.pipeline import (
         DetectionParams,
         card_classifier,
@@ -310,11 +270,6 @@ def adapt(
     budget = Budget(config.max_minutes)
     out = Path(out)
     check_output(out)
-    cases = list_site_cases(images, truth, phase)
-    check_cases(cases)
-    by_name = {c.name: c for c in cases}
-    fit_names, cal_names = split_cases(list(by_name), config.calibration_fraction, config.seed)
-    say(f"{len(cases)} cases: {len(fit_names)} to fit ({', '.join(fit_names)}), {len(cal_names)} to calibrate ({', '.join(cal_names)})")
     base_spec = _base_identity(base)
     base_model: LoadedModel = load_model(base_spec)
     classifier_spec = card_classifier(base_model)
@@ -322,6 +277,17 @@ def adapt(
         raise InputError(f"model {base_model.id} {base_model.version} has no candidate classifier: adapt needs a two-stage model")
     base_classifier: LoadedClassifier = get_classifier(classifier_spec)
     work = out / WORK
+    made = out if not out.exists() else (work if not work.exists() else None)
+    try:
+        cases = source.cases(work / "inputs")
+        check_cases(cases)
+    except (InputError, CaseError):
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)  # what a source derived: nothing partial stays
+        raise
+    by_name = {c.name: c for c in cases}
+    fit_names, cal_names = split_cases(list(by_name), config.calibration_fraction, config.seed)
+    say(f"{len(cases)} cases: {len(fit_names)} to fit ({', '.join(fit_names)}), {len(cal_names)} to calibrate ({', '.join(cal_names)})")
     work.mkdir(parents=True, exist_ok=True)
 
     # Stage 1: fine-tune on the fit cases, from a case list in OUT/work (the loop's CSV input).
@@ -337,7 +303,7 @@ def adapt(
         plateau_patience=5, stop_patience=10, max_minutes=unet_minutes, val_slices=64, seed=config.seed, init=base_spec,
     )  # fmt: skip
     trained = train(fit_list, work / "unet", unet_config, log=say, show_progress=False,
-                    data_description={"source": "the site's labelled cases (cmbdetect adapt)", "cases": fit_names},
+                    data_description={"source": source.description, "cases": fit_names},
                     model_id=config.model_id, model_version=config.version)  # fmt: skip
     t = trained["training"]
     # The base is epoch 0: fine-tuning that did not beat it on the fit cases' validation slices is not kept.
@@ -366,7 +332,9 @@ def adapt(
     n_samples = {
         "microbleed_candidates": int(((data.labels == MICROBLEED) & (data.sources == "unet")).sum()),
         "missed_microbleeds": int((data.sources == "missed").sum()),
-        "other_candidates": int((data.labels != MICROBLEED).sum()),
+        "other_candidates": int(((data.labels != MICROBLEED) & (data.sources == "unet")).sum()),
+        "reviewed_mimics": int((data.sources == "reviewed").sum()),
+        "by_class": {c: int((data.labels == i).sum()) for i, c in enumerate(CLASSES)},
     }
     say(f"stage 2: samples from the fit cases: {n_samples}")
     classifier_minutes = max(budget.left() - config.classifier_reserve * config.max_minutes, 0.01)
@@ -377,7 +345,7 @@ def adapt(
     )  # fmt: skip
     base_card = {k: v for k, v in base_classifier.card.items() if k not in ("calibration", "operating_points", "calibration_fit", "reproduce", "training_curve")}
     base_card.update(id=f"{config.model_id}-candidates", version=config.version, title="Candidate classifier adapted with cmbdetect adapt",
-                     training_data={"source": "the site's labelled cases (cmbdetect adapt)", "cases": fit_names})  # fmt: skip
+                     training_data={"source": source.description, "cases": fit_names})  # fmt: skip
     if (data.labels != MICROBLEED).any():
         say(f"stage 2: fine-tuning {base_classifier.id} {base_classifier.version} for up to {classifier_minutes:.1f} min")
         train_classifier(data, work / "classifier", train_config, settings, base_card, say, init=base_classifier.network)
@@ -432,6 +400,7 @@ def adapt(
                          "classifier": base_classifier.id, "classifier_version": base_classifier.version,
                          "classifier_sha256": base_classifier.sha256},
         "cases": {"fit": fit_names, "calibration": cal_names},
+        "source": source.provenance(),
         "inputs": [by_name[n].inputs() for n in sorted(by_name)],
         "u_net": {"kept": unet_kept, "initial_val_dice": t["initial_val_dice"], "best_val_dice": t["best_val_dice"],
                   "best_epoch": t["best_epoch"], "minutes": t["minutes"]},

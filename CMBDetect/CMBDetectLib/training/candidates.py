@@ -51,6 +51,7 @@ from ..detection.records import CLASSES, MICROBLEED
 from ..errors import CaseError
 from ..evaluation.metrics import instance_majority
 from ..io import Volume, case_name, is_volume_file, read_volume
+from .budget import next_epoch_fits
 from .planted import plant
 
 PATCHES = "patches"
@@ -485,11 +486,25 @@ def train_classifier(
         best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         report(f"epoch 0 (the network fine-tuned from): validation loss {best[0]:.4f}")
     start = time.perf_counter()
+    budget_s = config.max_minutes * 60
+    epoch_seconds: list[float] = []
     for epoch in range(1, config.epochs + 1):
+        # Nothing to keep yet (from scratch, first epoch): that epoch runs whatever the budget.
+        if config.max_minutes and best_state is not None and not next_epoch_fits(time.perf_counter() - start, epoch_seconds, budget_s):
+            report(f"stopping: another epoch (~{max(epoch_seconds, default=0) / 60:.1f} min) would not fit in the time budget of {config.max_minutes:g} minutes")
+            break
+        epoch_start = time.perf_counter()
+        # With a model to keep already (an epoch, or the network fine-tuned from), the budget may
+        # cut this epoch short; it is then not counted (training/budget.py).
+        can_abandon = bool(config.max_minutes) and best_state is not None
+        abandoned = False
         network.train()
         chosen = train_idx[_balanced_indices(data.labels[train_idx], config.samples_per_epoch, rng, config.microbleed_share)]
         losses = []
         for b in range(0, len(chosen), config.batch_size):
+            if can_abandon and time.perf_counter() - start >= budget_s:
+                abandoned = True
+                break
             idx = chosen[b : b + config.batch_size]
             labels = data.labels[idx].astype(np.int64)
             planted = np.isin(labels, PLANT_INTO) & (rng.random(len(idx)) < config.plant_p)
@@ -502,6 +517,9 @@ def train_classifier(
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
+        if abandoned:
+            report(f"stopping: the time budget of {config.max_minutes:g} minutes ran out during epoch {epoch}, which is not kept")
+            break
         val_loss = validation_loss()
         minutes = (time.perf_counter() - start) / 60
         row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val_loss, 5), "minutes": round(minutes, 2)}
@@ -514,6 +532,7 @@ def train_classifier(
             best = (val_loss, epoch)
             best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         report(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {val_loss:.4f} (best {best[0]:.4f} at {best[1]})")
+        epoch_seconds.append(time.perf_counter() - epoch_start)
         if epoch - best[1] >= config.stop_patience or (config.max_minutes and minutes >= config.max_minutes):
             break
     assert best_state is not None

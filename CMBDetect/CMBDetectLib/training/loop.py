@@ -32,6 +32,7 @@ from ..models import LoadedModel, load_model, save_model
 from ..detection.network import NetworkConfig, ResUNet
 from ..detection.preprocess import constants as preprocess_constants
 from ..detection.preprocess import preprocess, to_plane
+from .budget import next_epoch_fits
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
@@ -236,7 +237,10 @@ def validation_dice(model: ResUNet, cases: list[CaseData], slices: list[tuple[in
 
 
 def _plot_curves(log_rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional (Slicer lacks it): the log CSV holds the same figures
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,6 +315,7 @@ def train(
     """Train, keeping the best-validation-Dice model as OUT/best.safetensors (+ card). Returns the card."""
     from tqdm import tqdm
 
+    begun = time.time()  # --max-minutes counts the cases' loading and the first validation too
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -358,8 +363,20 @@ def train(
     if untrained_dice is not None:
         log(f"validation Dice before training: {untrained_dice:.3f}")
         state["initial_dice"] = untrained_dice
-    started = time.time() - state["seconds"]
+    started = begun - state["seconds"]
+    # The fine-tuned network is what a budget spent before the first epoch keeps (epoch 0).
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.init and state["epoch"] == 0 else None
+    budget_s = config.max_minutes * 60
+    epoch_seconds: list[float] = []
     for epoch in range(state["epoch"] + 1, config.max_epochs + 1):
+        has_model = state["best_epoch"] > 0 or initial_state is not None  # else the first epoch runs whatever the budget
+        if config.max_minutes and has_model and not next_epoch_fits(time.time() - started, epoch_seconds, budget_s):
+            log(f"stopping: another epoch (~{max(epoch_seconds, default=0) / 60:.1f} min) would not fit in the time budget of {config.max_minutes:g} minutes")
+            break
+        epoch_start = time.time()
+        # A model to keep already (the best epoch on disk, or the network fine-tuned from): the
+        # budget may cut this epoch short, which is then not counted.
+        can_abandon = bool(config.max_minutes) and has_model
         model.train()
         losses = []
         bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=not show_progress)
@@ -371,6 +388,11 @@ def train(
             optimiser.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if can_abandon and time.time() - started >= budget_s:
+                break
+        if can_abandon and time.time() - started >= budget_s:
+            log(f"stopping: the time budget of {config.max_minutes:g} minutes ran out during epoch {epoch}, which is not kept")
+            break
         dice = validation_dice(model, val_cases, val_idx, config.threshold)
         scheduler.step(dice)
         elapsed = time.time() - started
@@ -396,12 +418,20 @@ def train(
             out / (CHECKPOINT + ".tmp"),
         )
         (out / (CHECKPOINT + ".tmp")).replace(checkpoint)
+        epoch_seconds.append(time.time() - epoch_start)
         if epoch - state["best_epoch"] >= config.stop_patience:
             log(f"stopping: no better validation Dice for {config.stop_patience} epochs")
             break
         if config.max_minutes and elapsed / 60 >= config.max_minutes:
             log(f"stopping: time budget of {config.max_minutes:g} minutes reached")
             break
+    if state["best_epoch"] == 0 and initial_state is not None:
+        # No epoch fitted: the network fine-tuned from is the best there is.
+        model.load_state_dict(initial_state)
+        state["best_dice"] = state.get("initial_dice", -1.0)
+        card = _card(config, state, data_description, init_card, time.time() - started)
+        card["id"], card["version"] = model_id, model_version or card["version"]
+        save_model(model, out / BEST, card)
     card = json.loads((out / BEST).with_suffix(".json").read_text())
     return card
 
