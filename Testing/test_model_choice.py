@@ -48,6 +48,10 @@ def test_an_offered_folder_is_listed_once_chosen_and_kept_in_the_saved_scene(mrm
     import slicer
 
     good = adapted_folder(tmp_path / "site")
+    # A singleton outlives a scene Clear, and another test (a DetectionJob) may have made one.
+    earlier = mrml.scene.GetSingletonNode("CMBDetect", "vtkMRMLScriptedModuleNode")
+    if earlier is not None:
+        mrml.scene.RemoveNode(earlier)
     node = mc.parameter_node(mrml.scene)
     assert mc.parameter_node(mrml.scene) is node and node.GetModuleName() == "CMBDetect"
     assert mc.chosen_model(node) is None and mc.adapted_folders(node) == []
