@@ -87,6 +87,12 @@ def test_known_motion_and_new_bleeds_give_statuses_and_grade(tmp_path, detector)
     assert summary["aria_h"] == aria_h_grade(len(NEW)) == "mild"
     assert any("siderosis" in n for n in summary["notes"]) and any("resolved" in n for n in summary["notes"])
     assert summary["registration"]["correlation"] >= summary["registration"]["min_correlation"]
+    assert summary["registration"]["pose_ok"] and summary["seconds"]["pair"] > 0
+    # The transform found (baseline -> follow-up), as a matrix: MOTION's inverse, to a fraction of a voxel.
+    found = np.asarray(summary["registration"]["matrix_4x4"])
+    corners = np.array([GRID.index_to_lps(np.array(c, float)) for c in ((0, 0, 0), (111, 0, 0), (0, 95, 15), (111, 95, 15))])
+    truth = np.array([MOTION.GetInverse().TransformPoint(tuple(p)) for p in corners])
+    assert np.abs(corners @ found[:3, :3].T + found[:3, 3] - truth).max() < 0.5
     changes = rows(tmp_path / "out" / "sub01_m6_changes.csv")
     for status, spheres in (("new", NEW), ("persisting", OLD)):
         found = [r for r in changes if r["status"] == status]
@@ -241,3 +247,20 @@ def test_a_case_name_that_would_climb_out_of_the_output_folder_is_refused(tmp_pa
     assert main(["longitudinal", str(base), str(base), "-o", str(out), "--case", "../escape", *detector]) == 1
     assert "error: ../escape: the case name holds a path separator" in capsys.readouterr().err
     assert not list(tmp_path.rglob("escape_*"))
+
+
+def test_the_registration_qc_catches_a_pose_6_mm_off_along_the_slices(tmp_path):
+    """The correlation of the whole overlap stays near 0.99 when the pose is 6 mm off along the
+    slices of this phantom; the QC probes the pose's neighbours and refuses it."""
+    from CMBDetectLib.io import read_volume
+    from CMBDetectLib.registration.rigid import MIN_CORRELATION, pose_check, register_rigid
+
+    baseline = read_volume(baseline_scan(tmp_path / "b.nii.gz"))
+    followup = read_volume(followup_of(OLD + NEW, tmp_path / "f.nii.gz"))
+    found = register_rigid(baseline, followup)
+    assert found.qc()["pose_ok"]
+    off = sitk.CompositeTransform(found.transform)
+    off.AddTransform(sitk.TranslationTransform(3, (0.0, 0.0, 6.0)))  # applied first: 6 mm along S in the baseline
+    check = pose_check(baseline, followup, off)
+    assert check["correlation"] > MIN_CORRELATION  # what the old QC looked at, and passed
+    assert not check["pose_ok"] and check["better_neighbour"] == "shift -2 mm along S"

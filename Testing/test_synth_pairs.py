@@ -135,3 +135,56 @@ def test_pairs_refuse_options_of_single_cases(tmp_path, capsys):
     assert main(["synth", "--pairs", "2", "--controls", "1", "--out", str(tmp_path)]) == 2
     assert "--pairs" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def write_longitudinal_output(out: Path, truth: dict, calls: list[list[float]], grade: str, matrix) -> None:
+    """A pair's results in the layout `cmbdetect longitudinal` writes (summary and changes CSV)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{truth['case']}_changes.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["status", "centroid_l", "centroid_p", "centroid_s_lps"])
+        writer.writeheader()
+        for status, lps in calls:
+            writer.writerow({"status": status, "centroid_l": lps[0], "centroid_p": lps[1], "centroid_s_lps": lps[2]})
+    summary = {"aria_h": grade, "files": {"changes_csv": f"{truth['case']}_changes.csv"},
+               "registration": {"matrix_4x4": np.asarray(matrix).tolist()}, "seconds": {"pair": 4.0}}
+    (out / f"{truth['case']}_summary.json").write_text(json.dumps(summary))
+
+
+def test_evaluate_pairs_counts_hits_false_new_bleeds_grades_and_registration_error(pairs, tmp_path, capsys):
+    found = truths(pairs)
+    out = tmp_path / "changes"
+    shifted = np.eye(4)
+    shifted[0, 3] = 1.5  # a registration 1.5 mm off along L everywhere
+    for k, t in enumerate(found[:-1]):  # the last pair was refused: no summary
+        new = [x["centre_lps"] for x in t["lesions"] if x["status"] == "new"]
+        persisting = [x["centre_lps"] for x in t["lesions"] if x["status"] == "persisting"]
+        calls = [("new", list(np.asarray(c) + [1.0, 0.0, 0.0])) for c in new[1:]]  # the first new bleed missed
+        calls += [("new", persisting[0])] if persisting and k == 0 else []  # a persisting bleed called new
+        calls += [("new", [500.0, 500.0, 500.0])] if k == 1 else []  # a call on nothing
+        calls += [("persisting", c) for c in persisting]
+        matrix = np.asarray(t["motion"]["matrix_4x4"]) @ shifted if k == 2 else t["motion"]["matrix_4x4"]
+        write_longitudinal_output(out, t, calls, aria_h_grade(max(len(new) - 1, 0)), matrix)
+    assert main(["evaluate-pairs", "--pred", str(out), "--truth", str(pairs), "--bootstrap", "200"]) == 0
+    result = json.loads((out / "evaluation_pairs.json").read_text())
+    true_new = sum(t["new_microbleeds"] for t in found)
+    missed = sum(1 for t in found[:-1] if t["new_microbleeds"]) + found[-1]["new_microbleeds"]
+    assert result["new_bleeds"]["true"] == true_new and result["new_bleeds"]["found"] == true_new - missed
+    assert result["new_bleeds"]["sensitivity"] == round((true_new - missed) / true_new, 4)
+    ci = result["new_bleeds"]["intervals"]["sensitivity"]
+    assert ci["low"] <= result["new_bleeds"]["sensitivity"] <= ci["high"]
+    assert result["new_bleeds"]["false_new"] == 2 and result["new_bleeds"]["false_new_on_persisting_bleeds"] == 1
+    assert result["new_bleeds"]["false_new_per_pair"] == round(2 / N_PAIRS, 4)
+    assert result["not_graded"] == [found[-1]["case"]] and result["graded"] == N_PAIRS - 1
+    right = sum(1 for t in found[:-1] if aria_h_grade(max(t["new_microbleeds"] - 1, 0)) == t["aria_h"])
+    assert result["grade"]["exact"] == round(right / N_PAIRS, 4) and result["grade"]["kappa_weights"] == "linear"
+    assert -1.0 <= result["grade"]["weighted_kappa"] <= 1.0
+    assert result["registration_error_mm"]["max"] == pytest.approx(1.5, abs=1e-3)
+    assert result["seconds_per_pair"]["median"] == 4.0
+    printed = capsys.readouterr().out
+    assert "new-bleed sensitivity" in printed and "grade kappa (linear)" in printed
+
+
+def test_evaluate_pairs_refuses_a_folder_that_is_not_a_pairs_set(tmp_path, capsys):
+    (tmp_path / "changes").mkdir()
+    assert main(["evaluate-pairs", "--pred", str(tmp_path / "changes"), "--truth", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "changes" / "evaluation_pairs.json").exists()
