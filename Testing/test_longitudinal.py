@@ -264,3 +264,36 @@ def test_the_registration_qc_catches_a_pose_6_mm_off_along_the_slices(tmp_path):
     check = pose_check(baseline, followup, off)
     assert check["correlation"] > MIN_CORRELATION  # what the old QC looked at, and passed
     assert not check["pose_ok"] and check["better_neighbour"] == "shift -2 mm along S"
+
+
+def test_slicer_shows_the_pair_registered_side_by_side_with_the_new_bleeds_and_grade(tmp_path, detector, mrml):
+    """The comparison's own outputs into slicer-core's real scene: the follow-up under the
+    registration's transform, its new bleeds landing on the baseline's places, the grade."""
+    import slicer.util
+    from CMBDetectLib.io import read_volume
+    from CMBDetectLib.mrml.longitudinal import GRADE_ATTRIBUTE, new_bleed_position_world, show_comparison
+
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    follow = followup_of(OLD + NEW, tmp_path / "f.nii.gz")
+    assert main(["longitudinal", str(base), str(follow), "-o", str(tmp_path / "out"), *detector]) == 0
+    summary = json.loads((tmp_path / "out" / "f_summary.json").read_text())
+    nodes = {}
+    for role, path in (("baseline", base), ("followup", follow)):
+        volume = read_volume(path)
+        nodes[role] = slicer.util.addVolumeFromArray(volume.array, volume.geometry.ijk_to_ras(), role)
+    comparison = show_comparison(nodes["baseline"], nodes["followup"], summary, rows(tmp_path / "out" / "f_changes.csv"))
+    assert comparison.grade == "mild" == comparison.table.GetAttribute(GRADE_ATTRIBUTE)
+    assert comparison.table.GetNumberOfRows() == len(OLD) + len(NEW)
+    assert nodes["followup"].GetParentTransformNode() is comparison.transform
+    # Each new bleed, shown in the baseline's frame, lies where the baseline's grid had it.
+    expected = np.array([GRID.index_to_ras(np.array(c[::-1], float)) for c, _ in NEW])
+    assert comparison.new_bleeds.GetNumberOfControlPoints() == len(NEW)
+    for index in range(len(NEW)):
+        assert np.min(np.linalg.norm(expected - new_bleed_position_world(comparison, index), axis=1)) < 1.5
+    layout = mrml.scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    shown = {}
+    for i in range(mrml.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = mrml.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        shown[composite.GetLayoutName()] = (composite.GetBackgroundVolumeID(), composite.GetLinkedControl())
+    assert shown["Red"] == (nodes["baseline"].GetID(), 1) and shown["Yellow"] == (nodes["followup"].GetID(), 1)
