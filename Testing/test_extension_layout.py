@@ -67,6 +67,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/commands/benchmark.py",
         "CMBDetectLib/commands/calibrate.py",
         "CMBDetectLib/commands/evaluate.py",
+        "CMBDetectLib/commands/evaluate_pairs.py",
         "CMBDetectLib/commands/longitudinal.py",
         "CMBDetectLib/commands/review.py",
         "CMBDetectLib/commands/synth.py",

@@ -87,6 +87,12 @@ def test_known_motion_and_new_bleeds_give_statuses_and_grade(tmp_path, detector)
     assert summary["aria_h"] == aria_h_grade(len(NEW)) == "mild"
     assert any("siderosis" in n for n in summary["notes"]) and any("resolved" in n for n in summary["notes"])
     assert summary["registration"]["correlation"] >= summary["registration"]["min_correlation"]
+    assert summary["registration"]["pose_ok"] and summary["seconds"]["pair"] > 0
+    # The transform found (baseline -> follow-up), as a matrix: MOTION's inverse, to a fraction of a voxel.
+    found = np.asarray(summary["registration"]["matrix_4x4"])
+    corners = np.array([GRID.index_to_lps(np.array(c, float)) for c in ((0, 0, 0), (111, 0, 0), (0, 95, 15), (111, 95, 15))])
+    truth = np.array([MOTION.GetInverse().TransformPoint(tuple(p)) for p in corners])
+    assert np.abs(corners @ found[:3, :3].T + found[:3, 3] - truth).max() < 0.5
     changes = rows(tmp_path / "out" / "sub01_m6_changes.csv")
     for status, spheres in (("new", NEW), ("persisting", OLD)):
         found = [r for r in changes if r["status"] == status]
@@ -241,3 +247,53 @@ def test_a_case_name_that_would_climb_out_of_the_output_folder_is_refused(tmp_pa
     assert main(["longitudinal", str(base), str(base), "-o", str(out), "--case", "../escape", *detector]) == 1
     assert "error: ../escape: the case name holds a path separator" in capsys.readouterr().err
     assert not list(tmp_path.rglob("escape_*"))
+
+
+def test_the_registration_qc_catches_a_pose_6_mm_off_along_the_slices(tmp_path):
+    """The correlation of the whole overlap stays near 0.99 when the pose is 6 mm off along the
+    slices of this phantom; the QC probes the pose's neighbours and refuses it."""
+    from CMBDetectLib.io import read_volume
+    from CMBDetectLib.registration.rigid import MIN_CORRELATION, pose_check, register_rigid
+
+    baseline = read_volume(baseline_scan(tmp_path / "b.nii.gz"))
+    followup = read_volume(followup_of(OLD + NEW, tmp_path / "f.nii.gz"))
+    found = register_rigid(baseline, followup)
+    assert found.qc()["pose_ok"]
+    off = sitk.CompositeTransform(found.transform)
+    off.AddTransform(sitk.TranslationTransform(3, (0.0, 0.0, 6.0)))  # applied first: 6 mm along S in the baseline
+    check = pose_check(baseline, followup, off)
+    assert check["correlation"] > MIN_CORRELATION  # what the old QC looked at, and passed
+    assert not check["pose_ok"] and check["better_neighbour"] == "shift -2 mm along S"
+
+
+def test_slicer_shows_the_pair_registered_side_by_side_with_the_new_bleeds_and_grade(tmp_path, detector, mrml):
+    """The comparison's own outputs into slicer-core's real scene: the follow-up under the
+    registration's transform, its new bleeds landing on the baseline's places, the grade."""
+    import slicer.util
+    from CMBDetectLib.io import read_volume
+    from CMBDetectLib.mrml.longitudinal import GRADE_ATTRIBUTE, new_bleed_position_world, show_comparison
+
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    follow = followup_of(OLD + NEW, tmp_path / "f.nii.gz")
+    assert main(["longitudinal", str(base), str(follow), "-o", str(tmp_path / "out"), *detector]) == 0
+    summary = json.loads((tmp_path / "out" / "f_summary.json").read_text())
+    nodes = {}
+    for role, path in (("baseline", base), ("followup", follow)):
+        volume = read_volume(path)
+        nodes[role] = slicer.util.addVolumeFromArray(volume.array, volume.geometry.ijk_to_ras(), role)
+    comparison = show_comparison(nodes["baseline"], nodes["followup"], summary, rows(tmp_path / "out" / "f_changes.csv"))
+    assert comparison.grade == "mild" == comparison.table.GetAttribute(GRADE_ATTRIBUTE)
+    assert comparison.table.GetNumberOfRows() == len(OLD) + len(NEW)
+    assert nodes["followup"].GetParentTransformNode() is comparison.transform
+    # Each new bleed, shown in the baseline's frame, lies where the baseline's grid had it.
+    expected = np.array([GRID.index_to_ras(np.array(c[::-1], float)) for c, _ in NEW])
+    assert comparison.new_bleeds.GetNumberOfControlPoints() == len(NEW)
+    for index in range(len(NEW)):
+        assert np.min(np.linalg.norm(expected - new_bleed_position_world(comparison, index), axis=1)) < 1.5
+    layout = mrml.scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    shown = {}
+    for i in range(mrml.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = mrml.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        shown[composite.GetLayoutName()] = (composite.GetBackgroundVolumeID(), composite.GetLinkedControl())
+    assert shown["Red"] == (nodes["baseline"].GetID(), 1) and shown["Yellow"] == (nodes["followup"].GetID(), 1)

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "calibrate": "CMBDetectLib.commands.calibrate",
     "adapt": "CMBDetectLib.commands.adapt",
     "longitudinal": "CMBDetectLib.commands.longitudinal",
+    "evaluate-pairs": "CMBDetectLib.commands.evaluate_pairs",
 }
 
 

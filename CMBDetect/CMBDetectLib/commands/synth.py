@@ -4,11 +4,14 @@
     cmbdetect synth --n 200 --seed 1 --out DIR --domain train    # one part of the space
     cmbdetect synth --n 50 --seed 9100 --out DIR --domain shifted  # the held-out part
     cmbdetect synth --benchmark [--repeats 5]
+    cmbdetect synth --pairs 20 --seed 9100 --out DIR   # baseline / follow-up pairs with the truth of what is new
 
 Layout of DIR: images/<case>.nii.gz (float32 SWI), labels/<case>.nii.gz (uint16, one id per
 microbleed), mimics/<case>.nii.gz (uint8: 1 vein, 2 calcification, 3 iron-rich nucleus,
 4 air-tissue edge; synth.MIMIC_CODES), meta/<case>.json, cases.csv (one row per case, paths relative to DIR), and on
-request phase/<case>.nii.gz, a montage PNG and a contrast statistics CSV.
+request phase/<case>.nii.gz, a montage PNG and a contrast statistics CSV. With --pairs, also
+pairs.csv (case, baseline, followup: for `cmbdetect longitudinal --pairs-csv`) and
+truth/<case>.json per pair (synth/pairs.py, docs/synth.md "Pairs").
 """
 
 from __future__ import annotations
@@ -84,6 +87,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     extra.add_argument("--montage", metavar="PNG", help="write a montage of sample slices with lesion outlines")
     extra.add_argument("--stats", metavar="CSV", help="write contrast statistics (a row per microbleed, a row per case for veins) and print summary tables")
     extra.add_argument("--quiet", action="store_true", help="no progress bar")
+    pairs = parser.add_argument_group("longitudinal pairs (docs/synth.md, Pairs)")
+    pairs.add_argument("--pairs", type=_positive, default=None, metavar="N",
+                       help="write N baseline/follow-up pairs of one subject each instead of single cases: the head moved, "
+                            "0-15 new bleeds so that every ARIA-H grade occurs, pairs.csv and truth/<case>.json")
+    pairs.add_argument("--followup-protocol", choices=("same", "other", "mixed"), default="mixed",
+                       help="the follow-up's protocol: the baseline's, another draw, or another draw for every other pair (default mixed)")
+    pairs.add_argument("--max-rotation", type=float, default=10.0, metavar="DEG",
+                       help="largest head rotation between the visits, degrees (default 10)")
+    pairs.add_argument("--max-shift", type=float, default=10.0, metavar="MM", help="largest head shift between the visits, mm (default 10)")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", action="store_true",
                        help="time the generation of 384x384x100 cases and print the median (no files written)")
@@ -128,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("cmbdetect synth: error: --out DIR is required (or use --benchmark)", file=sys.stderr)
         return 2
+    if args.pairs is not None:
+        return _run_pairs(args)
     controls = args.controls if args.controls is not None else int(round(args.n / 5.0))
     if args.n + controls == 0:
         print("cmbdetect synth: error: nothing to do: --n and --controls are both 0", file=sys.stderr)
@@ -152,4 +166,24 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"cmbdetect synth: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_pairs(args: argparse.Namespace) -> int:
+    clash = [name for name, given in (("--controls", args.controls is not None), ("--montage", args.montage),
+                                      ("--stats", args.stats), ("--microbleeds", args.n_microbleeds is not None)) if given]
+    if clash:
+        print(f"cmbdetect synth: error: --pairs makes pairs; {', '.join(clash)} belong(s) to single cases", file=sys.stderr)
+        return 2
+    from ..synth.pairs import write_pairs
+
+    try:
+        rows = write_pairs(args.out, args.pairs, args.seed, start=args.start, fmt=args.format, overrides=_overrides(args),
+                           with_phase=args.with_phase, protocol=args.followup_protocol,
+                           max_rotation_deg=args.max_rotation, max_shift_mm=args.max_shift, progress=not args.quiet)
+    except (ValueError, OSError) as exc:
+        print(f"cmbdetect synth: error: {exc}", file=sys.stderr)
+        return 2
+    grades = sorted({str(r["aria_h"]) for r in rows})
+    print(f"{len(rows)} pairs in {args.out} (pairs.csv, truth/): ARIA-H grades {', '.join(grades)}")
     return 0

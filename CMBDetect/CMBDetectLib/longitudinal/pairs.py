@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -207,6 +208,7 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
     same parameters and the same detections (then nothing is redone unless `force`). Raises
     CaseError (naming the pair) when a scan cannot be read or detected, or the follow-up does
     not register to the baseline."""
+    started = time.perf_counter()
     base_case, follow_case = (detected("baseline", pair.baseline, pair.case), detected("followup", pair.followup, pair.case))
     base_dir, follow_dir = out / "baseline", out / "followup"
     base_summary = json.loads((base_dir / f"{base_case}_summary.json").read_text())
@@ -221,6 +223,7 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
     if earlier.get("parameters") == parameters:
         return earlier, True
     baseline, followup = (read_volume(pair.baseline, base_case), read_volume(pair.followup, follow_case))
+    read = time.perf_counter()
     try:
         reg: RigidResult = register_rigid(baseline, followup)
     except RuntimeError as exc:
@@ -230,6 +233,12 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
         raise NotRegistered(pair.case, f"the follow-up {pair.followup} does not register to the baseline {pair.baseline} "
                                    f"(correlation {reg.correlation:.2f} after rigid registration, below {params.min_correlation}): "
                                    "not the same head, or too different to compare; not graded")  # fmt: skip
+    if not reg.pose_ok:
+        raise NotRegistered(pair.case, f"the registration of the follow-up {pair.followup} to the baseline {pair.baseline} failed its "
+                                   f"pose check, even after a restart: the scans' edges fit better after a "
+                                   f"{reg.pose['better_neighbour']} (edge correlation {reg.pose['edge_correlation']:.2f} "
+                                   f"+{reg.pose['better_by']:.2f}); not graded")  # fmt: skip
+    registered = time.perf_counter()
     base_spots, follow_spots = (_spots(base_dir / f"{base_case}_lesions.csv"), _spots(follow_dir / f"{follow_case}_lesions.csv"))
     mapped = [replace(s, lps=reg.to_moving(s.lps)[0]) for s in base_spots]
     matched = pair_lesions(mapped, follow_spots)
@@ -263,7 +272,11 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
         "aria_h_source": "ARIA-H radiographic severity, lecanemab/donanemab prescribing information: mild 1-4, moderate 5-9, severe >= 10 new microbleeds",
         "operating_point": params.operating_point, "review_cut": review_cut,
         "registration": {"method": "rigid (Euler 3D), Mattes mutual information, 4-2-1", **reg.qc(),
-                         "min_correlation": params.min_correlation},
+                         "min_correlation": params.min_correlation,
+                         "matrix_4x4": [[round(float(v), 8) for v in row] for row in reg.matrix()],
+                         "matrix_direction": "baseline LPS mm -> follow-up LPS mm"},
+        "seconds": {"pair": round(time.perf_counter() - started, 2), "registration": round(registered - read, 2),
+                    "detection_in_this_run": round(read - started, 2)},
         "notes": NOTES,
         "files": {"changes_csv": f"{pair.case}_changes.csv", "baseline": f"baseline/{base_case}_summary.json",
                   "followup": f"followup/{follow_case}_summary.json"},

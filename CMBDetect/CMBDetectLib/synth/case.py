@@ -74,6 +74,7 @@ from .space import Space, space_for
 from .timing import stage
 from .tissue import TissueProperties, sample_tissue, tissue_maps
 from .veins import rasterise, sample_veins, summarise
+from .followup import Visit, carry_bleeds, moved_warp, outside_baseline
 from .warp import sample_warp
 
 GENERATOR_VERSION = "cmbdetect-synth 2.0"
@@ -105,14 +106,20 @@ class SynthCase:
     # uint8, which mimic each voxel belongs to (MIMIC_CODES: 1 vein, 2 calcification,
     # 3 iron-rich nucleus, 4 air-tissue edge; 0 none, and 0 wherever a microbleed is labelled)
     mimics: np.ndarray | None = None
+    # The bleeds as placed on the acquisition grid (`acquisition_geometry`), and each one's id in
+    # `labels` (a bleed lost in oblique resampling has none): what a follow-up visit carries over.
+    bleeds: list[Microbleed] = field(default_factory=list)
+    acquisition_geometry: Geometry | None = None
+    label_of_bleed: dict[int, int] = field(default_factory=dict)
 
 
 def case_name(seed: int, index: int, control: bool = False) -> str:
     return f"synth-s{seed}-ctl-{index:03d}" if control else f"synth-s{seed}-{index:03d}"
 
 
-def _rng(seed: int, index: int, control: bool, stream: str) -> np.random.Generator:
-    return np.random.default_rng([seed, index, int(control), STREAMS[stream]])
+def _rng(seed: int, index: int, control: bool, stream: str, visit: int = 0) -> np.random.Generator:
+    # Visit 0 (a single case, a baseline) keeps the key it always had.
+    return np.random.default_rng([seed, index, int(control), STREAMS[stream]] + ([visit] if visit else []))
 
 
 def _check_arguments(seed: int, index: int, overrides: dict[str, object]) -> None:
@@ -259,14 +266,18 @@ def _tissue_on_grid(
     return _Grid(magnitude, chi, anatomy)
 
 
-def generate_case(seed: int, index: int, control: bool = False, **overrides: object) -> SynthCase:
+def generate_case(seed: int, index: int, control: bool = False, *, visit: Visit | None = None,
+                  **overrides: object) -> SynthCase:
     """Generate one synthetic SWI case; a pure function of (seed, index, control, overrides).
 
     Overrides: field_strength_t (1.5 | 3.0 | 7.0), te_ms, matrix (rows, cols), slice_thickness_mm,
     n_slices, snr, vendor (Siemens | Philips | GE), fov_mm, slab_centre_mni_z, contrast_curve,
     noise_type, oblique (False, or the dict of resample.oblique_geometry), n_microbleeds,
     vein_density (1 = normal), deformation_mm (RMS), keep_maps (bool), domain (all | train |
-    shifted, space.py) and space (a dict of range overrides of space.Space)."""
+    shifted, space.py) and space (a dict of range overrides of space.Space).
+
+    `visit` (followup.Visit) makes the case a later visit of the subject (seed, index): the
+    head moved, the baseline's bleeds carried over, new ones added, its own noise and bias."""
     _check_arguments(seed, index, overrides)
     control = bool(control)
     keep_maps = bool(overrides.get("keep_maps", False))
@@ -276,12 +287,18 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
         template = load_template()
 
     with stage("protocol_and_pose"):
-        acq = sample_acquisition(_rng(seed, index, control, "acquisition"), overrides, space)
+        protocol_visit = visit.number if visit is not None and visit.new_protocol else 0
+        acq = sample_acquisition(_rng(seed, index, control, "acquisition", protocol_visit), overrides, space)
         variation = sample_anatomy_variation(_rng(seed, index, control, "anatomy_variation"), space)
         pose_rng = _rng(seed, index, control, "pose")
         head_offset = np.array([pose_rng.uniform(-5, 5), pose_rng.uniform(-5, 5), 0.0])
         deformation = overrides.get("deformation_mm")
         warp = sample_warp(pose_rng, head_offset, None if deformation is None else float(deformation))  # type: ignore[arg-type]
+        head_centre = warp.translation
+        if visit is not None:
+            # The technologist centres the field of view on the head where it now lies.
+            warp = moved_warp(warp, visit.motion)
+            head_offset = head_offset + visit.motion.shift_mm * np.array([1.0, 1.0, 0.0])
         slab_point = np.array([[HEAD_CENTRE_MNI[0], HEAD_CENTRE_MNI[1], acq.slab_centre_mni_z]])
         slab_z = float(warp.mni_to_scanner(slab_point)[0, 2])
         centre = np.array([head_offset[0] + acq.fov_offset_mm[1], head_offset[1] + acq.fov_offset_mm[0], slab_z])
@@ -292,11 +309,12 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     spacing_kji = acq.spacing_kji
     b0, te = acq.field_strength_t, acq.te_ms
     rad = phase_per_ppm(b0, te)
+    visit_number = 0 if visit is None else visit.number
 
     with stage("tissue"):
         props = sample_tissue(_rng(seed, index, control, "tissue"), b0, acq.t1_weighting)
         pad = int(np.clip(np.ceil(15.0 / acq.slice_thickness_mm), 3, 16))
-        grid = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias"),
+        grid = _tissue_on_grid(acq, geometry, warp, props, pad, _rng(seed, index, control, "bias", visit_number),
                                _iron_scale_template(variation))
         magnitude, chi, anatomy = grid.magnitude, grid.chi, grid.anatomy
         del grid
@@ -357,17 +375,37 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
             occupied[vol_sl] |= ndimage.binary_dilation(dark, iterations=2)
 
     with stage("microbleeds"):
-        bleed_rng = _rng(seed, index, control, "microbleeds")
+        bleed_rng = _rng(seed, index, control, "microbleeds", visit_number)
         n_drawn = sample_count(bleed_rng)
         n_wanted = 0 if control else int(overrides.get("n_microbleeds", n_drawn))  # type: ignore[arg-type]
-        bleeds = place_microbleeds(n_wanted, template, warp, origin, spacing_ijk, shape, b0, te,
-                                   acq.phase_mask_power, occupied, bleed_rng, clear, space.bleed_shapes,
-                                   space.p_bleed_on_vein, space.p_bleed_on_cortex, raster.fraction)
+        carried = None
+        if visit is not None:
+            carried = carry_bleeds(visit.carried, visit.motion.about(head_centre), origin, spacing_ijk, shape, b0, te,
+                                   acq.phase_mask_power)
+            for bleed in carried.labelled:
+                _reserve(occupied, bleed, shape)
+            n_wanted = visit.n_new
+            free = occupied | outside_baseline(visit, origin, spacing_ijk, shape)
+            new = place_microbleeds(n_wanted, template, warp, origin, spacing_ijk, shape, b0, te, acq.phase_mask_power,
+                                    free, bleed_rng, clear, space.bleed_shapes, space.p_bleed_on_vein,
+                                    space.p_bleed_on_cortex, raster.fraction)
+            del free
+            for k, bleed in enumerate(new):
+                bleed.id = len(carried.labelled) + k + 1
+            for patch in carried.unlabelled_patches:
+                apply_patch(signal, patch)
+            bleeds = carried.labelled + new
+        else:
+            bleeds = place_microbleeds(n_wanted, template, warp, origin, spacing_ijk, shape, b0, te,
+                                       acq.phase_mask_power, occupied, bleed_rng, clear, space.bleed_shapes,
+                                       space.p_bleed_on_vein, space.p_bleed_on_cortex, raster.fraction)
         del clear
         labels = np.zeros(shape, np.uint16)
         for bleed in bleeds:
             apply_patch(signal, bleed.patch)
-            labels[bleed.label_slices][bleed.label_mask] = bleed.id
+            # A carried bleed's outline may meet another's on the follow-up's grid: the first keeps the voxel.
+            box = labels[bleed.label_slices]
+            box[bleed.label_mask & (box == 0)] = bleed.id
 
     with stage("mimic_map"):
         mimics = mimic_map(raster.fraction, anatomy & NUCLEUS_BITS, (anatomy & AIR_BIT) > 0,
@@ -378,7 +416,7 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     with stage("noise_and_swi"):
         wm_signal = props.signal("wm", te)
         sigma = wm_signal / acq.snr
-        noise_rng = _rng(seed, index, control, "noise")
+        noise_rng = _rng(seed, index, control, "noise", visit_number)
         if acq.noise_type == "gaussian":
             # Magnitude noise added to the (k-space filtered) noise-free magnitude; the complex
             # noise only feeds the phase.
@@ -403,6 +441,18 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
     meta["acquisition"]["noise_sd_factor_kspace"] = _r(noise_factor)  # type: ignore[index]
     meta["randomisation"] = {"domain": domain, "anatomy": variation.as_dict(), "space": space.as_dict(),
                              "bleed_placement": [b.placement for b in bleeds]}
+    if visit is not None and carried is not None:
+        for lesion, bleed in zip(meta["lesions"], bleeds):  # type: ignore[call-overload]
+            baseline_bleed = bleed.extras.get("baseline_bleed")
+            lesion["status"] = "new" if baseline_bleed is None else "persisting"
+            lesion["baseline_bleed"] = None if baseline_bleed is None else int(baseline_bleed)
+        meta["visit"] = {"number": visit.number, "motion": visit.motion.about(head_centre).as_dict(),
+                         "protocol": "another draw" if visit.new_protocol else "the baseline's",
+                         "new_requested": visit.n_new, "baseline_bleeds_not_labelled": {
+                             str(k): v for k, v in sorted(carried.not_labelled.items())}}
+        meta["n_lesions_requested"] = len(carried.labelled) + visit.n_new
+    grid_acquired = geometry
+    label_of_bleed = {b.id: b.id for b in bleeds}
     maps = {"phase": hp_phase, "vein_fraction": raster.fraction} if keep_maps else {}
     vein_fraction = raster.fraction
     del raster
@@ -410,21 +460,31 @@ def generate_case(seed: int, index: int, control: bool = False, **overrides: obj
         with stage("resample"):
             matrix = overrides.get("matrix")
             fixed = (overrides.get("n_slices"), *(matrix if matrix is not None else (None, None)))  # type: ignore[misc]
-            geometry, image, labels, mimics, maps = _resample_case(meta, geometry, image, labels, mimics, maps,
-                                                                   acq.oblique, fixed)
+            geometry, image, labels, mimics, maps, label_of_bleed = _resample_case(
+                meta, geometry, image, labels, mimics, maps, acq.oblique, fixed)
     del vein_fraction
     meta["mimics"]["map_codes"] = dict(MIMIC_CODES)  # type: ignore[index]
     meta["mimics"]["map_voxels"] = mimic_summary(mimics)  # type: ignore[index]
-    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps, mimics=mimics)
+    return SynthCase(name=name, image=Volume(image, geometry), labels=labels, meta=meta, maps=maps, mimics=mimics,
+                     bleeds=bleeds, acquisition_geometry=grid_acquired, label_of_bleed=label_of_bleed)
+
+
+def _reserve(occupied: np.ndarray, bleed: Microbleed, shape_kji: tuple[int, int, int]) -> None:
+    """Mark a bleed's outline and a one-voxel rim as taken (as place_microbleeds does)."""
+    rim = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(bleed.label_slices, shape_kji))
+    local = np.zeros(tuple(s.stop - s.start for s in rim), bool)
+    local[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(bleed.label_slices, rim))] = bleed.label_mask
+    occupied[rim] |= ndimage.binary_dilation(local, np.ones((3, 3, 3), bool))
 
 
 def _resample_case(
     meta: dict[str, object], geometry: Geometry, image: np.ndarray, labels: np.ndarray, mimics: np.ndarray,
     maps: dict[str, np.ndarray], oblique: dict[str, object], fixed_kji: tuple[int | None, int | None, int | None],
-) -> tuple[Geometry, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[Geometry, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[int, int]]:
     """The reconstructed case on its oblique / resampled grid (resample.py), with the sizes the
     user fixed (`fixed_kji`: --slices, --matrix); the metadata's matrix, shape, geometry and
-    lesion entries are brought up to date (the acquisition's stay under "acquisition")."""
+    lesion entries are brought up to date (the acquisition's stay under "acquisition"). Also
+    returns each acquisition id's new label id."""
     grid, shape = oblique_geometry(geometry, image.shape, oblique, fixed_kji)
     image = resample(image, geometry, grid, shape, nearest=False)
     moved = resample(labels, geometry, grid, shape, nearest=True)
@@ -462,7 +522,7 @@ def _resample_case(
                         "b0_direction": "scanner z (the acquisition grid's k axis)",
                         "acquisition_grid": meta["geometry"]}
     meta["oblique"] = {k: ([_r(x, 5) for x in v] if isinstance(v, list) else _r(v)) for k, v in oblique.items()}  # type: ignore[arg-type]
-    return grid, image, labels, mimics, maps
+    return grid, image, labels, mimics, maps, mapping
 
 
 def _r(v: float, n: int = 4) -> float:
