@@ -74,6 +74,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/commands/train.py",
         "CMBDetectLib/commands/train_candidates.py",
         "CMBDetectLib/evaluation/evaluate.py",
+        "CMBDetectLib/evaluation/pairs.py",
         "CMBDetectLib/evaluation/report.py",
         "CMBDetectLib/longitudinal/",
         "CMBDetectLib/registration/",
