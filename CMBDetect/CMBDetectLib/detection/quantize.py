@@ -1,0 +1,146 @@
+"""int8: ONNX Runtime's static quantisation of the U-Net, calibrated when the model is built.
+
+`calibrate` (run by `cmbdetect quantize`, once per model) feeds the fp32 export the 2.5D inputs
+of a few synthetic heads, as detection would (preprocessed, cut to each slice's head box), and
+records each activation's range (MinMax, or a histogram percentile) in a small JSON beside the
+weights: tensor name -> [low, high]. The card names that file with its sha256.
+
+`quantize_with_ranges` builds the int8 model from the fp32 export and those ranges alone, with
+no data: QDQ format, int8 weights per output channel, int8 activations (ONNX Runtime's advice
+for QDQ on x86-64 and ARM), convolutions only (they are the network's cost; the additions,
+concatenations, upsampling and the sigmoid stay fp32). engines.py caches the result.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+RANGES_FORMAT = "cmbdetect-int8-ranges/1"
+QUANTIZED_OPS = ["Conv"]
+METHODS = ("minmax", "percentile")
+
+
+def calibration_inputs(cases: Iterable[np.ndarray], alignment: int, slices_per_case: int) -> Iterator[np.ndarray]:
+    """(1, 3, h, w) inputs as detection builds them: each case preprocessed, its slices spread
+    evenly through the head, each cut to its head box."""
+    from .head import HALO_PX, head_boxes
+    from .inference import neighbour_indices
+    from .preprocess import preprocess
+
+    for array in cases:
+        stack, _ = preprocess(array, "calibration")
+        boxes = head_boxes(stack, alignment, HALO_PX)
+        inside = [i for i, b in enumerate(boxes) if b is not None]
+        chosen = [inside[int(j)] for j in np.linspace(0, len(inside) - 1, min(slices_per_case, len(inside)))] if inside else []
+        neighbours = neighbour_indices(stack.shape[0])
+        for i in chosen:
+            b = boxes[i]
+            yield np.ascontiguousarray(stack[neighbours[i], b.r0 : b.r1, b.c0 : b.c1][None], dtype=np.float32)
+
+
+def calibrate(fp32_model: bytes, inputs: Iterable[np.ndarray], method: str = "minmax", percentile: float = 99.999) -> dict:
+    """Each activation's [low, high] over `inputs`, by ONNX Runtime's calibrator."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(METHODS)}, not {method!r}")
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("no calibration inputs: the synthetic cases have no head slices")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(inputs)
+
+        def get_next(self):
+            x = next(self._it, None)
+            return None if x is None else {"slices": x}
+
+    with tempfile.TemporaryDirectory(prefix="cmbdetect-calibrate-") as tmp:
+        model_path = Path(tmp) / "fp32.onnx"
+        model_path.write_bytes(fp32_model)
+        ort_method = CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile
+        extra = {"percentile": percentile} if method == "percentile" else {}
+        calibrator = create_calibrator(model_path, QUANTIZED_OPS, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=ort_method, extra_options=extra)  # fmt: skip
+        calibrator.collect_data(Reader())
+        data = calibrator.compute_data()
+    ranges = {name: [float(np.ravel(t.range_value[0])[0]), float(np.ravel(t.range_value[1])[0])] for name, t in data.data.items()}
+    return {"format": RANGES_FORMAT, "method": method, **({"percentile": percentile} if method == "percentile" else {}),
+            "n_inputs": len(inputs), "ranges": dict(sorted(ranges.items()))}  # fmt: skip
+
+
+def quantize_with_ranges(fp32_model: bytes, calibration: dict) -> bytes:
+    """The int8 (QDQ) model built from the fp32 export and the shipped ranges; no data."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization.calibrate import TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+    if calibration.get("format") != RANGES_FORMAT:
+        raise ValueError(f"int8 calibration of an unknown format {calibration.get('format')!r} (this version reads {RANGES_FORMAT})")
+    model = save_and_reload_model_with_shape_infer(onnx.load_model_from_string(fp32_model))
+    ranges = calibration["ranges"]
+    needed = {i for node in model.graph.node if node.op_type in QUANTIZED_OPS for i in node.input[:1]}
+    needed |= {o for node in model.graph.node if node.op_type in QUANTIZED_OPS for o in node.output}
+    missing = sorted(needed - set(ranges))
+    if missing:
+        raise ValueError(f"the int8 calibration has no range for {len(missing)} activation(s) of this export "
+                         f"(e.g. {missing[0]}): it was made with another exporter; run `cmbdetect quantize` again")  # fmt: skip
+    tensors = TensorsData(CalibrationMethod.MinMax, {k: (np.float32(lo), np.float32(hi)) for k, (lo, hi) in ranges.items()})
+    quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8, tensors, [], [], QUANTIZED_OPS, {})
+    quantizer.quantize_model()
+    return quantizer.model.model.SerializeToString()
+
+
+def write_calibration(model_path: Path, card: dict, calibration: dict, weights_sha256: str) -> tuple[Path, dict]:
+    """The ranges as `<weights>.int8.json` beside the weights, and the card naming them (sha256),
+    each written to a temporary file and renamed into place, the card last."""
+    import os
+
+    from ..io import atomic_path, sha256_of
+
+    path = model_path.with_name(model_path.stem + ".int8.json")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(calibration, indent=1) + "\n")
+    os.chmod(path, 0o644)
+    card = dict(card)
+    card["int8_calibration"] = {
+        "file": path.name, "sha256": sha256_of(path), "weights_sha256": weights_sha256, "method": calibration["method"],
+        "inputs": calibration["n_inputs"], "quantized_ops": QUANTIZED_OPS, "scheme": "QDQ, int8 weights per channel, int8 activations",
+        "source": calibration.get("source", ""),
+    }  # fmt: skip
+    card_file = model_path.with_suffix(".json")
+    with atomic_path(card_file) as tmp:
+        Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
+    os.chmod(card_file, 0o644)
+    return path, card
+
+
+def synthetic_cases(n_cases: int, n_slices: int, seed: int) -> Iterator[np.ndarray]:
+    """Held-out synthetic heads (their own seed: not the training cases), small and axial."""
+    from ..synth.case import generate_case
+
+    for index in range(n_cases):
+        case = generate_case(seed, index, n_slices=n_slices, matrix=(192, 192), oblique=False)
+        yield case.image.array
+
+
+def build_calibration(spec: str | None, n_cases: int = 3, n_slices: int = 16, slices_per_case: int = 8,
+                      method: str = "minmax", seed: int = 9090) -> tuple[Path, dict]:  # fmt: skip
+    """Calibrate model `spec` on synthetic cases and write its int8 ranges and card (see module doc)."""
+    from ..models import load_model
+    from .engines import alignment_of, export_onnx
+
+    model = load_model(spec)
+    inputs = calibration_inputs(synthetic_cases(n_cases, n_slices, seed), alignment_of(model.config), slices_per_case)
+    calibration = calibrate(export_onnx(model.network), inputs, method)
+    calibration["source"] = f"{n_cases} synthetic heads (synth seed {seed}, {n_slices} slices of 192x192), {slices_per_case} head slices each"
+    quantize_with_ranges(export_onnx(model.network), calibration)  # proves the ranges cover this export before anything is written
+    return write_calibration(model.path, model.card, calibration, model.sha256)
