@@ -288,7 +288,7 @@ def test_a_run_that_resolves_auto_otherwise_does_not_resume_another_precisions_r
 
 def torch_free_run(code: str, env: dict) -> subprocess.CompletedProcess:
     """`code` in a fresh Python that reports, last, whether torch was ever imported."""
-    probe = f"import sys\\ntry:\\n    rc = ({code})\\nfinally:\\n    print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')\\nsys.exit(rc)\\n"
+    probe = f"import sys\ntry:\n    rc = ({code})\nfinally:\n    print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')\nsys.exit(rc)\n"
     return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
