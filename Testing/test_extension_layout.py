@@ -67,6 +67,7 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/commands/calibrate.py",
         "CMBDetectLib/commands/evaluate.py",
         "CMBDetectLib/commands/longitudinal.py",
+        "CMBDetectLib/commands/quantize.py",
         "CMBDetectLib/commands/review.py",
         "CMBDetectLib/commands/synth.py",
         "CMBDetectLib/commands/train.py",

@@ -313,7 +313,7 @@ def test_detect_and_the_slicer_worker_import_no_torch_when_the_cache_is_warm(tmp
     warm = torch_free_run(detect.format(out=str(tmp_path / "warm")), env)
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout.strip().endswith("NO-TORCH"), warm.stdout
-    assert "network: onnxruntime, fp32" in warm.stdout
+    assert "network: onnxruntime, fp32" in warm.stderr
     assert (tmp_path / "warm" / "case_lesions.csv").read_bytes() == (tmp_path / "cold" / "case_lesions.csv").read_bytes()
     worker = (f"__import__('CMBDetectLib.detection.worker', fromlist=['main']).main(['--input', {str(tmp_path / 'case.nii.gz')!r}, "
               f"'--out', {str(tmp_path / 'worker')!r}, '--model', {str(model)!r}, '--for-slicer'])")  # fmt: skip

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"network: {engine.name}, {precision.name} ({precision.reason}), {device.type}")
+    print(f"network: {engine.name}, {precision.name} ({precision.reason}), {device.type}", file=sys.stderr)
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
     if not model.trained:

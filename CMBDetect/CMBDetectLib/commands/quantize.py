@@ -17,7 +17,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..detection.quantize import build_calibration
+    from ..training.int8 import build_calibration
 
     if args.cases < 1 or args.slices < 1:
         print("error: --cases and --slices must be at least 1", file=sys.stderr)
