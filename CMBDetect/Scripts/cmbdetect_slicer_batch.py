@@ -57,6 +57,7 @@ OPTIONAL = {
     "onnxruntime": "onnxruntime",
     "onnx": "onnx",
     "psutil": "psutil",
+    "platformdirs": "platformdirs",  # where the ONNX model cache lives; without it the folder is worked out by hand
 }
 
 
