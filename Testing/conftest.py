@@ -13,6 +13,21 @@ if str(TESTING) not in sys.path:
     sys.path.insert(0, str(TESTING))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_folder(tmp_path_factory):
+    """The ONNX model cache of the test session (child processes inherit it), never the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    old = os.environ.get("CMBDETECT_CACHE_DIR")
+    os.environ["CMBDETECT_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CMBDETECT_CACHE_DIR", None)
+    else:
+        os.environ["CMBDETECT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def mrml_app():
     """One headless app per session: building it registers logics and creates the views."""

@@ -67,5 +67,12 @@ def test_benchmark_figures_come_from_measured_runs(tmp_path, capsys):
         assert v["dense_floor_s"] == pytest.approx(slices * v["gflop_per_slice"] / v["matmul_gflops"])
         assert v["ratio_to_floor"] == pytest.approx(v["case_s"] / v["dense_floor_s"])
         assert v["peak_rss_mb"] > 50  # a process that imported torch and ran a case
-        row = next(line for line in printed.splitlines() if line.split()[2:3] == [v["pass"]] and "torch" in line)
+        row = next(line for line in printed.splitlines() if line.split()[2:4] == [v["precision"], v["pass"]] and "torch" in line)
         assert f"{v['case_s']:.2f}" in row and f"{v['ratio_to_floor']:.2f}" in row
+
+    # The whole `cmbdetect detect` process, per precision: its median wall time and the ratio to the same floor.
+    (process,) = figures["processes"]
+    assert process["precision"] == "fp32" and len(process["runs_s"]) == 1 and process["runs_s"][0] > 0
+    assert process["dense_floor_s"] == pytest.approx(floor, rel=0.01)
+    assert process["ratio_to_floor"] == pytest.approx(process["median_s"] / process["dense_floor_s"])
+    assert f"ratio {process['ratio_to_floor']:.2f}" in printed

@@ -23,10 +23,13 @@ SUBCOMMANDS: dict[str, str] = {
     "adapt": "CMBDetectLib.commands.adapt",
     "longitudinal": "CMBDetectLib.commands.longitudinal",
     "evaluate-pairs": "CMBDetectLib.commands.evaluate_pairs",
+    "quantize": "CMBDetectLib.commands.quantize",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's options are set up: some subcommands'
+    defaults come from modules that import torch, which `detect` must not wait for."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -38,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.configure(p)
-        p.set_defaults(_run=module.run)
+        if command in (None, name):
+            module.configure(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(first if first in SUBCOMMANDS else None).parse_args(argv)
     return int(args._run(args) or 0)
 
 

@@ -5,7 +5,7 @@ Recommended (no GUI, no event loop, exits by itself, --help works):
     PythonSlicer cmbdetect_slicer_batch.py --input IN [IN ...] --output OUT \\
         [--threshold 0.4] [--min-size 2] [--max-size 10] [--device auto|cpu|cuda] \\
         [--model ID_OR_FILE] [--batch-size N] [--phase FILE_OR_FOLDER] [--phase-sign auto|keep|flip] \\
-        [--operating-point review|count] [--preview] [--quiet]
+        [--operating-point review|count] [--precision auto|fp32|bf16|int8] [--preview] [--quiet]
 
 Also possible, through the full application (slower to start; Slicer reads its own options
 first, so the script's --help needs `--` before it):
@@ -57,6 +57,7 @@ OPTIONAL = {
     "onnxruntime": "onnxruntime",
     "onnx": "onnx",
     "psutil": "psutil",
+    "platformdirs": "platformdirs",  # where the ONNX model cache lives; without it the folder is worked out by hand
 }
 
 

@@ -123,6 +123,8 @@ def _absolute_model(spec: str | None) -> str | None:
 
 
 def _run_fingerprint(params: DetectionParams, phase_given: bool) -> tuple[str, dict]:
+    """`params.precision` is resolved already: the fingerprint records what runs, so a run that
+    resolves `auto` otherwise (another CPU) does not take this one's results as its own."""
     from ..detection.inference import select_device
     from ..detection.pipeline import get_model, stage_two_classifier
 
@@ -182,7 +184,11 @@ def detect_batch(
         raise ValueError(f"workers must be at least 1, not {workers}")
     log = log or sys.stderr  # looked up now: the stream may have been replaced since import
     params = params or DetectionParams()
-    params = replace(params, model=_absolute_model(params.model))
+    # `auto` resolved once, here, from this machine's CPU: every case of the batch, wherever it
+    # runs (a worker, a cluster of mixed CPUs), runs and records that one precision.
+    from ..detection.pipeline import resolved_precision
+
+    params = replace(params, model=_absolute_model(params.model), precision=resolved_precision(params).name)
     cases, problems = expand_inputs(inputs)
     out_dir = Path(output_dir).absolute()
     dicom_dir = Path(dicom_out).absolute() if dicom_out is not None else None

@@ -5,7 +5,8 @@ file of the case is in place) records the same parameters fingerprint as this ru
 file it lists exists. The fingerprint covers what decides the result: the model and the
 candidate classifier (id, version and the sha256 of the weights as loaded, whatever their
 cards record) and every detection parameter except those that only decide where and how fast
-it runs (device, batch size). The cmbdetect version is recorded in the
+it runs (device, batch size); the precision enters as resolved (batch.py), not as asked, so a
+run on a CPU where `auto` means bf16 does not resume an fp32 run's results, nor the reverse. The cmbdetect version is recorded in the
 summary but not fingerprinted: `--force` redoes a folder after an upgrade.
 """
 

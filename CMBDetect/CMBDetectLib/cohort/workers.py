@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..detection.pipeline import DetectionParams
+from ..detection.threads import cpu_cores, share_threads  # noqa: F401 - a worker's share of the cores
 from ..errors import CaseError
 from ..io import read_volume
 
@@ -50,6 +51,7 @@ class CaseOutcome:
     model_trained: bool = True
     status: str = ""  # "done", "skipped" (done by an earlier run), "refused" or "failed"
     cpu_seconds: float = 0.0  # CPU time of the worker process for this case, all its threads
+    threads: int = 0  # the network engine's intra-op threads in the process that ran the case
 
     def __post_init__(self) -> None:
         self.status = self.status or ("done" if self.ok else "failed")
@@ -71,20 +73,6 @@ class CaseTask:
     dicom_out: str | None = None  # the folder for the DICOM SEG and SR of a case read from DICOM
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (cgroups, taskset, SLURM)
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def share_threads(n_sharing: int) -> int:
-    """Set this process's torch threads to its share of the cores; returns the count."""
-    import torch
-
-    threads = max(1, cpu_cores() // max(1, n_sharing))
-    torch.set_num_threads(threads)
-    return threads
 
 
 def _die_if_asked(case: str) -> None:
@@ -137,7 +125,7 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         s = result.summary()
         return CaseOutcome(
             case, task.source, True, s["n_lesions"], s["n_small"], s["n_large"], time.perf_counter() - start,
-            model_trained=result.model_trained, cpu_seconds=time.process_time() - cpu_start,
+            model_trained=result.model_trained, cpu_seconds=time.process_time() - cpu_start, threads=result.threads,
         )  # fmt: skip
     except CaseError as exc:
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=str(exc))

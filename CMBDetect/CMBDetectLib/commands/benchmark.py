@@ -5,14 +5,17 @@ One invocation measures, on this machine and in this run:
 - the network's GFLOP per 384 x 384 slice (counted by torch.utils.flop_counter on the model),
 - the dense compute floor of the case: slices x GFLOP / peak, the least time any dense pass
   of this network could take on this CPU,
-- per variant (engine x dense or head-only pass), the seconds of each stage (read,
+- per variant (engine x dense or head-only pass x precision), the seconds of each stage (read,
   preprocess, network, any later stage the pipeline reports, restore, lesions, write), the
-  seconds per case, peak memory, and the ratio per case / dense floor.
+  seconds per case, peak memory, and the ratio per case / dense floor;
+- per precision, the wall time of a whole fresh `cmbdetect detect` process on the same case
+  (what a user waits for: imports, model load, engine set-up, the case, the files), with the
+  ONNX cache warm (one untimed run first), and its ratio to the same dense floor.
 
 The case is a synthetic head from the synth engine (or a file given with --case), written as
 NIfTI and read back like a user's file. Each run is a fresh child process, so its peak memory is
-its own and no cache carries over; the model load and ONNX export are shown apart ("setup",
-paid once per process, not per case). Figures are medians of --repeats runs; variants run side
+its own; only the on-disk ONNX cache carries over, as it does for a user. The model load and
+engine set-up are shown apart ("setup", paid once per process, not per case). Figures are medians of --repeats runs; variants run side
 by side because this machine is shared and noisy: only figures taken together compare fairly.
 """
 
@@ -41,6 +44,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", nargs="+", default=["dense", "head"], choices=["dense", "head"], help="dense: every pixel of every slice; head: only the head's boxes (default both)")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="U-Net widths to compare with random weights (default: the default model only)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: the pipeline's, 1 on CPU)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8", "fp16", "auto"],
+                   help="precisions to compare (default fp32); each runs on the engines that have its kernels (README: Precision)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--matmul-size", type=int, default=MATMUL_SIZE, help=f"side of the square fp32 matrices timed for the peak (default {MATMUL_SIZE})")
     p.add_argument("--json", type=Path, default=None, help="also write every run's figures to this JSON file")
@@ -112,12 +117,13 @@ def _child(spec: dict) -> dict:
 
     peak = matmul_gflops(spec["matmul_size"])
     params = DetectionParams(
-        device=spec["device"], batch_size=spec["batch"], model=spec["model"], engine=spec["engine"], head_only=spec["head_only"]
-    )
+        device=spec["device"], batch_size=spec["batch"], model=spec["model"], engine=spec["engine"], head_only=spec["head_only"],
+        precision=spec["precision"],
+    )  # fmt: skip
     start = time.perf_counter()
     device = select_device(params.device)
     get_model(params.model, device)
-    get_engine(params.model, device, params.engine)
+    get_engine(params.model, device, params.engine, params.precision)
     setup = time.perf_counter() - start
 
     start = wall = time.perf_counter()
@@ -139,6 +145,7 @@ def _child(spec: dict) -> dict:
         "wall_s": wall,
         "peak_rss_mb": peak_rss_mb(),
         "engine": result.engine,
+        "precision": result.precision,
         "model": result.model_id,
         "n_lesions": len(result.lesions),
     }
@@ -167,6 +174,32 @@ def _work_fraction(path: Path, alignment: int) -> tuple[int, float]:
     return stack.shape[0], work_fraction(head_boxes(stack, alignment), stack.shape)
 
 
+def runs_on(engine: str, precision: str, device: str) -> bool:
+    """Whether `engine` has kernels for `precision` on `device` (precision.py's table)."""
+    from ..detection.precision import engine_for, resolve_precision
+
+    device_type = "cuda" if device == "cuda" else "cpu"
+    try:
+        engine_for(engine, device_type, resolve_precision(precision, device_type).name)
+    except ValueError:
+        return False
+    return True
+
+
+def process_seconds(case: Path, model: str | None, precision: str, device: str, out: Path) -> float:
+    """Wall seconds of one fresh `cmbdetect detect` process on `case`, as a user starts it."""
+    import time
+
+    command = [sys.executable, "-m", "CMBDetectLib.cli", "detect", str(case), "-o", str(out), "-q", "--force",
+               "--precision", precision, "--device", device, *(["--model", model] if model else [])]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"cmbdetect detect --precision {precision} failed:\n{done.stderr.strip()[-2000:]}")
+    return seconds
+
+
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     """Every variant's runs and the figures derived from them (what `run` prints)."""
     from ..detection.engines import alignment_of
@@ -178,13 +211,25 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     for width in args.widths or [None]:
         model = _model_for(width, scratch)
         gflop = network_gflop(load_model(model).network)
-        for engine in args.engines:
-            for name in args.passes:
-                spec = {
-                    "case": str(case), "device": args.device, "batch": args.batch_size, "model": model,
-                    "engine": engine, "head_only": name == "head", "matmul_size": args.matmul_size,
-                }  # fmt: skip
-                specs.append((spec, gflop, name, width, []))
+        for precision in args.precision:
+            for engine in args.engines:
+                if not runs_on(engine, precision, args.device):
+                    continue  # e.g. torch has no int8 kernels here, ONNX Runtime's CPU provider no bf16 ones
+                for name in args.passes:
+                    spec = {
+                        "case": str(case), "device": args.device, "batch": args.batch_size, "model": model,
+                        "engine": engine, "head_only": name == "head", "matmul_size": args.matmul_size, "precision": precision,
+                    }  # fmt: skip
+                    specs.append((spec, gflop, name, width, []))
+    if not specs:
+        raise ValueError("no engine given runs the precisions given (int8: onnxruntime; bf16 on CPU: torch)")
+    # The whole process, per width and precision: one untimed run first fills the ONNX cache.
+    processes = []
+    for width in args.widths or [None]:
+        model = _model_for(width, scratch)
+        for precision in args.precision:
+            process_seconds(case, model, precision, args.device, scratch / "process-out")
+            processes.append({"width": width, "model": model, "precision": precision, "runs_s": []})
     # Round robin, repeat by repeat: a change in the machine's load touches every variant alike.
     for _ in range(args.repeats):
         for spec, _, name, _, runs in specs:
@@ -192,8 +237,18 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
             if out.returncode != 0:
                 raise RuntimeError(f"benchmark run failed ({spec['engine']}, {name}):\n{out.stderr.strip()[-2000:]}")
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for p in processes:
+            p["runs_s"].append(process_seconds(case, p["model"], p["precision"], args.device, scratch / "process-out"))
     variants = [summarise(runs, gflop, slices, name, width) for _, gflop, name, width, runs in specs]
-    return {"case": description, "shape": list(args.shape) if not args.case else None, "slices": slices, "head_work_fraction": fraction, "variants": variants}
+    peak = statistics.median(r["matmul_gflops"] for v in variants for r in v["runs"])
+    for p in processes:
+        gflop = next(v["gflop_per_slice"] for v in variants if v["width"] == p["width"])
+        p["median_s"] = statistics.median(p["runs_s"])
+        p["dense_floor_s"] = slices * gflop / peak  # fp32, this run's peak: the same floor for every precision
+        p["ratio_to_floor"] = p["median_s"] / p["dense_floor_s"]
+        p.pop("model")
+    return {"case": description, "shape": list(args.shape) if not args.case else None, "slices": slices,
+            "head_work_fraction": fraction, "variants": variants, "processes": processes}  # fmt: skip
 
 
 def summarise(runs: list[dict], gflop: float, slices: int, pass_name: str, width: int | None) -> dict:
@@ -206,6 +261,7 @@ def summarise(runs: list[dict], gflop: float, slices: int, pass_name: str, width
         "model": runs[0]["model"],
         "width": width,
         "engine": runs[0]["engine"],
+        "precision": runs[0].get("precision", "fp32"),
         "pass": pass_name,
         "gflop_per_slice": gflop,
         "matmul_gflops": peak,
@@ -243,11 +299,11 @@ def run(args: argparse.Namespace) -> int:
             f" dense compute floor {slices} x {v['gflop_per_slice']:.2f} / {peak:.1f} = {slices * v['gflop_per_slice'] / peak:.2f} s"
         )
     stages = list(dict.fromkeys(k for v in figures["variants"] for k in v["stages_s"]))
-    head = f"{'model':<22} {'engine':<12} {'pass':<5} " + " ".join(f"{s:>{max(7, len(s))}}" for s in stages)
+    head = f"{'model':<22} {'engine':<12} {'prec':<5} {'pass':<5} " + " ".join(f"{s:>{max(7, len(s))}}" for s in stages)
     head += f" {'s/case':>7} {'GFLOP/s':>7} {'floor s':>7} {'ratio':>6} {'setup s':>7} {'peak MB':>8}  runs s/case"
     print(head)
     for v in figures["variants"]:
-        row = f"{v['model']:<22} {v['engine']:<12} {v['pass']:<5} "
+        row = f"{v['model']:<22} {v['engine']:<12} {v['precision']:<5} {v['pass']:<5} "
         row += " ".join(f"{v['stages_s'].get(s, 0.0):>{max(7, len(s))}.2f}" for s in stages)
         row += f" {v['case_s']:>7.2f} {v['matmul_gflops']:>7.1f} {v['dense_floor_s']:>7.2f} {v['ratio_to_floor']:>6.2f} {v['setup_s']:>7.2f} {v['peak_rss_mb']:>8.0f}  "
         row += ", ".join(f"{r['case_s']:.1f}" for r in v["runs"])
@@ -255,6 +311,11 @@ def run(args: argparse.Namespace) -> int:
     print("s/case: read + preprocess + ... + write, per case; setup (model load, ONNX export) is paid once per process.")
     print("GFLOP/s: the matmul peak measured in this variant's runs; floor s = slices x GFLOP per slice / that peak,")
     print("the least time any dense pass of this network could take here; ratio = s/case / floor s (below 1: faster than any dense pass).")
+    print(f"whole process: a fresh `cmbdetect detect` on the case (ONNX cache warm), wall seconds, median of {args.repeats}; ratio to the fp32 dense floor")
+    for p in figures["processes"]:
+        runs = ", ".join(f"{r:.1f}" for r in p["runs_s"])
+        print(f"  {'default model' if p['width'] is None else 'width ' + str(p['width']):<14} {p['precision']:<5} {p['median_s']:>7.2f} s"
+              f"  floor {p['dense_floor_s']:.2f} s  ratio {p['ratio_to_floor']:.2f}  runs {runs}")  # fmt: skip
     return 0
 
 

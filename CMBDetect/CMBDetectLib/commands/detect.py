@@ -30,6 +30,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 1 on CPU, 8 on CUDA)")
     p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="what runs the network: auto (default) takes onnxruntime on CPU when installed (about 2x eager), torch on CUDA")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8", "fp16"], default="auto",
+                   help="the network's numbers: auto (default) takes bf16 on a CPU with avx512_bf16/amx_bf16, else fp32, and fp16 on CUDA; "
+                        "int8 (ONNX Runtime, the model's shipped calibration) only when asked. README: Precision")
     p.add_argument("--dense", action="store_true", help="run the network over the whole plane of every slice, not only the head's box (same lesions, slower)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
     p.add_argument("--single-stage", action="store_true",
@@ -92,17 +95,19 @@ def run(args: argparse.Namespace) -> int:
 
     params = DetectionParams(
         DEFAULT_THRESHOLD if args.threshold is None else args.threshold, args.min_size, args.max_size, args.device,
-        args.batch_size, args.model, engine=args.engine, head_only=not args.dense, single_stage=args.single_stage,
+        args.batch_size, args.model, engine=args.engine, precision=args.precision, head_only=not args.dense, single_stage=args.single_stage,
         candidate_model=args.candidate_model, operating_point=args.operating_point, phase_sign=args.phase_sign,
         candidate_threshold=None if args.single_stage else args.threshold,
     )  # fmt: skip
     try:
         from ..detection.inference import select_device
-        from ..detection.pipeline import get_engine, get_model, stage_two_classifier
+        from ..detection.pipeline import get_engine, get_model, resolved_precision, stage_two_classifier
 
         # Loaded once here, through the pipeline's cache, so a bad model or engine fails before any case runs.
-        model = get_model(args.model, select_device(args.device))
-        get_engine(args.model, select_device(args.device), args.engine)
+        device = select_device(args.device)
+        precision = resolved_precision(params, device)
+        model = get_model(args.model, device)
+        engine = get_engine(args.model, device, args.engine, precision.name)
         classifier = stage_two_classifier(params, model)
         if classifier is not None:
             classifier.keep_at(args.operating_point, False)  # a card without that point: say so now
@@ -111,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"network: {engine.name}, {precision.name} ({precision.reason}), {device.type}", file=sys.stderr)
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
     if not model.trained:
         print(
             f"warning: model {model.id} is UNTRAINED (random weights): its detections mean nothing. "

@@ -26,18 +26,21 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Callable
+
 import numpy as np
-import torch
-from safetensors.torch import save_file
 from scipy import ndimage
 
 from ..io import Geometry, sha256_of
-from ..models import CardIdentity, read_weights, resolve, verified_sha256
-from .classifier import CandidateNet, ClassifierConfig
+from ..models import CardIdentity, LazyNetwork, read_weights, resolve, verified_sha256
+from .configs import ClassifierConfig
 from .lesions import Lesion, extract_lesions
 from .phase import check_phase
 from .preprocess import white_matter_peak
 from .records import CALCIFICATION, CLASSES, MICROBLEED, Candidate
+
+if TYPE_CHECKING:  # torch only where the classifier is trained or has no ONNX Runtime to run on
+    from .classifier import CandidateNet
 
 CANDIDATE_THRESHOLD = 0.15  # the U-Net threshold for candidates (the paper's 0.4 is stage 1 alone)
 CANDIDATE_MIN_MM = 2.0
@@ -105,12 +108,28 @@ def phase_mode(phase_used: bool) -> str:
     return "phase" if phase_used else "no_phase"
 
 
-@dataclass
-class LoadedClassifier(CardIdentity):
-    network: CandidateNet
-    card: dict
-    path: Path
-    sha256: str = ""
+class LoadedClassifier(LazyNetwork, CardIdentity):
+    def __init__(self, network: "CandidateNet | None", card: dict, path: Path, sha256: str = "",
+                 build: "Callable[[], CandidateNet] | None" = None) -> None:  # fmt: skip
+        self._network, self._build, self._engine = network, build, None
+        self.card, self.path, self.sha256 = card, Path(path), sha256
+
+    @property
+    def config(self) -> ClassifierConfig:
+        return ClassifierConfig.from_dict(self.card["network"])
+
+    def classify(self, patches: np.ndarray) -> np.ndarray:
+        """(N, n_classes) softmax verdicts, by ONNX Runtime from the model cache when it is
+        installed (engines.ClassifierEngine), else torch."""
+        if self._engine is None:
+            if not self.sha256:  # not identified: nothing to key a cache entry by
+                return classify_patches(self.network, patches)
+            from .engines import ClassifierEngine
+
+            self._engine = ClassifierEngine(self)
+        if len(patches) == 0:
+            return np.zeros((0, self.config.n_classes), np.float32)
+        return self._engine(patches)
 
     @property
     def settings(self) -> StageSettings:
@@ -210,14 +229,16 @@ def scaled_magnitude(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- classifier
 
 
-@torch.inference_mode()
-def classify_patches(network: CandidateNet, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, n_classes) softmax probabilities."""
+def classify_patches(network: "CandidateNet", patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, n_classes) softmax probabilities, by torch."""
+    import torch
+
     network.eval()
     out = []
     for start in range(0, len(patches), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size]))
-        out.append(torch.softmax(network(x), dim=1).numpy())
+        with torch.inference_mode():
+            out.append(torch.softmax(network(x), dim=1).numpy())
     if not out:
         return np.zeros((0, network.config.n_classes), np.float32)
     return np.concatenate(out).astype(np.float32)
@@ -284,8 +305,15 @@ class PhaseSign:
         }
 
 
+def _classifier(network: "CandidateNet | Callable[[np.ndarray], np.ndarray]") -> Callable[[np.ndarray], np.ndarray]:
+    """A network (torch) or a function that already classifies (LoadedClassifier.classify)."""
+    if hasattr(network, "state_dict"):
+        return lambda patches: classify_patches(network, patches)  # type: ignore[arg-type]
+    return network  # type: ignore[return-value]
+
+
 def choose_phase_sign(
-    network: CandidateNet, patches: np.ndarray, asked: str = "auto"
+    network: "CandidateNet | Callable[[np.ndarray], np.ndarray]", patches: np.ndarray, asked: str = "auto"
 ) -> tuple[np.ndarray, PhaseSign]:
     """The classifier's probabilities with the phase read in the right sign, and that sign.
 
@@ -296,13 +324,14 @@ def choose_phase_sign(
     any brain). The rule is symmetric: a phase and its negation give the same verdicts."""
     if asked not in PHASE_SIGNS:
         raise ValueError(f"phase sign must be one of {list(PHASE_SIGNS)}, not {asked!r}")
+    classify = _classifier(network)
     negated = patches.copy()
     negated[:, 1] *= -1.0
     if asked == "keep":
-        return classify_patches(network, patches), PhaseSign("kept", asked)
+        return classify(patches), PhaseSign("kept", asked)
     if asked == "flip":
-        return classify_patches(network, negated), PhaseSign("flipped", asked)
-    as_given, flipped = classify_patches(network, patches), classify_patches(network, negated)
+        return classify(negated), PhaseSign("flipped", asked)
+    as_given, flipped = classify(patches), classify(negated)
     evidence = float(as_given[:, CALCIFICATION].mean() - flipped[:, CALCIFICATION].mean()) if len(patches) else 0.0
     if len(patches) < MIN_SIGN_CANDIDATES or abs(evidence) < MIN_SIGN_EVIDENCE:
         return as_given, PhaseSign("ignored", asked, evidence, len(patches))
@@ -336,14 +365,14 @@ def run_candidate_stage(
     sign = None
     if cands:
         centres = np.array([c.centroid_lps for c in cands])
-        patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.network.config)
+        patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.config)
         if phase is not None:
-            raw, sign = choose_phase_sign(classifier.network, patches, phase_sign)
+            raw, sign = choose_phase_sign(classifier.classify, patches, phase_sign)
             if sign.used == "ignored":  # read as if there were no phase at all
                 patches[:, 1:] = 0.0
-                raw = classify_patches(classifier.network, patches)
+                raw = classifier.classify(patches)
         else:
-            raw = classify_patches(classifier.network, patches)
+            raw = classifier.classify(patches)
     else:
         raw = np.zeros((0, len(CLASSES)), np.float32)
         if phase is not None:
@@ -401,8 +430,10 @@ def run_candidate_stage(
 
 
 
-def save_classifier(network: CandidateNet, path: Path, card: dict) -> dict:
+def save_classifier(network: "CandidateNet", path: Path, card: dict) -> dict:
     """Weights (safetensors) and card `<same name>.json`; the card gains config, size, sha256."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
@@ -419,7 +450,7 @@ def save_classifier(network: CandidateNet, path: Path, card: dict) -> dict:
     return card
 
 
-def load_classifier_file(path: Path, expected_sha256: str | None = None) -> LoadedClassifier:
+def load_classifier_file(path: Path, expected_sha256: str | None = None, lazy: bool = False) -> LoadedClassifier:
     """Weights and card; the weights must match the sha256 the registry (`expected_sha256`) and the card record."""
     path = Path(path)
     if not path.is_file():
@@ -433,14 +464,20 @@ def load_classifier_file(path: Path, expected_sha256: str | None = None) -> Load
         raise ValueError(f"{path.name} is not a candidate classifier (its card's kind is {card.get('kind')!r})")
     if list(card.get("classes", [])) != list(CLASSES):
         raise ValueError(f"{path.name} was trained for classes {card.get('classes')}, this version knows {list(CLASSES)}")
-    network = CandidateNet(ClassifierConfig.from_dict(card["network"]))
-    network.load_state_dict(read_weights(path))
-    network.eval()
-    return LoadedClassifier(network, card, path, sha256)
+    config = ClassifierConfig.from_dict(card["network"])
+
+    def build() -> "CandidateNet":
+        from .classifier import CandidateNet
+
+        network = CandidateNet(config)
+        network.load_state_dict(read_weights(path))
+        return network.eval()
+
+    return LoadedClassifier(None if lazy else build(), card, path, sha256, build)
 
 
-def load_candidate_classifier(spec: str, directory: Path | None = None) -> LoadedClassifier:
+def load_candidate_classifier(spec: str, directory: Path | None = None, lazy: bool = False) -> LoadedClassifier:
     """The stage-2 candidate classifier named by a registry id or a .safetensors path; registry
-    entries must match their recorded sha256."""
+    entries must match their recorded sha256. `lazy`: its network is built on first use."""
     path, expected = resolve(spec, directory)
-    return load_classifier_file(path, expected)
+    return load_classifier_file(path, expected, lazy)

@@ -15,36 +15,10 @@ a second on a CPU, against about 14 s for the U-Net. (Width and patch were cut f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
-from .records import CLASSES  # the class order (torch-free: Slicer's process shows verdicts)
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Everything needed to rebuild the network and its input; saved in the model card."""
-
-    in_channels: int = 3  # SWI magnitude, phase, phase-present flag
-    width: int = 8
-    blocks: int = 3
-    patch_size: int = 16  # voxels per side (12 mm at 0.75 mm)
-    patch_spacing_mm: float = 0.75  # isotropic
-    n_classes: int = len(CLASSES)
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ClassifierConfig":
-        fields = cls.__dataclass_fields__
-        out = {}
-        for key, value in data.items():
-            if key in fields:
-                out[key] = float(value) if key == "patch_spacing_mm" else int(value)
-        return cls(**out)
+from .configs import ClassifierConfig
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -82,3 +56,14 @@ class CandidateNet(nn.Module):
         f = self.features(x)
         pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
         return self.head(self.dropout(pooled))
+
+
+class Verdicts(nn.Module):
+    """The classifier followed by the softmax: what its engines return (engines.py)."""
+
+    def __init__(self, network: CandidateNet) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(x), dim=1)

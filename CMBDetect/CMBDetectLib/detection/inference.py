@@ -7,32 +7,57 @@ The network runs through an engine (engines.py), over each slice's head box (hea
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
-from .engines import Engine, TorchEngine
+from .engines import CpuDevice, Engine, TorchEngine
 from .head import Box, dense_boxes, union
-from .network import ResUNet
+
+if TYPE_CHECKING:
+    import torch
+
+    from .network import ResUNet
 
 
 class Cancelled(Exception):
     """The user cancelled a running detection."""
 
 
-def select_device(device: str = "auto") -> torch.device:
-    """'auto' takes CUDA when present, else the CPU; asking for CUDA without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was requested but no CUDA device is available; use --device cpu")
-    if device not in ("cpu", "cuda"):
+def cuda_possible() -> bool:
+    """Whether this machine may have a CUDA GPU, asked without importing torch: an NVIDIA
+    driver (Linux: /proc/driver/nvidia; Windows: nvcuda.dll); never on macOS. Only then is
+    torch imported to ask it."""
+    if "torch" in sys.modules:
+        return True  # already paid for: let torch answer
+    if sys.platform == "darwin":
+        return False
+    if sys.platform == "win32":
+        return (Path(os.environ.get("SystemRoot", r"C:\Windows")) / "System32" / "nvcuda.dll").is_file()
+    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()
+
+
+def select_device(device: str = "auto"):
+    """'auto' takes CUDA when present, else the CPU; asking for CUDA without one is an error.
+
+    The CPU is a torch-free device object (`.type` "cpu"); CUDA is a torch.device."""
+    if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    return torch.device(device)
+    if device == "cpu" or (device == "auto" and not cuda_possible()):
+        return CpuDevice()
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if device == "cuda":
+        raise RuntimeError("CUDA was requested but no CUDA device is available; use --device cpu")
+    return CpuDevice()
 
 
-def default_batch_size(device: torch.device) -> int:
+def default_batch_size(device) -> int:
     # On CPU, batch 1 is fastest: bigger batches spill the activations out of the L3 cache
     # (measured in ../shared/reference/cpu-cost.md). GPUs want bigger batches.
     return 1 if device.type == "cpu" else 8
@@ -44,17 +69,19 @@ def neighbour_indices(n_slices: int) -> np.ndarray:
     return np.stack([np.clip(i - 1, 0, n_slices - 1), i, np.clip(i + 1, 0, n_slices - 1)], axis=1)
 
 
-def prepare_for_inference(model: ResUNet, device: torch.device) -> ResUNet:
-    model = model.to(device).eval()
+def prepare_for_inference(model: "ResUNet", device) -> "ResUNet":
+    import torch
+
+    model = model.to(str(device)).eval()
     if device.type == "cpu":
         # channels_last is 1.3-1.6x faster for these convolutions on x86 CPUs (cpu-cost.md).
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def _as_engine(model: "ResUNet | Engine", device: torch.device) -> "Engine":
-    if isinstance(model, ResUNet):
-        return TorchEngine(model, device, mixed_precision=False)
+def _as_engine(model: "ResUNet | Engine", device) -> "Engine":
+    if hasattr(model, "state_dict"):  # a bare network: PyTorch eager, fp32
+        return TorchEngine(model, device, "fp32")
     return model
 
 
@@ -77,7 +104,7 @@ def _groups(boxes: Sequence[Box | None], batch_size: int) -> list[tuple[list[int
 def predict_stack(
     model: "ResUNet | Engine",
     stack: np.ndarray,
-    device: torch.device,
+    device,
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,

@@ -16,27 +16,11 @@ does not list the layers one by one; this is our reading of it:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    """Everything needed to rebuild the network; saved beside the weights."""
-
-    base_channels: int = 64
-    levels: int = 3
-    in_slices: int = 3
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "NetworkConfig":
-        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+from .configs import NetworkConfig
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -112,3 +96,14 @@ def count_layers(model: nn.Module) -> dict[str, int]:
         "residual_blocks": sum(isinstance(m, ResidualBlock) for m in model.modules()),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+class Probability(nn.Module):
+    """The network followed by the sigmoid, centre channel only: what every engine returns."""
+
+    def __init__(self, network: ResUNet) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(x).float())[:, 0]

@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .. import __version__
 from ..errors import CaseError
 from .engines import Engine, make_engine
 from .head import HALO_PX, head_boxes
-from .inference import Cancelled, predict_stack, prepare_for_inference, select_device
+from .inference import Cancelled, predict_stack, select_device
 from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
 from ..models import LoadedModel, load_model, resolve
 from .candidates import LoadedClassifier, load_candidate_classifier, run_candidate_stage
 from .phase import check_phase
+from .precision import Precision, resolve_precision
 from .preprocess import preprocess, restore
 
 __all__ = ["Cancelled", "DetectionParams", "DetectionResult", "detect_volume", "get_engine", "get_model"]
@@ -38,7 +38,9 @@ class DetectionParams:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     batch_size: int | None = None  # None: 1 on CPU (fastest there), 8 on CUDA
     model: str | None = None  # registry id or .safetensors path; None = the registry's default
-    engine: str = "auto"  # "auto" | "torch" | "onnxruntime" (engines.py); auto: onnxruntime on CPU if installed
+    engine: str = "auto"  # "auto" | "torch" | "onnxruntime" (engines.py); auto: precision.py's table
+    # "auto" | "fp32" | "bf16" | "int8" (| "fp16" on CUDA): precision.py; auto from the CPU's flags
+    precision: str = "auto"
     head_only: bool = True  # run the network only over the head's box per slice (head.py); False: dense pass
     # Stage 2 (candidates.py): on when the detector's card names a candidate classifier (or one
     # is given here); single_stage=True is the paper's pipeline, U-Net and threshold alone.
@@ -63,6 +65,8 @@ class DetectionResult:
     seconds: float
     params: DetectionParams = field(default_factory=DetectionParams)
     engine: str = ""  # the engine that ran the network, e.g. "onnxruntime"
+    precision: str = ""  # the precision it ran at, resolved (precision.py), e.g. "fp32"
+    threads: int = 0  # the engine's intra-op threads (this process's share of the cores)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
     # Two-stage only: the rejected candidates (with their reason), their label map, and what ran.
     rejected: list = field(default_factory=list)
@@ -77,6 +81,7 @@ class DetectionResult:
             "model_version": self.model_version,
             "model_trained": self.model_trained,
             "engine": self.engine,
+            "precision": self.precision,
             # What cut the lesions: the network's probability (the paper's pipeline), or, with the
             # candidate stage, P(microbleed) at the stage's own cut (params.threshold is unused).
             "threshold": self.params.threshold if self.candidate_stage is None else self.candidate_stage["keep_at"],
@@ -104,26 +109,36 @@ def _weights_state(spec: str | None) -> tuple[str, int, int, int]:
 _MODEL_CACHE: dict[tuple[str | None, str], tuple[tuple, LoadedModel]] = {}
 
 
-def get_model(spec: str | None, device: torch.device) -> LoadedModel:
-    """Load once per (model, device): a batch over a cohort must not re-read the weights."""
-    key, state = (spec, str(device)), _weights_state(spec)
+def get_model(spec: str | None, device=None) -> LoadedModel:
+    """Load once per model: a batch over a cohort must not re-read the weights. The network is
+    built from them only when an engine needs it (a cached ONNX model does not)."""
+    key, state = (spec, "any"), _weights_state(spec)
     cached = _MODEL_CACHE.get(key)
     if cached is None or cached[0] != state:
-        loaded = load_model(spec)
-        loaded.network = prepare_for_inference(loaded.network, device)
-        _MODEL_CACHE[key] = (state, loaded)
+        _MODEL_CACHE[key] = (state, load_model(spec, lazy=True))
     return _MODEL_CACHE[key][1]
 
 
-_ENGINE_CACHE: dict[tuple[str | None, str, str], tuple[LoadedModel, Engine]] = {}
+def resolved_precision(params: "DetectionParams", device=None) -> Precision:
+    """The precision this run's network runs at (precision.py); ValueError where none runs it."""
+    device = device or select_device(params.device)
+    precision = resolve_precision(params.precision, device.type)
+    from .precision import engine_for
+
+    engine_for(params.engine, device.type, precision.name)  # an engine without those kernels: say so now
+    return precision
 
 
-def get_engine(spec: str | None, device: torch.device, engine: str = "auto") -> Engine:
-    """Build once per (model, device, engine): the ONNX export is paid once per process."""
-    key, model = (spec, str(device), engine), get_model(spec, device)
+_ENGINE_CACHE: dict[tuple[str | None, str, str, str], tuple[LoadedModel, Engine]] = {}
+
+
+def get_engine(spec: str | None, device, engine: str = "auto", precision: str = "auto") -> Engine:
+    """Build once per (model, device, engine, precision): the ONNX model is loaded once per process."""
+    resolved = resolve_precision(precision, device.type).name
+    key, model = (spec, str(device), engine, resolved), get_model(spec, device)
     cached = _ENGINE_CACHE.get(key)
     if cached is None or cached[0] is not model:  # the model was reloaded: rebuild from it
-        _ENGINE_CACHE[key] = (model, make_engine(model.network, device, engine))
+        _ENGINE_CACHE[key] = (model, make_engine(model, device, engine, resolved))
     return _ENGINE_CACHE[key][1]
 
 
@@ -134,7 +149,7 @@ def get_classifier(spec: str) -> LoadedClassifier:
     state = _weights_state(spec)
     cached = _CLASSIFIER_CACHE.get(spec)
     if cached is None or cached[0] != state:
-        _CLASSIFIER_CACHE[spec] = (state, load_candidate_classifier(spec))
+        _CLASSIFIER_CACHE[spec] = (state, load_candidate_classifier(spec, lazy=True))
     return _CLASSIFIER_CACHE[spec][1]
 
 
@@ -194,7 +209,7 @@ def detect_volume(
     lap("preprocess")
     device = select_device(params.device)
     model = get_model(params.model, device)
-    engine = get_engine(params.model, device, params.engine)
+    engine = get_engine(params.model, device, params.engine, params.precision)
     lap("model")
     boxes = head_boxes(stack, engine.alignment, HALO_PX) if params.head_only else None
     lap("head")
@@ -261,6 +276,8 @@ def detect_volume(
         seconds=time.perf_counter() - start,
         params=params,
         engine=engine.name,
+        precision=engine.precision,
+        threads=getattr(engine, "threads", 0),
         timings=timings,
         rejected=rejected,
         rejected_labels=rejected_labels,

@@ -3,6 +3,7 @@
     python -m CMBDetectLib.detection.worker --input IN.nrrd --out DIR [--case NAME]
         [--threshold 0.4] [--min-size 2] [--max-size 10] [--device cpu|cuda|auto]
         [--model ID_OR_FILE] [--batch-size N] [--phase PHASE.nrrd] [--for-slicer]
+        [--precision auto|fp32|bf16|int8|fp16]
 
 Inside Slicer the Python is `PythonSlicer` (runner.py starts it), so the GUI process never
 imports torch, never blocks, and a Cancel is a kill of this process at whatever stage it is.
@@ -65,6 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--phase", type=Path, default=None, help="high-pass phase (radians) on the input's grid, for the candidate stage")
     p.add_argument("--operating-point", choices=["review", "count"], default=None, help="stage 2's operating point (default: the classifier card's)")
     p.add_argument("--phase-sign", choices=["auto", "keep", "flip"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8", "fp16"], default="auto", help="the network's precision (README: Precision)")
     p.add_argument("--for-slicer", action="store_true",
                    help="write only what the Slicer module reads (probability.nrrd, result.json), not the command line's file set")  # fmt: skip
     return p.parse_args(argv)
@@ -76,14 +78,20 @@ def run(args: argparse.Namespace) -> None:
     from ..io import read_phase, read_volume, write_volume
     from .inference import select_device
     from .outputs import write_case_outputs
-    from .pipeline import DetectionParams, detect_volume, get_model
+    from .pipeline import DetectionParams, detect_volume, get_engine, resolved_precision
     from .records import candidate_record
 
     params = DetectionParams(
         args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
-        operating_point=args.operating_point, phase_sign=args.phase_sign,
+        operating_point=args.operating_point, phase_sign=args.phase_sign, precision=args.precision,
     )  # fmt: skip
-    get_model(params.model, select_device(params.device))  # cached: detect_volume reuses it
+    device = select_device(params.device)
+    precision = resolved_precision(params, device)
+    if precision.warning:
+        _say(f"warning: {precision.warning}")
+    # Cached: detect_volume reuses it. From the ONNX cache, this process never imports torch.
+    engine = get_engine(params.model, device, params.engine, precision.name)
+    _say(f"network: {engine.name}, {precision.name} ({precision.reason}), {device.type}")
 
     _stage("preprocessing")
     volume = read_volume(args.input, args.case)
