@@ -128,6 +128,9 @@ class DetectionJob:
     def cancel(self) -> None:
         self.run.cancel()
 
+    def uses(self, node: Any) -> bool:
+        return node is self.input_volume_node
+
     def input_present(self) -> bool:
         return self.scene.GetNodeByID(self.input_id) is self.input_volume_node
 
