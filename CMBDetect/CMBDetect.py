@@ -67,6 +67,11 @@ class CMBDetect(ScriptedLoadableModule):
             "probability map (a hidden volume). Moving the threshold or the size range afterwards "
             "re-extracts the lesions from that map at once, without running the network again. "
             "Click a row of the table to centre the views on that lesion.<br><br>"
+            "<b>Compare with baseline</b> (optional): with an earlier scan of the same head chosen, "
+            "\"Detect microbleeds\" compares the input with it as <code>cmbdetect longitudinal</code> does: "
+            "the two scans registered and linked side by side, each lesion new, persisting or resolved, "
+            "and the ARIA-H microhaemorrhage grade from the new microbleeds (mild 1-4, moderate 5-9, "
+            "severe 10 or more). Superficial siderosis is not assessed; never a treatment decision.<br><br>"
             "Detection runs in a separate process with progress and Cancel. "
             "Needs 3D Slicer 5.10 or later and the PyTorch extension; the other Python packages are "
             "installed on the first detection, after asking.<br><br>"
@@ -96,6 +101,8 @@ class CMBDetectParameterNode:
     inputVolume - the SWI magnitude volume.
     phaseVolume - optional: its high-pass filtered phase (radians, same grid); the candidate
         stage then tells paramagnetic bleeds from diamagnetic calcifications.
+    baselineVolume - optional: an earlier scan of the same head; then a run compares inputVolume
+        (the follow-up) with it (new microbleeds, ARIA-H grade) instead of detecting only.
     threshold - what makes a lesion: the network's probability (the paper's single-stage
         pipeline, 0.4) or, with the candidate stage, P(microbleed) per candidate (a run sets it
         to the stage's own cut, as the command line decides).
@@ -111,6 +118,7 @@ class CMBDetectParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     phaseVolume: vtkMRMLScalarVolumeNode
+    baselineVolume: vtkMRMLScalarVolumeNode
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.4
     sizeRange: Annotated[FloatRange, RangeBounds(0.0, 20.0), Default(FloatRange(2.0, 10.0))]
     operatingPoint: Annotated[str, Choice(["count", "review"])] = "count"
@@ -136,12 +144,14 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[CMBDetectLogic] = None
         self._parameterNode: Optional[CMBDetectParameterNode] = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running CMBDetectLib.mrml.job.DetectionJob
+        self._job = None  # the running CMBDetectLib.mrml.job.DetectionJob or ComparisonJob
+        self._finishJob = None  # what turns the finished job into nodes
         self._jobOutput = None  # (segmentation to fill or None, reuse a foreign one)
         self._busy = False  # installing requirements: Apply stays disabled
         self._shownSegmentation = None
         self._shownTable = None
         self._shownRejectedTable = None
+        self._shownChanges = None  # the changes table of the last comparison
         self._lesionParameters = None  # (threshold, min, max) the shown lesions were made with
 
     def setup(self) -> None:
@@ -162,7 +172,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Only a click on a row moves the views; a refreshed table (any parameter change) does not.
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
         self.ui.rejectedTableView.connect("clicked(QModelIndex)", self.onRejectedClicked)
+        self.ui.changesTableView.connect("clicked(QModelIndex)", self.onChangeClicked)
         self.ui.progressBar.hide()
+        self.ui.changesCollapsibleButton.hide()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -189,6 +201,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._stopJob(_("Stopped: the scene was closed."))  # quietly: nothing to write into
+        self._showComparison(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -197,7 +210,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeRemoved(self, caller, event, node) -> None:
-        if self._job is not None and node is self._job.input_volume_node:
+        if self._job is not None and self._job.uses(node):
             self._stopJob(_("Stopped: the input volume was deleted."))
 
     def initializeParameterNode(self) -> None:
@@ -243,7 +256,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
         elif self._parameterNode and self._parameterNode.inputVolume:
             self.ui.applyButton.text = _("Detect microbleeds")
-            self.ui.applyButton.toolTip = _("Detect microbleeds in the input volume.")
+            self.ui.applyButton.toolTip = (
+                _("Detect microbleeds in the input volume and in the baseline, and count the new ones (ARIA-H).")
+                if self._parameterNode.baselineVolume
+                else _("Detect microbleeds in the input volume.")
+            )
             self.ui.applyButton.enabled = True
         else:
             self.ui.applyButton.text = _("Detect microbleeds")
@@ -309,6 +326,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stopJob(_("Cancelled; the scene is as it was."))
             return
         p = self._parameterNode
+        if p.baselineVolume:
+            self._startComparison()
+            return
         output = p.outputSegmentation
         reuseForeign = False
         if output is not None and not self.logic.isOwnOutput(output):
@@ -341,6 +361,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         slicer.app.restoreOverrideCursor()
         self._jobOutput = (output, reuseForeign)
+        self._finishJob = self._finishDetection
         self._setRunning(True)
         self.ui.summaryLabel.text = ""
         self._pollTimer.start()
@@ -401,24 +422,27 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self._job = None
-        output, reuseForeign = self._jobOutput
         self._setRunning(False)
         slicer.app.setOverrideCursor(qt.Qt.WaitCursor)  # writing the nodes takes a moment
         try:
-            result, segmentation, _table, _markups = self.logic.finishDetection(job, output, reuseForeign)
+            self._finishJob(job)
         except Exception as exc:  # noqa: BLE001
             if self.logic.isInputGone(exc):
                 self.ui.summaryLabel.text = _("Stopped: the input volume was deleted.")
             else:
                 slicer.util.errorDisplay(
-                    _("Microbleed detection failed.") + "\n\n" + str(exc),
+                    (_("Microbleed detection failed.") if self._finishJob == self._finishDetection else _("The comparison with the baseline failed."))
+                    + "\n\n" + str(exc),
                     windowTitle=_("Cerebral Microbleed Detection"),
                     detailedText="\n".join(job.run.log),
                 )
-            return
         finally:
             slicer.app.restoreOverrideCursor()
             job.cleanup()
+
+    def _finishDetection(self, job) -> None:
+        output, reuseForeign = self._jobOutput
+        result, segmentation, _table, _markups = self.logic.finishDetection(job, output, reuseForeign)
         # With the candidate stage the run cut P(microbleed) at the stage's own value: the slider
         # shows it, so that slider, summary and command line name one threshold. Setting it must
         # not start a re-threshold of its own.
@@ -427,6 +451,60 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lesionParameters = self._currentLesionParameters()
         self._parameterNode.outputSegmentation = segmentation  # also refreshes table and summary
         self._showOutputs(segmentation)
+
+    # --- Compare with baseline -------------------------------------------------------------
+
+    def _startComparison(self) -> None:
+        """The input is the follow-up: both scans detected, registered and compared in a child
+        process (CMBDetectLib.mrml.job.ComparisonJob), with the chosen model and operating point."""
+        if not self._setupRequirements():
+            return
+        p = self._parameterNode
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)  # both volumes are written for the child first
+        try:
+            self._job = self.logic.startComparison(
+                p.baselineVolume, p.inputVolume, useGpu=p.useGpu, model=self.logic.chosenModel(p), operatingPoint=p.operatingPoint
+            )
+        except Exception as exc:  # noqa: BLE001
+            slicer.app.restoreOverrideCursor()
+            slicer.util.errorDisplay(_("The comparison with the baseline could not start.") + "\n\n" + str(exc), windowTitle=_("Cerebral Microbleed Detection"))
+            logging.exception("CMBDetect: start comparison")
+            return
+        slicer.app.restoreOverrideCursor()
+        self._finishJob = self._finishComparison
+        self._setRunning(True)
+        self.ui.summaryLabel.text = ""
+        self._pollTimer.start()
+
+    def _finishComparison(self, job) -> None:
+        comparison = self.logic.finishComparison(job)
+        self._showComparison(comparison.table)
+
+    def _showComparison(self, table) -> None:
+        """The grade, what it does not cover, and the changes table of a comparison (None: hide)."""
+        adapter = _adapter()
+        summary = adapter.longitudinal.comparison_summary(table) if adapter is not None and table is not None else None
+        self._shownChanges = table if summary is not None else None
+        self.ui.changesTableView.setMRMLTableNode(self._shownChanges)
+        self.ui.ariaGradeLabel.text = adapter.longitudinal.comparison_text(summary) if summary is not None else ""
+        self.ui.changesCollapsibleButton.visible = summary is not None
+        if summary is not None:
+            self.ui.changesCollapsibleButton.collapsed = False
+
+    def onChangeClicked(self, index) -> None:
+        """Centre the linked views on the lesion of the clicked changes row (through the registration)."""
+        adapter = _adapter()
+        table = self._shownChanges
+        if adapter is None or table is None or index is None or not index.isValid():
+            return
+        model = self.ui.changesTableView.model()
+        try:
+            rowId = int(float(model.data(model.index(index.row(), 0))))  # column 0 is the row's id, whatever the sorting
+        except (TypeError, ValueError):
+            return
+        position = adapter.longitudinal.change_position_world(table, rowId)
+        if position is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
     def _stopJob(self, message: str) -> None:
         """End a running detection now (kills its process); the scene is left as it is."""
@@ -533,7 +611,7 @@ _ADAPTER = {"module": None, "failed": False}
 
 
 def _adapter():
-    """CMBDetectLib's MRML adapter (its `nodes`, `results`, `navigation` and `display` modules)
+    """CMBDetectLib's MRML adapter (its `nodes`, `results`, `navigation`, `display` and `longitudinal` modules)
     if the requirements are installed, else None. A failed import is logged once and remembered
     until the requirements are set up again, so it is not retried on every event. Any exception
     counts, not only ImportError: a broken binary package raises OSError (a DLL that does not
@@ -541,7 +619,7 @@ def _adapter():
     if _ADAPTER["module"] is None and not _ADAPTER["failed"]:
         try:
             _ADAPTER["module"] = types.SimpleNamespace(
-                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation", "display")}
+                **{name: importlib.import_module(f"CMBDetectLib.mrml.{name}") for name in ("nodes", "results", "navigation", "display", "longitudinal")}
             )
         except Exception:  # noqa: BLE001
             _ADAPTER["failed"] = True
@@ -712,6 +790,47 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         result = job.finish(outputSegmentation, reuse_foreign=reuseForeign)
         logging.info(f"CMBDetect: {len(result[0].lesions)} microbleeds")
         return result
+
+    def startComparison(
+        self,
+        baselineVolume: vtkMRMLScalarVolumeNode,
+        followupVolume: vtkMRMLScalarVolumeNode,
+        useGpu: bool = False,
+        model: Optional[str] = None,
+        operatingPoint: Optional[str] = None,
+    ):
+        """Start comparing followupVolume with baselineVolume in a child process (what
+        `cmbdetect longitudinal` runs); returns the running CMBDetectLib.mrml.job.ComparisonJob."""
+        if not followupVolume:
+            raise ValueError(_("Input volume is invalid"))
+        from CMBDetectLib.mrml.job import ComparisonJob
+
+        python, env = self.workerPython()
+        job = ComparisonJob(
+            baselineVolume,
+            followupVolume,
+            temp_dir=slicer.app.temporaryPath,
+            python=python,
+            env=env,
+            device="cuda" if useGpu else "cpu",
+            model=model,
+            operating_point=operatingPoint,
+        )
+        logging.info(f"CMBDetect: comparing {followupVolume.GetName()} with the baseline {baselineVolume.GetName()}")
+        try:
+            job.start()
+        except Exception:
+            job.cleanup()
+            raise
+        return job
+
+    def finishComparison(self, job):
+        """The comparison in the scene (CMBDetectLib.mrml.longitudinal.Comparison: transform, changes
+        table, new-bleed points, grade). Raises if the run failed (its message: a follow-up that does
+        not register is refused, not graded) or an input left the scene (InputGone)."""
+        comparison = job.finish()
+        logging.info(f"CMBDetect: ARIA-H {comparison.grade}")
+        return comparison
 
     def process(
         self,

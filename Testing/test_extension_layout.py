@@ -56,7 +56,9 @@ def module_resources(module: str) -> set[str]:
 # What the CMBDetect Slicer package leaves out, on purpose: synthesis, evaluation and benchmarks,
 # and the training commands. Nothing in Slicer reaches them (the module and the batch script
 # detect; CMBReview's "Adapt the model to this site" runs `python -m CMBDetectLib.commands.adapt`,
-# which needs commands/adapt.py, training/ and evaluation/metrics.py, shipped), and they need
+# which needs commands/adapt.py, training/ and evaluation/metrics.py, shipped; the module's
+# "Compare with baseline" runs `python -m CMBDetectLib.longitudinal.worker`, which needs
+# longitudinal/ and registration/, shipped), and they need
 # nilearn and matplotlib, which Slicer does not ship. They stay in the pip package (pyproject.toml
 # ships everything). Any other new .py file must be listed in the CMake file.
 NOT_SHIPPED_IN_SLICER = {
@@ -78,8 +80,6 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/evaluation/pairs.py",
         "CMBDetectLib/training/int8.py",  # builds int8 ranges from synthetic heads (cmbdetect quantize)
         "CMBDetectLib/evaluation/report.py",
-        "CMBDetectLib/longitudinal/",
-        "CMBDetectLib/registration/",
         "CMBDetectLib/synth/",
     ),
 }

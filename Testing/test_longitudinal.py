@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,136 @@ def test_slicer_shows_the_pair_registered_side_by_side_with_the_new_bleeds_and_g
         composite = mrml.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
         shown[composite.GetLayoutName()] = (composite.GetBackgroundVolumeID(), composite.GetLinkedControl())
     assert shown["Red"] == (nodes["baseline"].GetID(), 1) and shown["Yellow"] == (nodes["followup"].GetID(), 1)
+
+
+# --- "Compare with baseline" in the CMBDetect module: the comparison in a child process ------------
+
+JOB_TIMEOUT_S = 300  # generous: the machine is shared; a hang fails instead of blocking
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory) -> str:
+    """The detector fixture's pair of models as the module names one: a detector whose card names its classifier."""
+    folder = tmp_path_factory.mktemp("two-stage")
+    classifier = calibrated_copy(constant_classifier(folder / "c.safetensors", keep_at=0.5, favourite="microbleed"), review=0.5, count=0.8)
+    return str(save_dark_spot_model(folder / "dark.safetensors", candidate_classifier=classifier))
+
+
+def pair_nodes(base: Path, follow: Path) -> dict:
+    import slicer.util
+    from CMBDetectLib.io import read_volume
+
+    nodes = {}
+    for role, path in (("baseline", base), ("followup", follow)):
+        volume = read_volume(path)
+        nodes[role] = slicer.util.addVolumeFromArray(volume.array, volume.geometry.ijk_to_ras(), f"{role} scan")
+    return nodes
+
+
+def test_slicer_compare_with_baseline_runs_in_a_child_process_and_shows_grade_and_new_bleeds(tmp_path, two_stage, mrml):
+    """The module's "Compare with baseline": the worker calls what `cmbdetect longitudinal` calls;
+    the scene is untouched until finish(), which shows the grade text, one row per change, and a
+    click on a new bleed's row jumps to where that lesion lies in the follow-up."""
+    from CMBDetectLib.detection.runner import SUCCEEDED
+    from CMBDetectLib.longitudinal.worker import STAGES
+    from CMBDetectLib.mrml.job import ComparisonJob, InputGone
+    from CMBDetectLib.mrml.longitudinal import (
+        change_position_world,
+        comparison_summary,
+        comparison_text,
+        followup_to_baseline_ras,
+        new_bleed_position_world,
+    )
+
+    nodes = pair_nodes(baseline_scan(tmp_path / "b.nii.gz"), followup_of(OLD + NEW, tmp_path / "f.nii.gz"))
+    before = mrml.scene.GetNumberOfNodes()
+    job = ComparisonJob(nodes["baseline"], nodes["followup"], tmp_path / "work", model=two_stage, operating_point="count")
+    job.start()
+    fractions = []
+    while not job.run.finished:
+        fractions += [e.fraction for e in job.poll() if e.kind == "PROGRESS"]
+        assert mrml.scene.GetNumberOfNodes() == before  # nothing written while the child runs
+        time.sleep(0.05)
+    assert job.run.state == SUCCEEDED, job.run.error + "\n" + "\n".join(job.run.log)
+    assert job.run.stages_seen == list(STAGES)
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and np.all(np.diff(fractions) >= 0)
+    summary, changes = job.outputs()
+    assert (summary["new_microbleeds"], summary["persisting"], summary["aria_h"], summary["operating_point"]) == (len(NEW), len(OLD), "mild", "count")
+
+    comparison = job.finish()
+    assert nodes["followup"].GetParentTransformNode() is comparison.transform
+    assert comparison.table.GetName() == "followup scan changes" and comparison.table.GetNumberOfRows() == len(changes)
+    shown = comparison_summary(comparison.table)
+    text = comparison_text(shown)
+    assert "ARIA-H (microhaemorrhage): mild" in text and f"{len(NEW)} new microbleed(s)" in text
+    assert "Superficial siderosis is not assessed" in text and "Research software" in text and "never a treatment decision" in text
+    # The changes table's rows, by their id; a new bleed's row jumps to that lesion: its follow-up
+    # position (the CSV's) shown through the registration, which is where its point lies.
+    to_baseline = followup_to_baseline_ras(summary)
+    new_rows = [n + 1 for n, r in enumerate(changes) if r["status"] == "new"]
+    assert len(new_rows) == len(NEW)
+    expected = np.array([GRID.index_to_ras(np.array(c[::-1], float)) for c, _ in NEW])
+    for index, row_id in enumerate(new_rows):
+        row = changes[row_id - 1]
+        jump = change_position_world(comparison.table, row_id)
+        followup_ras = np.array([float(row[k]) for k in ("centroid_r", "centroid_a", "centroid_s")])
+        np.testing.assert_allclose(jump, (to_baseline @ np.append(followup_ras, 1.0))[:3], atol=1e-6)
+        np.testing.assert_allclose(jump, new_bleed_position_world(comparison, index), atol=1e-6)
+        assert np.min(np.linalg.norm(expected - jump, axis=1)) < 1.5  # on the baseline's place of that bleed
+    assert change_position_world(comparison.table, len(changes) + 1) is None
+    mrml.scene.RemoveNode(nodes["baseline"])  # an input gone before finish(): nothing more is shown
+    with pytest.raises(InputGone):
+        job.finish()
+    job.cleanup()
+    assert not (tmp_path / "work").exists()
+
+
+def test_slicer_compare_refuses_a_followup_that_does_not_register_and_leaves_the_scene(tmp_path, two_stage, mrml):
+    from CMBDetectLib.detection.runner import FAILED
+    from CMBDetectLib.mrml.job import ComparisonJob
+
+    noise = np.abs(np.random.default_rng(3).normal(200, 120, SHAPE)).astype(np.float32)
+    write_volume(noise, GRID, tmp_path / "noise.nii.gz")
+    nodes = pair_nodes(baseline_scan(tmp_path / "b.nii.gz"), tmp_path / "noise.nii.gz")
+    before = mrml.scene.GetNumberOfNodes()
+    job = ComparisonJob(nodes["baseline"], nodes["followup"], tmp_path / "work", model=two_stage)
+    job.start()
+    state = job.wait(JOB_TIMEOUT_S)
+    log = job.run.error + "\n" + "\n".join(job.run.log)
+    assert state == FAILED, log
+    # Refused by the correlation after registration, or because the optimiser could not proceed at all.
+    assert "not graded" in job.run.error and ("does not register to the baseline" in job.run.error or "cannot be registered" in job.run.error), log
+    assert "Traceback" not in log  # a refusal is a message, not a crash
+    with pytest.raises(RuntimeError, match="not graded"):
+        job.finish()
+    assert mrml.scene.GetNumberOfNodes() == before and nodes["followup"].GetParentTransformNode() is None
+    job.cleanup()
+
+
+def test_slicer_compare_cancel_kills_the_worker_and_a_scan_is_never_its_own_baseline(tmp_path, two_stage, mrml):
+    import os
+
+    from CMBDetectLib.detection.runner import CANCELLED
+    from CMBDetectLib.detection.worker import HOLD_ENV
+    from CMBDetectLib.mrml.job import ComparisonJob
+
+    nodes = pair_nodes(baseline_scan(tmp_path / "b.nii.gz"), followup_of(OLD + NEW, tmp_path / "f.nii.gz"))
+    with pytest.raises(ValueError, match="both the baseline and the follow-up"):
+        ComparisonJob(nodes["followup"], nodes["followup"], tmp_path / "same")
+    before = mrml.scene.GetNumberOfNodes()
+    job = ComparisonJob(nodes["baseline"], nodes["followup"], tmp_path / "work", model=two_stage,
+                        env={**os.environ, HOLD_ENV: "registration"})  # fmt: skip
+    job.start()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while job.run.stage != "registration" and not job.run.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.run.stage == "registration", job.run.error + "\n" + "\n".join(job.run.log)
+    pid = job.run.pid
+    job.cancel()
+    assert job.run.state == CANCELLED and not job.run.alive
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not (tmp_path / "work" / "out" / "followup_summary.json").exists()
+    assert mrml.scene.GetNumberOfNodes() == before
+    job.cleanup()

@@ -26,6 +26,7 @@ GUI_MODULES = (
     "CMBDetectLib.mrml.results",
     "CMBDetectLib.mrml.navigation",
     "CMBDetectLib.mrml.job",
+    "CMBDetectLib.mrml.longitudinal",
     "CMBDetectLib.detection.records",
     "CMBDetectLib.detection.runner",
     "CMBDetectLib.detection.phase",
@@ -46,3 +47,12 @@ def test_showing_results_in_slicer_imports_neither_torch_nor_safetensors(module)
     assert module in loaded
     pulled = sorted(name for name in loaded if name.split(".")[0] in HEAVY)
     assert not pulled, f"{module} imports {pulled[:3]}"
+
+
+def test_the_comparison_worker_imports_neither_nilearn_nor_matplotlib():
+    """"Compare with baseline" runs longitudinal/worker.py inside Slicer's Python, which has
+    neither: its path (the pair, the registration, the batch detection) must not need them."""
+    loaded = imported_in_a_fresh_python("CMBDetectLib.longitudinal.worker")
+    assert {"CMBDetectLib.longitudinal.pairs", "CMBDetectLib.registration.rigid"} <= set(loaded)
+    pulled = sorted(name for name in loaded if name.split(".")[0] in ("nilearn", "matplotlib"))
+    assert not pulled, f"the comparison worker imports {pulled[:3]}"

@@ -4,6 +4,11 @@ A case is an SWI volume plus the folder where `cmbdetect detect` wrote its resul
 `<case>_lesions.csv` (the detector's lesions: id, centroid, size), `<case>_lesions.nii.gz`
 (their voxels, label = id) and `<case>_summary.json` (the detector's seconds). Paths are
 stored relative to the study's folder when they lie under it, so a study folder can move.
+
+A `cmbdetect longitudinal` output folder gives a study of new-bleed calls (longitudinal_case_list):
+each pair's follow-up is a case, its detections are the follow-up's own outputs (OUT/followup/,
+in detect's layout), and only its lesions that the pair's `<case>_changes.csv` calls new enter
+the study: readers judge those like any detection, and add the new bleeds the tool missed.
 """
 
 from __future__ import annotations
@@ -135,6 +140,48 @@ def case_list(images: Path | None = None, detections: Path | None = None, csv_pa
     return [(case_name(p), p, Path(detections)) for p in files]
 
 
+# A changes row and the follow-up's lesion row give one lesion's centroid to 3 and 4 decimals.
+SAME_PLACE_MM = 0.01
+
+
+def longitudinal_case_list(folder: Path) -> list[tuple[str, Path, Path, Path]]:
+    """(case, image, detections folder, changes CSV) for each pair `cmbdetect longitudinal` wrote
+    in `folder` (a pair it refused has no summary, so no case): the follow-up's case name, scan
+    and outputs; check_cases keeps only the lesions the changes CSV calls new."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StudyError(f"longitudinal folder not found: {folder}")
+    cases = []
+    for path in sorted(folder.glob("*_summary.json")):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            continue  # not a pair's summary; check_cases cannot name a case without one
+        if not isinstance(summary, dict) or "followup_case" not in summary or "files" not in summary:
+            continue
+        image = Path(summary.get("parameters", {}).get("followup") or summary["followup"])
+        cases.append((summary["followup_case"], image, folder / "followup", folder / summary["files"]["changes_csv"]))
+    if not cases:
+        raise StudyError(f"{folder} holds no pair of `cmbdetect longitudinal` (no <case>_summary.json with a follow-up)")
+    return cases
+
+
+def new_lesions_only(lesions: list[dict], changes_csv: Path, case: str) -> list[dict]:
+    """The follow-up's detector lesions that `changes_csv` calls new, found by their centroid."""
+    if not Path(changes_csv).is_file():
+        raise CaseError(case, f"its changes list {changes_csv} is missing")
+    with open(changes_csv, newline="", encoding="utf-8-sig") as f:
+        new = [np.array([float(r[k]) for k in ("centroid_r", "centroid_a", "centroid_s")]) for r in csv.DictReader(f) if r["status"] == "new"]
+    kept = []
+    for point in new:
+        near = [l for l in lesions if np.linalg.norm(np.asarray(l["ras"]) - point) <= SAME_PLACE_MM]
+        if len(near) != 1:
+            raise CaseError(case, f"{Path(changes_csv).name} has a new lesion at RAS {tuple(round(float(v), 2) for v in point)} that is "
+                                  "not one lesion of the follow-up's lesions.csv: were they written by different runs?")  # fmt: skip
+        kept.append(near[0])
+    return sorted(kept, key=lambda l: l["id"])
+
+
 @dataclass(frozen=True)
 class CheckedCase:
     name: str
@@ -144,17 +191,19 @@ class CheckedCase:
     seconds: float | None
 
 
-def check_cases(cases: list[tuple[str, Path, Path]], known: set[str] = frozenset()) -> tuple[list[CheckedCase], list[CaseError]]:
+def check_cases(cases: list[tuple], known: set[str] = frozenset()) -> tuple[list[CheckedCase], list[CaseError]]:
     """Each case checked before any is stored: a safe name, not `known`, its image readable,
     a complete CMBDetect result on the image's grid. A bad case is reported, the rest go on.
+    A case is (name, image, detections) or, from longitudinal_case_list, (name, image,
+    detections, changes CSV): then only its new lesions are kept.
 
     Case names follow `cmbdetect detect`'s rules (cohort/names.py): a name names the case's
     voxel files and consensus files, so one that could climb out of their folder is refused.
     """
     good, errors = [], []
     seen = {_folded(n) for n in known}
-    refused = refuse_unsafe_and_duplicates([name for name, _, _ in cases])
-    for n, (name, image, detections) in enumerate(cases):
+    refused = refuse_unsafe_and_duplicates([c[0] for c in cases])
+    for n, (name, image, detections, *changes) in enumerate(cases):
         try:
             if n in refused:
                 raise CaseError(printable(name), refused[n])
@@ -163,6 +212,8 @@ def check_cases(cases: list[tuple[str, Path, Path]], known: set[str] = frozenset
             if not Path(image).exists():
                 raise CaseError(name, f"image not found: {image}")
             lesions, seconds = read_detector_lesions(Path(detections), name)
+            if changes:
+                lesions = new_lesions_only(lesions, changes[0], name)
             check_detections_grid(name, Path(image), Path(detections))
             good.append(CheckedCase(name, Path(image), Path(detections), lesions, seconds))
             seen.add(_folded(name))
@@ -193,7 +244,7 @@ def _insert_cases(study: Study, cases: list[CheckedCase]) -> tuple[list[str], li
     return added, errors
 
 
-def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[str], list[CaseError]]:
+def add_cases(study: Study, cases: list[tuple]) -> tuple[list[str], list[CaseError]]:
     """Add each case with its detector lesions (one transaction per case); a bad case is reported, the rest go on."""
     good, errors = check_cases(cases, {c.name for c in study.cases()})
     added, failed = _insert_cases(study, good)
@@ -201,7 +252,7 @@ def add_cases(study: Study, cases: list[tuple[str, Path, Path]]) -> tuple[list[s
 
 
 def create_study(
-    path: str | Path, cases: list[tuple[str, Path, Path]], name: str | None = None, match_radius_mm: float = 5.0,
+    path: str | Path, cases: list[tuple], name: str | None = None, match_radius_mm: float = 5.0,
     readers: Sequence[str] = (),
 ) -> tuple[list[str], list[CaseError]]:  # fmt: skip
     """A new study with the cases that pass `check_cases` (the others reported) and `readers`;

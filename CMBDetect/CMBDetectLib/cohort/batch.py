@@ -168,6 +168,7 @@ def detect_batch(
     phase: str | Path | None = None,
     series: str | None = None,
     dicom_out: str | Path | None = None,
+    progress: Callable[[str, float, str], None] | None = None,
 ) -> list[CaseOutcome]:
     """Detect every case; returns one outcome per case, in input order.
 
@@ -175,6 +176,7 @@ def detect_batch(
     stage. `series`: the Series Instance UID to read, for one case whose DICOM folder holds
     several (a case list gives it per case in a `series` column). `dicom_out`: a folder for the
     DICOM Segmentation and measurement report of each case read from a DICOM series.
+    `progress(case, fraction, message)`: each case's own progress, when cases run in this process.
     `workers` > 1 runs cases in that many local processes; `scheduler` (a Dask scheduler
     address, or a `distributed.Client`) sends them to a Dask cluster instead. Raises BatchError,
     before any case runs, when an output folder cannot be written, or one phase image or one
@@ -256,11 +258,13 @@ def detect_batch(
                 bar.set_postfix_str(task.case)
                 with tqdm(total=100, desc=task.case, unit="%", leave=False, disable=not show_progress, file=log) as inner:
 
-                    def progress(fraction: float, message: str) -> None:
+                    def case_progress(fraction: float, message: str) -> None:
                         inner.n = int(round(100 * fraction))
                         inner.set_postfix_str(message, refresh=True)
+                        if progress:
+                            progress(task.case, fraction, message)
 
-                    done(run_case(task, progress))
+                    done(run_case(task, case_progress))
     return [outcomes[i] for i in sorted(outcomes)]
 
 

@@ -1,6 +1,6 @@
 """`cmbdetect review ACTION STUDY ...`: expert review studies (CMBReviewLib), from the command line.
 
-    cmbdetect review create STUDY.db --images DIR --detections DIR   (or --cases CSV)
+    cmbdetect review create STUDY.db --images DIR --detections DIR   (or --cases CSV, or --longitudinal OUT)
     cmbdetect review add-reader STUDY.db NAME...
     cmbdetect review import STUDY.db FILE.csv|FILE.json
     cmbdetect review export STUDY.db FILE.csv|FILE.json
@@ -28,6 +28,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     c.add_argument("--images", type=Path, help="folder of the SWI volumes")
     c.add_argument("--detections", type=Path, help="folder of their `cmbdetect detect` results")
     c.add_argument("--cases", type=Path, help="or a CSV with columns image, detections (and case), paths relative to the CSV")
+    c.add_argument("--longitudinal", type=Path, metavar="OUT",
+                   help="or a `cmbdetect longitudinal` output folder: each pair's follow-up is a case, and its new lesions only are the detections to review")  # fmt: skip
     c.add_argument("--name", help="study name (default: the file's name)")
     c.add_argument("--match-radius", type=float, default=5.0, metavar="MM",
                    help="centroids closer than this (mm) are one candidate across readers (default 5)")
@@ -85,9 +87,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _create(args) -> int:
-    from CMBReviewLib.study import case_list, create_study
+    from CMBReviewLib.store import StudyError
+    from CMBReviewLib.study import case_list, create_study, longitudinal_case_list
 
-    added, errors = create_study(args.study, case_list(args.images, args.detections, args.cases), args.name, args.match_radius)
+    if args.longitudinal is not None:
+        if args.images or args.detections or args.cases:
+            raise StudyError("give --longitudinal OUT alone, without --images, --detections or --cases")
+        cases = longitudinal_case_list(args.longitudinal)
+    else:
+        cases = case_list(args.images, args.detections, args.cases)
+    added, errors = create_study(args.study, cases, args.name, args.match_radius)
     print(f"study {args.study}: {len(added)} case(s) added")
     for err in errors:
         print(f"  failed: {err}", file=sys.stderr)

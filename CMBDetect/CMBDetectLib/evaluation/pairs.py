@@ -202,7 +202,7 @@ def summary_table(result: dict) -> str:
         f"new-bleed sensitivity      {sens}{ci_text}  [{nb['found']}/{nb['true']}]",
         f"false new bleeds per pair  {nb['false_new_per_pair']:.2f}  [{nb['false_new']}, {nb['false_new_on_persisting_bleeds']} on persisting bleeds]",
         f"grade exact                {g['exact']:.3f}",
-        f"grade kappa ({g['kappa_weights']}) "{'n/a' if g['weighted_kappa'] is None else format(g['weighted_kappa'], '.3f')}",
+        f"grade kappa ({g['kappa_weights']})".ljust(27) + ("n/a" if g["weighted_kappa"] is None else f"{g['weighted_kappa']:.3f}"),
         "registration error (mm)    " + ("n/a" if reg is None else f"mean {reg['mean']:.2f}, max {reg['max']:.2f}"),
         "seconds per pair           " + ("n/a" if sec is None else f"median {sec['median']:.1f}"),
     ]

@@ -52,6 +52,16 @@ NOTES = [
 ]
 
 
+# progress(stage, fraction of the pair, message), one of STAGES: the Slicer module's worker shows it.
+Progress = Callable[[str, float, str], None]
+STAGES = ("baseline-detection", "followup-detection", "registration", "matching")
+DETECTION_SHARE = 0.45  # of a pair's time, each scan's detection (registration and matching take the rest)
+
+
+def _quiet(stage: str, fraction: float, message: str) -> None:
+    pass
+
+
 class NotRegistered(CaseError):
     """The follow-up does not register to the baseline: the pair is refused, not graded."""
 
@@ -176,7 +186,7 @@ class Detected:
             case = f"{case}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
         return case
 
-    def __call__(self, role: str, path: Path, pair_case: str) -> str:
+    def __call__(self, role: str, path: Path, pair_case: str, progress: Callable[[float, str], None] | None = None) -> str:
         from ..cohort.batch import detect_batch
 
         case = self.name(role, path)
@@ -186,7 +196,8 @@ class Detected:
             listing = Path(folder) / "cases.csv"
             with open(listing, "w", newline="") as f:
                 csv.writer(f).writerows([["image", "case"], [str(path.absolute()), case]])
-            outcomes = detect_batch([listing], self.out / role, self.detection, show_progress=False, log=io.StringIO())
+            outcomes = detect_batch([listing], self.out / role, self.detection, show_progress=False, log=io.StringIO(),
+                                    progress=(lambda _case, f, m: progress(f, m)) if progress else None)  # fmt: skip
         if not outcomes or not outcomes[0].ok:
             raise CaseError(pair_case, f"{role} {path}: detection failed: {outcomes[0].error if outcomes else 'no case found'}")
         self.claims[role][case] = str(path.absolute())
@@ -203,13 +214,19 @@ def _earlier(path: Path) -> dict:
         return {}
 
 
-def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: Detected, force: bool = False) -> tuple[dict, bool]:
+def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: Detected, force: bool = False,
+                 progress: Progress | None = None) -> tuple[dict, bool]:  # fmt: skip
     """Everything for one pair; returns its summary, and whether it was done before with the
     same parameters and the same detections (then nothing is redone unless `force`). Raises
     CaseError (naming the pair) when a scan cannot be read or detected, or the follow-up does
     not register to the baseline."""
+    say = progress or _quiet
     started = time.perf_counter()
-    base_case, follow_case = (detected("baseline", pair.baseline, pair.case), detected("followup", pair.followup, pair.case))
+    share = DETECTION_SHARE
+    say(STAGES[0], 0.0, "detecting the baseline")
+    base_case = detected("baseline", pair.baseline, pair.case, lambda f, m: say(STAGES[0], share * f, f"baseline: {m}"))
+    say(STAGES[1], share, "detecting the follow-up")
+    follow_case = detected("followup", pair.followup, pair.case, lambda f, m: say(STAGES[1], share * (1 + f), f"follow-up: {m}"))
     base_dir, follow_dir = out / "baseline", out / "followup"
     base_summary = json.loads((base_dir / f"{base_case}_summary.json").read_text())
     follow_summary = json.loads((follow_dir / f"{follow_case}_summary.json").read_text())
@@ -224,6 +241,7 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
         return earlier, True
     baseline, followup = (read_volume(pair.baseline, base_case), read_volume(pair.followup, follow_case))
     read = time.perf_counter()
+    say(STAGES[2], 2 * share, "registering the follow-up to the baseline")
     try:
         reg: RigidResult = register_rigid(baseline, followup)
     except RuntimeError as exc:
@@ -239,6 +257,7 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
                                    f"{reg.pose['better_neighbour']} (edge correlation {reg.pose['edge_correlation']:.2f} "
                                    f"+{reg.pose['better_by']:.2f}); not graded")  # fmt: skip
     registered = time.perf_counter()
+    say(STAGES[3], 2 * share + 0.05, "matching the lesions of the two scans")
     base_spots, follow_spots = (_spots(base_dir / f"{base_case}_lesions.csv"), _spots(follow_dir / f"{follow_case}_lesions.csv"))
     mapped = [replace(s, lps=reg.to_moving(s.lps)[0]) for s in base_spots]
     matched = pair_lesions(mapped, follow_spots)
@@ -308,10 +327,11 @@ def _write(out: Path, case: str, changes: list[Change], summary: dict) -> None:
 
 
 def run_pairs(pairs: list[Pair], out: Path, params: LongitudinalParams | None = None, force: bool = False,
-              on_pair: Callable[[PairOutcome], None] | None = None) -> list[PairOutcome]:  # fmt: skip
+              on_pair: Callable[[PairOutcome], None] | None = None, progress: Progress | None = None) -> list[PairOutcome]:  # fmt: skip
     """Every pair, in order; a pair that fails is reported and the others go on. A pair whose
     summary exists with the same parameters and detections is skipped unless `force` (its
-    scans' detections are redone only when their own parameters changed, as `detect` resumes)."""
+    scans' detections are redone only when their own parameters changed, as `detect` resumes).
+    `progress` hears each pair's stages, from 0 to 1 for every pair."""
     params = params or LongitudinalParams()
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +347,7 @@ def run_pairs(pairs: list[Pair], out: Path, params: LongitudinalParams | None = 
                 on_pair(outcomes[-1])
             continue
         try:
-            summary, skipped = compare_pair(pair, out, params, detected, force)
+            summary, skipped = compare_pair(pair, out, params, detected, force, progress)
             outcome = PairOutcome(pair.case, True, "skipped" if skipped else "done", summary=summary)
         except CaseError as exc:
             outcome = PairOutcome(pair.case, False, "refused" if isinstance(exc, NotRegistered) else "failed", error=str(exc))

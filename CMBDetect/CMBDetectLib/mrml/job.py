@@ -2,7 +2,9 @@
 file, starts the worker in a child process (detection/runner.py) and, only when the run
 succeeded and the input is still in the scene, turns its probability map into nodes; a
 cancelled or failed run, or one whose input was deleted meanwhile, leaves the scene as it was.
-`run_detection` does the same in this process, for scripts that already hold torch."""
+`ComparisonJob` does the same for "Compare with baseline" (longitudinal/worker.py, then
+longitudinal.show_comparison). `run_detection` detects in this process, for scripts that
+already hold torch."""
 
 from __future__ import annotations
 
@@ -126,6 +128,9 @@ class DetectionJob:
     def cancel(self) -> None:
         self.run.cancel()
 
+    def uses(self, node: Any) -> bool:
+        return node is self.input_volume_node
+
     def input_present(self) -> bool:
         return self.scene.GetNodeByID(self.input_id) is self.input_volume_node
 
@@ -160,6 +165,105 @@ class DetectionJob:
         )  # fmt: skip
         nodes = write_result(result, self.input_volume_node, segmentation_node, reuse_foreign=reuse_foreign)
         return (result, *nodes)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+class ComparisonJob:
+    """"Compare with baseline": `cmbdetect longitudinal` on two volume nodes in a child process
+    (longitudinal/worker.py, the same library call as the command line), then its outputs into
+    the scene through longitudinal.show_comparison.
+
+    As DetectionJob: `__init__` copies both nodes' voxels and grids to files (the child never sees
+    the scene), `start()`, `poll()`, `wait()`, `cancel()` are the runner's, and nothing in the
+    scene changes before `finish()`, which runs only after success and only while both inputs are
+    still in their scene. `cleanup()` removes the files.
+    """
+
+    def __init__(
+        self,
+        baseline_volume_node: Any,
+        followup_volume_node: Any,
+        work_dir: str | Path | None = None,
+        python: str | None = None,
+        env: dict | None = None,
+        device: str = "cpu",
+        model: str | None = None,
+        operating_point: str | None = None,
+        temp_dir: str | Path | None = None,
+    ) -> None:
+        from ..detection.runner import WorkerRun
+        from ..longitudinal.worker import CASE, summary_file
+
+        if baseline_volume_node is None:
+            raise ValueError("no baseline volume selected")
+        if baseline_volume_node is followup_volume_node:
+            raise ValueError(f"volume '{baseline_volume_node.GetName()}' is both the baseline and the follow-up: choose the earlier scan as baseline")
+        volumes = {role: volume_from_node(node) for role, node in (("baseline", baseline_volume_node), ("followup", followup_volume_node))}
+        for node in (baseline_volume_node, followup_volume_node):
+            if node.GetScene() is None:
+                raise ValueError(f"volume '{node.GetName()}' is not in a scene")
+        self.input_volume_node, self.baseline_volume_node = followup_volume_node, baseline_volume_node
+        self.scene = followup_volume_node.GetScene()
+        self.ids = {role: node.GetID() for role, node in (("baseline", baseline_volume_node), ("followup", followup_volume_node))}
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="CMBDetect-", dir=temp_dir))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for role, volume in volumes.items():
+            paths[role] = self.work_dir / f"{role}.nrrd"  # the file names are the scans' case names in the outputs
+            write_volume(volume.array, volume.geometry, paths[role], compress=False)
+        self.case = CASE
+        self.out_dir = self.work_dir / "out"
+        arguments = ["--baseline", str(paths["baseline"]), "--followup", str(paths["followup"]), "--out", str(self.out_dir),
+                     "--case", self.case, "--device", device, "--operating-point", operating_point or "count"]  # fmt: skip
+        if model:
+            arguments += ["--model", str(model)]
+        self.run = WorkerRun(arguments, self.out_dir, python=python, env=env, module="CMBDetectLib.longitudinal.worker",
+                             result_file=summary_file(self.case))  # fmt: skip
+
+    def start(self) -> None:
+        self.run.start()
+
+    def poll(self) -> list:
+        return self.run.poll()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.run.wait(timeout)
+
+    def cancel(self) -> None:
+        self.run.cancel()
+
+    def uses(self, node: Any) -> bool:
+        return node is self.input_volume_node or node is self.baseline_volume_node
+
+    def input_present(self) -> bool:
+        return (self.scene.GetNodeByID(self.ids["followup"]) is self.input_volume_node
+                and self.scene.GetNodeByID(self.ids["baseline"]) is self.baseline_volume_node)  # fmt: skip
+
+    def outputs(self) -> tuple[dict, list[dict]]:
+        """The pair's summary and the rows of its changes CSV, as `cmbdetect longitudinal` wrote them."""
+        import csv
+        import json
+
+        summary = json.loads((self.out_dir / f"{self.case}_summary.json").read_text())
+        with open(self.out_dir / summary["files"]["changes_csv"], newline="") as f:
+            return summary, list(csv.DictReader(f))
+
+    def finish(self, link_views: bool = True) -> Any:
+        """The comparison in the scene (longitudinal.Comparison), named after the follow-up node.
+        Raises RuntimeError if the run failed or was cancelled (the worker's message, e.g. a
+        follow-up that does not register), InputGone if either input left the scene meanwhile."""
+        from ..detection.runner import SUCCEEDED
+        from .longitudinal import show_comparison
+
+        if self.run.state != SUCCEEDED:
+            raise RuntimeError(f"comparison with the baseline {self.run.state}: {self.run.error}")
+        if not self.input_present():
+            raise InputGone("a volume of the pair left the scene during its comparison")
+        summary, changes = self.outputs()
+        summary = {**summary, "case": self.input_volume_node.GetName()}  # the files' case is the job's own name
+        return show_comparison(self.baseline_volume_node, self.input_volume_node, summary, changes, self.scene, link_views)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -10,6 +10,7 @@ Inputs are `cmbdetect longitudinal`'s own outputs (longitudinal/pairs.py): the p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,10 @@ from .nodes import CREATED_ATTRIBUTE, SUMMARY_ATTRIBUTE, vtk_matrix
 
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GRADE_ATTRIBUTE = "CMBDetect.AriaH"
+TRANSFORM_ROLE = "CMBDetectComparisonTransform"  # the changes table -> its registration (rows are in the follow-up's space)
 NEW_COLOR = (1.0, 0.2, 0.2)
-CHANGE_COLUMNS = ("status", "evidence", "centroid_r", "centroid_a", "centroid_s", "diameter_mm", "p_microbleed")
+# "id": the row's number in <case>_changes.csv, first, so that a click on a sorted view finds its row.
+CHANGE_COLUMNS = ("id", "status", "evidence", "centroid_r", "centroid_a", "centroid_s", "diameter_mm", "p_microbleed")
 TEXT_COLUMNS = ("status", "evidence")
 
 
@@ -54,6 +57,7 @@ def show_comparison(baseline_node: Any, followup_node: Any, summary: dict, chang
     followup_node.SetAndObserveTransformNodeID(transform.GetID())
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{case} changes")
     _fill_changes(table, changes)
+    table.SetNodeReferenceID(TRANSFORM_ROLE, transform.GetID())
     grade = str(summary["aria_h"])
     table.SetAttribute(GRADE_ATTRIBUTE, grade)
     table.SetAttribute(SUMMARY_ATTRIBUTE, _short_summary(summary))
@@ -77,19 +81,23 @@ def show_comparison(baseline_node: Any, followup_node: Any, summary: dict, chang
 
 
 def _short_summary(summary: dict) -> str:
-    import json
-
-    keep = ("case", "new_microbleeds", "persisting", "resolved", "not_compared", "aria_h", "aria_h_source", "notes")
-    return json.dumps({k: summary[k] for k in keep if k in summary})
+    keep = ("case", "new_microbleeds", "persisting", "resolved", "not_compared", "aria_h", "aria_h_source", "operating_point", "notes")
+    short = {k: summary[k] for k in keep if k in summary}
+    if "correlation" in summary.get("registration", {}):
+        short["registration_correlation"] = summary["registration"]["correlation"]
+    return json.dumps(short)
 
 
 def _fill_changes(table_node: Any, changes: Sequence[dict]) -> None:
     table = table_node.GetTable()
     for name in CHANGE_COLUMNS:
-        column = vtk.vtkStringArray() if name in TEXT_COLUMNS else vtk.vtkDoubleArray()
+        column = vtk.vtkStringArray() if name in TEXT_COLUMNS else (vtk.vtkIntArray() if name == "id" else vtk.vtkDoubleArray())
         column.SetName(name)
         column.SetNumberOfValues(len(changes))
         for r, row in enumerate(changes):
+            if name == "id":
+                column.SetValue(r, r + 1)
+                continue
             value = row.get(name, "")
             column.SetValue(r, str(value) if name in TEXT_COLUMNS else (float(value) if value not in ("", None) else float("nan")))
         table.AddColumn(column)
@@ -128,3 +136,52 @@ def new_bleed_position_world(comparison: Comparison, index: int) -> np.ndarray:
     position = [0.0, 0.0, 0.0]
     comparison.new_bleeds.GetNthControlPointPositionWorld(index, position)
     return np.array(position)
+
+
+def comparison_summary(table_node: Any) -> dict | None:
+    """The short summary a comparison's changes table carries (counts, grade, notes); None for
+    any other table (a detection's lesion table, say)."""
+    if table_node is None or table_node.GetAttribute(GRADE_ATTRIBUTE) is None:
+        return None
+    try:
+        return json.loads(table_node.GetAttribute(SUMMARY_ATTRIBUTE) or "{}")
+    except ValueError:
+        return {"aria_h": table_node.GetAttribute(GRADE_ATTRIBUTE)}
+
+
+def change_position_world(table_node: Any, row_id: int) -> np.ndarray | None:
+    """World RAS (the baseline's frame) of the changes table's row `row_id` (its "id" column):
+    where a click on that row jumps. The row's position is in the follow-up's space, so it goes
+    through the table's registration transform, wherever the user has moved that since."""
+    table = table_node.GetTable()
+    ids = table.GetColumnByName("id")
+    if ids is None:
+        return None
+    row = next((r for r in range(table.GetNumberOfRows()) if int(ids.GetValue(r)) == int(row_id)), None)
+    if row is None:
+        return None
+    point = [float(table.GetColumnByName(k).GetValue(row)) for k in ("centroid_r", "centroid_a", "centroid_s")]
+    transform = table_node.GetNodeReference(TRANSFORM_ROLE)
+    if transform is None:
+        return np.array(point)
+    to_world = vtk.vtkGeneralTransform()
+    transform.GetTransformToWorld(to_world)
+    return np.array(to_world.TransformPoint(point))
+
+
+def comparison_text(summary: dict) -> str:
+    """What the module shows above the changes table: the grade, the counts, and what the grade
+    does not say (rich text for a QLabel)."""
+    counts = f"{summary.get('new_microbleeds', '?')} new microbleed(s) since baseline, {summary.get('persisting', '?')} persisting, " \
+             f"{summary.get('resolved', '?')} resolved"  # fmt: skip
+    if summary.get("not_compared"):
+        counts += f", {summary['not_compared']} outside the other scan's field of view (not compared)"
+    lines = [
+        f"<b>ARIA-H (microhaemorrhage): {summary.get('aria_h', '?')}</b>: {counts}.",
+        "Grade by new microbleeds: none 0, mild 1-4, moderate 5-9, severe 10 or more (lecanemab and donanemab prescribing information).",
+        "<b>Superficial siderosis is not assessed.</b> A resolved microbleed is usually a miss at one of the two time points.",
+    ]
+    if "registration_correlation" in summary:
+        lines.append(f"Registration: rigid, correlation {summary['registration_correlation']:.2f} after it.")
+    lines.append("<b>Research software: not for clinical use, never a treatment decision.</b>")
+    return "<br>".join(lines)
