@@ -45,37 +45,56 @@ class RigidResult:
 WORKING_MM = 1.0  # finer voxels are binned to about this size first: a rigid fit needs no more detail
 
 
-def _float_image(volume: Volume) -> sitk.Image:
-    """The volume as a float image with voxels of at least WORKING_MM: ITK's pyramid and sample
-    set cost seconds per level on a 0.5 mm scan, whatever the number of iterations."""
+def float_image(volume: Volume, working_mm: float = WORKING_MM) -> sitk.Image:
+    """The volume as a float image with voxels of at least `working_mm`: ITK's pyramid and
+    sample set cost seconds per level on a 0.5 mm scan, whatever the number of iterations."""
     image = sitk.Cast(to_sitk(volume.array.astype(np.float32), volume.geometry), sitk.sitkFloat32)
-    factors = [max(1, int(WORKING_MM / s + 1e-6)) for s in image.GetSpacing()]
+    factors = [max(1, int(working_mm / s + 1e-6)) for s in image.GetSpacing()]
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+SMOOTHING_MM = {4: 2.0, 2: 1.0, 1: 0.0}  # Gaussian sigma (mm) per shrink factor of the pyramid
+
+
+def optimise(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, shrink: tuple[int, ...] = SHRINK,
+    iterations: int = 40, seed: int = 0, samples: int = SAMPLES, moving_mask: sitk.Image | None = None,
+) -> tuple[float, int]:
+    """Fit `transform` (fixed points -> moving points, changed in place): Mattes mutual
+    information on random samples, regular-step gradient descent, coarse to fine over `shrink`.
+    Returns the final metric (negative: lower is better) and the iterations of the last level.
+    Raises RuntimeError when SimpleITK cannot proceed (no overlap at all)."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    # About `samples` points per level, whatever the scan's size: a 512 x 512 x 100 SWI at 20 %
+    # would cost five million points an iteration at full resolution.
+    voxels = float(np.prod(fixed.GetSize()))
+    reg.SetMetricSamplingPercentagePerLevel([min(0.2, samples * s**3 / voxels) for s in shrink], seed)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    # Coarse to fine, so that a motion of several millimetres is found before the detail is.
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([SMOOTHING_MM.get(s, s / 2.0) for s in shrink])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(fixed, moving)
+    return float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
 
 
 def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: int = 0) -> RigidResult:
     """Euler 3D transform from `fixed` to `moving`: centred on the moments, Mattes mutual
     information, three resolutions (4-2-1). Raises RuntimeError when SimpleITK cannot proceed
     (no overlap at all)."""
-    f, m = _float_image(fixed), _float_image(moving)
-    initial = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    # About SAMPLES points per level, whatever the scan's size: a 512 x 512 x 100 SWI at 20 %
-    # would cost five million points an iteration at full resolution.
-    voxels = float(np.prod(f.GetSize()))
-    reg.SetMetricSamplingPercentagePerLevel([min(0.2, SAMPLES * shrink**3 / voxels) for shrink in SHRINK], seed)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    # Coarse to fine, so that a motion of several millimetres is found before the detail is.
-    reg.SetShrinkFactorsPerLevel(list(SHRINK))
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(initial, inPlace=False)
-    transform = reg.Execute(f, m)
-    return RigidResult(transform, _correlation(f, m, transform), float(reg.GetMetricValue()), int(reg.GetOptimizerIteration()))
+    f, m = float_image(fixed), float_image(moving)
+    transform = sitk.Euler3DTransform(
+        sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    )
+    metric, done = optimise(f, m, transform, SHRINK, iterations, seed)
+    return RigidResult(transform, _correlation(f, m, transform), metric, done)
 
 
 def _correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
