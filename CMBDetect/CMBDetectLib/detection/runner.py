@@ -71,6 +71,7 @@ def worker_arguments(
     for_slicer: bool = False,
     operating_point: str | None = None,
     phase_sign: str = "auto",
+    regions: bool = True,
 ) -> list[str]:
     args = ["--input", str(input_path), "--out", str(out_dir), "--case", case, "--threshold", repr(float(threshold)),
             "--min-size", repr(float(min_diameter_mm)), "--max-size", repr(float(max_diameter_mm)), "--device", device]  # fmt: skip
@@ -86,6 +87,8 @@ def worker_arguments(
         args += ["--operating-point", operating_point]
     if phase_sign != "auto":
         args += ["--phase-sign", phase_sign]
+    if not regions:
+        args.append("--no-regions")
     return args
 
 

@@ -65,6 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--phase", type=Path, default=None, help="high-pass phase (radians) on the input's grid, for the candidate stage")
     p.add_argument("--operating-point", choices=["review", "count"], default=None, help="stage 2's operating point (default: the classifier card's)")
     p.add_argument("--phase-sign", choices=["auto", "keep", "flip"], default="auto")
+    p.add_argument("--no-regions", action="store_true", help="skip each lesion's MARS location (no registration to the template)")
     p.add_argument("--for-slicer", action="store_true",
                    help="write only what the Slicer module reads (probability.nrrd, result.json), not the command line's file set")  # fmt: skip
     return p.parse_args(argv)
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
 
     params = DetectionParams(
         args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
-        operating_point=args.operating_point, phase_sign=args.phase_sign,
+        operating_point=args.operating_point, phase_sign=args.phase_sign, regions=not args.no_regions,
     )  # fmt: skip
     get_model(params.model, select_device(params.device))  # cached: detect_volume reuses it
 
