@@ -469,7 +469,7 @@ def _r(v: float, n: int = 4) -> float:
     return round(float(v), n)
 
 
-def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
+def _lesion_entry(bleed: Microbleed, geometry: Geometry, truth: dict[str, str]) -> dict[str, object]:
     ijk = bleed.centre_kji[::-1]
     lps = geometry.index_to_lps(ijk)
     d_app = float(equivalent_diameter_mm(bleed.n_voxels, geometry.spacing))
@@ -482,7 +482,9 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
         "apparent_diameter_mm": _r(d_app),
         "size_class": size_class(d_app),
         "target_class": bleed.target_class,
-        "region": bleed.region,
+        "region": bleed.region,  # where it was drawn (the region map); the MARS truth follows
+        # The MARS truth from the generator's own anatomy at the bleed's centre (anatomy/structures.py).
+        **truth,
         "shape": bleed.shape,
         "semi_axes_mm": [_r(v) for v in bleed.source.semi_axes_mm],
         "susceptibility_ppm": _r(bleed.source.chi_ppm),
@@ -492,6 +494,14 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
         "lobes_mm": [[_r(v, 3) for v in lobe] for lobe in bleed.source.lobes],  # x, y, z offset, radius
         "placement": bleed.placement,
     }
+
+
+def _mars_truth(bleeds: list[Microbleed]) -> list[dict[str, str]]:
+    if not bleeds:
+        return []
+    from ..anatomy.structures import truth_at
+
+    return truth_at(np.array([b.centre_mni for b in bleeds]))
 
 
 def _meta(
@@ -549,7 +559,7 @@ def _meta(
         "label_level_default": LABEL_LEVEL,
         "n_lesions": len(bleeds),
         "n_lesions_requested": n_wanted,
-        "lesions": [_lesion_entry(b, geometry) for b in bleeds],
+        "lesions": [_lesion_entry(b, geometry, t) for b, t in zip(bleeds, _mars_truth(bleeds))],
         "mimics": {
             "veins": summarise(veins),
             "vein_voxels_over_half_blood": int((raster.fraction > 0.5).sum()),
