@@ -51,7 +51,7 @@ class TemplateRegistration:
 
     def qc(self) -> dict[str, object]:
         return {"passed": self.ok, "head_dice": round(self.head_dice, 4), "mattes_mi": round(self.metric, 4),
-                "min_head_dice": MIN_HEAD_DICE, "max_mattes_mi": MAX_METRIC, "seconds": round(self.seconds, 2),
+                "min_head_dice": MIN_HEAD_DICE, "max_mattes_mi": MAX_METRIC,
                 **({"reason": self.reason} if self.reason else {})}  # fmt: skip
 
     def to_template(self, points_lps: np.ndarray) -> np.ndarray:
