@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..io import Volume
-from ..registration.rigid import float_image, optimise
+from ..registration.rigid import SEED, float_image, moments_start, optimise
 from .atlas import Atlas, load_atlas
 
 WORKING_MM = 2.0  # the template's own voxel: finer SWI voxels are binned to about this
@@ -73,7 +73,7 @@ def _affine_from(rigid: sitk.Euler3DTransform) -> sitk.AffineTransform:
 
 
 def register_to_template(volume: Volume, atlas: Atlas | None = None, initial: sitk.Euler3DTransform | None = None,
-                         seed: int = 0) -> TemplateRegistration:  # fmt: skip
+                         seed: int = SEED) -> TemplateRegistration:  # fmt: skip
     """Register `volume` to the template; `initial` replaces the moments initialiser (for tests
     and measurements of deliberately bad starts). Never raises for a volume that does not
     register: the result says so."""
@@ -82,9 +82,7 @@ def register_to_template(volume: Volume, atlas: Atlas | None = None, initial: si
     fixed = float_image(volume, WORKING_MM)
     moving = atlas.head
     if initial is None:
-        rigid = sitk.Euler3DTransform(
-            sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
-        )
+        rigid = moments_start(fixed, moving)
     else:
         rigid = sitk.Euler3DTransform(initial)
     transform: sitk.Transform = rigid

@@ -22,6 +22,9 @@ MIN_CORRELATION = 0.5
 
 SHRINK = (4, 2, 1)
 SAMPLES = 50_000  # metric samples per level
+# The metric's random sample set is drawn from this seed, so that a case registers the same way
+# every run. Never 0: SimpleITK reads a seed of 0 as "from the wall clock" (sitkWallClock).
+SEED = 1
 
 
 @dataclass
@@ -58,12 +61,14 @@ SMOOTHING_MM = {4: 2.0, 2: 1.0, 1: 0.0}  # Gaussian sigma (mm) per shrink factor
 
 def optimise(
     fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, shrink: tuple[int, ...] = SHRINK,
-    iterations: int = 40, seed: int = 0, samples: int = SAMPLES, moving_mask: sitk.Image | None = None,
+    iterations: int = 40, seed: int = SEED, samples: int = SAMPLES, moving_mask: sitk.Image | None = None,
 ) -> tuple[float, int]:
     """Fit `transform` (fixed points -> moving points, changed in place): Mattes mutual
     information on random samples, regular-step gradient descent, coarse to fine over `shrink`.
     Returns the final metric (negative: lower is better) and the iterations of the last level.
     Raises RuntimeError when SimpleITK cannot proceed (no overlap at all)."""
+    if seed == 0:
+        raise ValueError("seed 0 means 'from the wall clock' to SimpleITK: runs would differ")
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -81,18 +86,48 @@ def optimise(
     reg.SetSmoothingSigmasPerLevel([SMOOTHING_MM.get(s, s / 2.0) for s in shrink])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(transform, inPlace=True)
-    reg.Execute(fixed, moving)
+    # One thread: the metric's threads add their partial sums in the order they finish, which
+    # made two runs of one case differ in the last digits (and, rarely, in a rounded output).
+    # The metric takes ITK's global default (the method's own setting does not reach it); at
+    # 1-2 mm working voxels a single thread costs no measurable time (docs/regions.md).
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        reg.Execute(fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
 
 
-def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: int = 0) -> RigidResult:
+def centre_of_mass(image: sitk.Image) -> np.ndarray:
+    """The intensity-weighted centre of an image (LPS mm)."""
+    array = sitk.GetArrayViewFromImage(image).astype(np.float64)
+    weights = [array.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]  # k, j, i
+    total = float(array.sum())
+    if total <= 0:
+        return np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
+    kji = [float(np.dot(w, np.arange(len(w)))) / total for w in weights]
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(kji[::-1]))
+
+
+def moments_start(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
+    """Rotation about the fixed image's centre of mass, translated onto the moving image's: what
+    SimpleITK's CenteredTransformInitializer (MOMENTS) gives an Euler transform, computed here
+    because that initialiser's translation depended on the images of earlier calls in the same
+    process (up to 10 mm), so a case's registration depended on the cases run before it."""
+    centre, target = centre_of_mass(fixed), centre_of_mass(moving)
+    start = sitk.Euler3DTransform()
+    start.SetCenter(tuple(map(float, centre)))
+    start.SetTranslation(tuple(map(float, target - centre)))
+    return start
+
+
+def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: int = SEED) -> RigidResult:
     """Euler 3D transform from `fixed` to `moving`: centred on the moments, Mattes mutual
     information, three resolutions (4-2-1). Raises RuntimeError when SimpleITK cannot proceed
     (no overlap at all)."""
     f, m = float_image(fixed), float_image(moving)
-    transform = sitk.Euler3DTransform(
-        sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    )
+    transform = moments_start(f, m)
     metric, done = optimise(f, m, transform, SHRINK, iterations, seed)
     return RigidResult(transform, _correlation(f, m, transform), metric, done)
 
