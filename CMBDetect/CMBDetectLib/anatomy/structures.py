@@ -9,17 +9,15 @@ brainstem planes, the deep nuclei's ellipsoids, 6 mm from the cortical ribbon), 
 corpus callosum and the external capsule, which that map counts lobar (near the cingulate and
 insular cortex); the structures split
 each category by plane and distance rules on MNI coordinates. The generator's truth
-(truth_at) reads this same map, so atlas and truth never disagree on the template itself. Approximations, not a parcellation
-drawn by anatomists: good to a few millimetres, which is what a registration to a template
+(atlas.truth_at) reads the shipped map built from these rules, so atlas and truth never disagree
+on the template itself. Approximations, not a parcellation drawn by anatomists: good to a few millimetres, which is what a registration to a template
 gives anyway.
 
-This module needs the template's tissue maps (synth.anatomy, hence nilearn): it is used when
-the shipped atlas is built (build_atlas.py) and by the generator's truth, never at run time.
+This module needs the template's tissue maps (synth.anatomy, hence nilearn): it is used only
+when the shipped atlas is built (build_atlas.py), never at run time.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 from scipy import ndimage
@@ -155,31 +153,3 @@ def structure_map(region: np.ndarray, gm: np.ndarray, wm: np.ndarray, step: int 
             side = np.where(np.abs(xs) < band, value[(structure, "midline")], side)
         codes[where] = side
     return codes
-
-
-@functools.lru_cache(maxsize=1)
-def template_structures() -> np.ndarray:
-    """The structure map of the generator's own template (1 mm, padded grid), once per process."""
-    from ..synth.anatomy import load_template
-
-    template = load_template()
-    gm = template.channel("gm").astype(np.float32) / 255.0
-    wm = template.channel("wm").astype(np.float32) / 255.0
-    return structure_map(template.region, gm, wm)
-
-
-def truth_at(mni: np.ndarray) -> list[dict[str, str]]:
-    """The generator's MARS region, structure and side at MNI points (N, 3): its own anatomy
-    at 1 mm, by nearest voxel."""
-    from ..synth.anatomy import mni_to_index
-
-    labels = template_structures()
-    table = {int(r["value"]): r for r in label_table()}
-    kji = np.rint(mni_to_index(np.atleast_2d(np.asarray(mni, float)))).astype(int)
-    kji = np.clip(kji, 0, np.array(labels.shape) - 1)
-    out = []
-    for v in labels[tuple(kji.T)]:
-        row = table.get(int(v))
-        out.append({"mars_region": str(row["mars_region"]), "mars_structure": str(row["structure"]), "side": str(row["side"])}
-                   if row else {"mars_region": "unknown", "mars_structure": "unknown", "side": "unknown"})
-    return out

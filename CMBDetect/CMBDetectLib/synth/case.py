@@ -483,7 +483,7 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry, truth: dict[str, str]) 
         "size_class": size_class(d_app),
         "target_class": bleed.target_class,
         "region": bleed.region,  # where it was drawn (the region map); the MARS truth follows
-        # The MARS truth from the generator's own anatomy at the bleed's centre (anatomy/structures.py).
+        # The MARS truth at the bleed's centre from the shipped structure map (anatomy/atlas.py).
         **truth,
         "shape": bleed.shape,
         "semi_axes_mm": [_r(v) for v in bleed.source.semi_axes_mm],
@@ -499,7 +499,7 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry, truth: dict[str, str]) 
 def _mars_truth(bleeds: list[Microbleed]) -> list[dict[str, str]]:
     if not bleeds:
         return []
-    from ..anatomy.structures import truth_at
+    from ..anatomy.atlas import truth_at
 
     return truth_at(np.array([b.centre_mni for b in bleeds]))
 
