@@ -150,3 +150,14 @@ def test_the_shipped_atlas_is_small_and_complete():
     regions = {l.mars_region for l in atlas.table.values()}
     assert regions == {"lobar", "deep", "infratentorial"}
     assert atlas.head.GetSize() == atlas.labels.GetSize()
+
+
+def test_a_slab_too_thin_to_register_is_flagged_with_a_stable_reason():
+    """A few slices (a test phantom, a localiser) are not registered; the reason is the same text
+    every run (ITK's messages carry object addresses)."""
+    from CMBDetectLib.io import Geometry
+
+    volume = Volume(np.random.default_rng(1).random((3, 100, 120)).astype(np.float32), Geometry((0.5, 0.5, 2.0), (0.0, 0.0, 0.0)))
+    results = [register_to_template(volume) for _ in range(2)]
+    assert not results[0].ok and "covers only 6 mm" in results[0].reason
+    assert results[0].qc() == results[1].qc()

@@ -17,6 +17,7 @@ every lesion is then `unknown`, never a region read through a wrong transform.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ SAMPLES = 20_000
 # 0.85-0.95 and a metric of -0.3 to -0.9; fits started 80 mm or 90 degrees off end below.
 MIN_HEAD_DICE = 0.75
 MAX_METRIC = -0.2
+# A scan thinner than this along any axis (a few slices, a test phantom) is not registered: the
+# coarsest level would have too few voxels for ITK's smoothing, and a head is not recognisable.
+MIN_EXTENT_MM = 40.0
 TEMPLATE_HEAD_LEVEL = 20  # uint8 grey level of the template head image above which it is head
 
 
@@ -56,6 +60,10 @@ class TemplateRegistration:
 
     def to_template(self, points_lps: np.ndarray) -> np.ndarray:
         return np.array([self.transform.TransformPoint(tuple(map(float, p))) for p in np.reshape(points_lps, (-1, 3))])
+
+
+class _TooThin(Exception):
+    pass
 
 
 def _head_mask(image: sitk.Image) -> np.ndarray:
@@ -87,12 +95,18 @@ def register_to_template(volume: Volume, atlas: Atlas | None = None, initial: si
         rigid = sitk.Euler3DTransform(initial)
     transform: sitk.Transform = rigid
     metric, reason = 0.0, ""
+    extent = min(n * d for n, d in zip(fixed.GetSize(), fixed.GetSpacing()))
     try:
+        if extent < MIN_EXTENT_MM:
+            raise _TooThin(f"the scan covers only {extent:.0f} mm along one axis (at least {MIN_EXTENT_MM:.0f} mm needed)")
         optimise(fixed, moving, rigid, SHRINK, ITERATIONS, seed, SAMPLES)
         transform = _affine_from(rigid)
         metric, _ = optimise(fixed, moving, transform, SHRINK, ITERATIONS, seed, SAMPLES)
+    except _TooThin as exc:
+        reason = str(exc)
     except RuntimeError as exc:  # ITK: too few samples overlap, the fit left the image
-        reason = f"the registration stopped: {str(exc).strip().splitlines()[-1]}"
+        # Without the object's address ITK puts in its message: two runs must write the same summary.
+        reason = "the registration stopped: " + re.sub(r"\s*\(0x[0-9a-fA-F]+\)", "", str(exc).strip().splitlines()[-1])
     swi = sitk.GetArrayViewFromImage(fixed)
     mine = _head_mask(fixed)
     theirs = sitk.GetArrayFromImage(
