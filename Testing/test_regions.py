@@ -86,6 +86,18 @@ def _rotated_header(volume: Volume) -> Volume:
     return Volume(volume.array, geometry_of(image))
 
 
+def test_a_header_with_the_head_on_its_face_still_registers(case, located):
+    """The moments start cannot see a turned header; the search over turned starts can."""
+    points, _ = truth(case)
+    turned = _rotated_header(case.image)
+    origin = np.array(case.image.geometry.origin, float)
+    turn = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    result = locate_lesions(turned, (turn @ (points - origin).T).T + origin)
+    assert result.ok, result.registration.qc()
+    same = sum(a == b for a, b in zip(result.locations, located.locations))
+    assert same >= 0.9 * len(points), [(a.mars_structure, b.mars_structure) for a, b in zip(result.locations, located.locations)]
+
+
 def test_a_registration_that_cannot_succeed_is_flagged_and_unknown(case):
     points, _ = truth(case)
     rng = np.random.default_rng(0)

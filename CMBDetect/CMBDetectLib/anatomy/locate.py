@@ -57,3 +57,23 @@ def location_counts(locations: Sequence[Location]) -> dict[str, object]:
         # Over supratentorial bleeds whose region is known: a case with unknown regions has none.
         "pattern": pattern if not regions[UNKNOWN] else UNKNOWN,
     }  # fmt: skip
+
+
+def locations_from_summary(regions: object, centroids_lps: Sequence[Sequence[float]]) -> list[Location] | None:
+    """Locations of lesions re-extracted after the run (the Slicer module, the live threshold),
+    through the transform the run's summary keeps (`regions.to_template`); every lesion unknown
+    when that registration failed QC; None when the run had no regions (--no-regions)."""
+    if not isinstance(regions, dict):
+        return None
+    points = np.reshape(np.asarray(centroids_lps, float), (-1, 3))
+    matrix = regions.get("to_template")
+    passed = isinstance(regions.get("registration"), dict) and regions["registration"].get("passed")
+    if not passed or matrix is None or not len(points):
+        return [UNKNOWN_LOCATION] * len(points)
+    m = np.asarray(matrix, float)
+    return load_atlas().locate(points @ m[:3, :3].T + m[:3, 3])
+
+
+def with_counts(regions: dict, locations: Sequence[Location]) -> dict[str, object]:
+    """A run's regions block with its counts and pattern recomputed for other lesions."""
+    return {**regions, **location_counts(locations)}

@@ -76,8 +76,10 @@ class DetectionResult:
         """Counts per MARS category and side, the pattern, the registration's QC; None when off."""
         if self.anatomy is None:
             return None
-        return {**location_counts(self.anatomy.locations), "registration": self.anatomy.registration.qc(),
-                "atlas_version": self.anatomy.atlas_version}
+        registration = self.anatomy.registration
+        return {**location_counts(self.anatomy.locations), "registration": registration.qc(),
+                "to_template": registration.matrix() if registration.ok else None,
+                "atlas_version": self.anatomy.atlas_version}  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         return {
