@@ -6,8 +6,8 @@ is sampled where the SWI has data (a partial-coverage slab included). The steps 
 registration/rigid.py's optimiser: centred on the moments of the two heads, rigid (Euler 3D),
 then affine (12 parameters: a head's size and shape differ from the template's), Mattes mutual
 information since SWI is not T1, two resolutions on the SWI binned to about 2 mm. A coarse
-B-spline was not added: the nonlinear part of a synthetic head's deformation is a few mm RMS,
-below what the region rules resolve, and it would double the time.
+B-spline was tried and not kept: it raised the metric but moved the bleeds farther from their
+template positions (region agreement 0.79 against 0.81, 14 s more a case; docs/regions.md).
 
 QC: after the fit, the template's head (resampled onto the binned SWI) must overlap the SWI's
 own head (Otsu foreground) with a Dice of at least MIN_HEAD_DICE where the SWI has data, and
