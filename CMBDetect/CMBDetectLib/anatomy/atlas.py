@@ -19,6 +19,20 @@ STEP_MM = 2.0
 UNKNOWN = "unknown"
 MARS_REGIONS = ("lobar", "deep", "infratentorial")
 SIDES = ("left", "right", "midline")
+# (structure, MARS category), in label order; each lateral one comes as left and right. The
+# vocabulary of the shipped labels (structures.py draws them, export/codes.py codes them).
+STRUCTURES: tuple[tuple[str, str], ...] = (
+    ("brainstem", "infratentorial"),
+    ("cerebellum", "infratentorial"),
+    ("basal_ganglia", "deep"),
+    ("thalamus", "deep"),
+    ("internal_capsule", "deep"),
+    ("external_capsule", "deep"),
+    ("corpus_callosum", "deep"),
+    ("deep_white_matter", "deep"),
+    *((f"{lobe}_{layer}", "lobar") for lobe in ("frontal", "parietal", "temporal", "occipital", "insula")
+      for layer in ("cortex", "white_matter")),
+)  # fmt: skip
 # A point that lands outside every structure (in a sulcus, a ventricle, just outside the brain)
 # takes the nearest structure within this distance; farther out it is unknown, not guessed.
 SNAP_MM = 4.0

@@ -22,20 +22,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-# (structure, MARS category), in label order; each lateral one comes as left and right.
-STRUCTURES: tuple[tuple[str, str], ...] = (
-    ("brainstem", "infratentorial"),
-    ("cerebellum", "infratentorial"),
-    ("basal_ganglia", "deep"),
-    ("thalamus", "deep"),
-    ("internal_capsule", "deep"),
-    ("external_capsule", "deep"),
-    ("corpus_callosum", "deep"),
-    ("deep_white_matter", "deep"),
-    *((f"{lobe}_{layer}", "lobar") for lobe in ("frontal", "parietal", "temporal", "occipital", "insula")
-      for layer in ("cortex", "white_matter")),
-)  # fmt: skip
-SIDES = ("left", "right", "midline")
+from .atlas import SIDES, STRUCTURES
+
 # Midline: |x| below this (mm) for the deep and infratentorial structures; the corpus callosum
 # and the brainstem, which straddle the midline, within a wider band. The lobes always take a
 # side: their medial surfaces face each other across the interhemispheric fissure.

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from ..anatomy.structures import STRUCTURES
+from ..anatomy.atlas import STRUCTURES
 
 LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # SCT 49755003
 LESION_TYPE = codes.SCT.Hemorrhage  # SCT 50960005, as in Slicer's terminology and the .seg.nrrd
