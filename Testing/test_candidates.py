@@ -421,11 +421,11 @@ def test_single_stage_reproduces_the_0_2_0_lesion_csv(tmp_path):
     the two-stage code path changed nothing of the paper's pipeline."""
     golden = list(csv.reader(open(DATA / "single_stage_golden_0.2.0.csv")))
     assert len(golden) > 2  # the case has lesions to compare
-    code = detect_main([str(DATA / "single_stage_case.nii.gz"), "-o", str(tmp_path / "out"), "--single-stage", "--model", "cmbdetect-synth-c16-v0.2.0", "-q"])
+    code = detect_main([str(DATA / "single_stage_case.nii.gz"), "-o", str(tmp_path / "out"), "--single-stage", "--model", "cmbdetect-synth-c16-v0.2.0", "-q", "--no-regions"])
     assert code == 0
     rows = list(csv.reader(open(tmp_path / "out" / "single_stage_case_lesions.csv")))
     old = len(golden[0])
-    assert rows[0][:old] == golden[0] and rows[0][old:] == ["p_microbleed", "certainty"]
+    assert rows[0][:old] == golden[0] and rows[0][old:] == ["p_microbleed", "certainty", "mars_region", "mars_structure", "side"]
     assert [r[:old] for r in rows] == golden
-    assert all(r[old:] == ["", ""] for r in rows[1:])
+    assert all(r[old:] == [""] * 5 for r in rows[1:])  # one stage, and --no-regions
     assert not (tmp_path / "out" / "single_stage_case_rejected.csv").exists()

@@ -122,7 +122,7 @@ def test_hostile_case_list_writes_nothing_outside_the_output_folder(tmp_path, co
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts[1:2])
     assert after == before, "something was written outside the output folder"
     outputs = sorted(p.name for p in (work / "out").iterdir())
-    assert outputs == sorted([*(p.name for p in output_paths(work / "out", "good").values()), "cmbdetect_batch.csv"])
+    assert outputs == sorted([*(p.name for p in output_paths(work / "out", "good", registration=True).values()), "cmbdetect_batch.csv"])
     rows = list(csv.DictReader(open(work / "out" / "cmbdetect_batch.csv")))
     assert len(rows) == len(names)
     by_case = {r["case"]: r for r in rows}
@@ -209,7 +209,7 @@ def test_a_redo_leaves_no_file_of_the_earlier_run(tmp_path, cohort):
     assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in everything.values()), "cmbdetect_batch.csv"])
 
     assert detect_main([*case, "--single-stage"]) == 0 and table(out)["c0"]["status"] == "done"
-    now = output_paths(out, "c0")
+    now = output_paths(out, "c0", registration=True)
     assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in now.values()), "cmbdetect_batch.csv"])
     assert set(json.loads(now["summary"].read_text())["files"].values()) == {p.name for p in now.values()}
 

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from CMBDetectLib.commands.detect import main as detect_main
 from CMBDetectLib.errors import CaseError
+from CMBDetectLib.export import codes as export_codes
 from CMBDetectLib.io import read_volume
 from handmade import constant_classifier, oblique_geometry, phantom, save_dark_spot_model, write_dicom_series
 
@@ -30,6 +31,7 @@ SHAPE = (12, 64, 64)
 SPHERES = [((6, 20, 22), 5.0), ((5, 42, 44), 7.0)]
 # DICOM codes the objects must carry (README, "DICOM export").
 HEMORRHAGE, BRAIN, DIAMETER, VOLUME, N_LESIONS = "50960005", "12738006", "81827009", "118565006", "246206008"
+LATERALITY = "272741003"  # the finding site's laterality modifier
 
 
 def gdcm_geometry():
@@ -226,10 +228,25 @@ def test_seg_and_sr_of_a_gdcm_oblique_series_pass_dciodvfy_and_read_back(tmp_pat
         assert abs(group[VOLUME] - float(row["volume_mm3"])) < 1e-3
         assert abs(group["CMB-PMICROBLEED"] - float(row["p_microbleed"])) < 1e-3
         assert group["111012"] == f"CMB-{row['certainty'].upper()}" and group["CMB-SIZECLASS"] == f"CMB-{row['size_class'].upper()}"
+        # Its MARS location, as the lesion CSV has it (this phantom is no head: unknown, and no side).
+        assert group["CMB-MARSREGION"] == export_codes.MARS_REGION_VALUES[row["mars_region"]].value
+        assert group["CMB-MARSSTRUCT"] == export_codes.MARS_STRUCTURE_VALUES[row["mars_structure"]].value
+        assert group.get(LATERALITY) == {"left": "7771000", "right": "24028007"}.get(row["side"])
     counts = next(g for g in groups if g.get("tracking_id") == "Microbleed counts")
+    for key in ("n_lobar", "n_deep", "n_infratentorial", "n_region_unknown"):
+        assert counts[export_codes.REGION_COUNTS[key].value] == summary["regions"][key]
     assert counts[N_LESIONS] == summary["n_lesions"] == len(rows)
     assert (counts["CMB-NSMALL"], counts["CMB-NLARGE"]) == (summary["n_small"], summary["n_large"])
     assert counts["CMB-NDEFINITE"] == len(rows) and counts["CMB-NPOSSIBLE"] == 0
+
+
+def test_every_atlas_location_has_an_sr_code():
+    from CMBDetectLib.anatomy.atlas import load_atlas
+
+    for where in load_atlas().table.values():
+        assert where.mars_region in export_codes.MARS_REGION_VALUES and where.mars_structure in export_codes.MARS_STRUCTURE_VALUES
+    every = [*export_codes.MARS_REGION_VALUES.values(), *export_codes.MARS_STRUCTURE_VALUES.values(), *export_codes.REGION_COUNTS.values()]
+    assert all(len(c.value) <= 16 for c in every) and len({c.value for c in every}) == len(every)  # SH, and no code twice
 
 
 def test_no_lesion_means_a_report_with_zero_counts_and_no_seg(tmp_path, two_series, models):

@@ -384,3 +384,30 @@ def test_false_positives_named_by_the_mimic_map_they_lie_on(tmp_path):
     (truth_dir / "mimics" / "x.nii.gz").unlink()
     (truth_dir / "mimics").rmdir()
     assert evaluate_folders(pred_dir, truth_dir, Settings(n_bootstrap=0), progress=False).summary()["lesion"]["false_positives_by_mimic"] is None
+
+
+def test_mars_region_agreement_in_the_summary_terminal_and_html(tmp_path):
+    """With TRUTH/meta/ (the generator's MARS truth per bleed) and the lesion CSV's locations:
+    region and side agreement over detected true lesions, unknown ones not compared."""
+    from CMBDetectLib.evaluation.report import render_html, summary_text
+
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    t = zeros()
+    t[2, 4:7, 4:7], t[3, 10:13, 10:13], t[4, 16:19, 16:19] = 1, 2, 3
+    write_volume(t, GEOM, truth_dir / "labels" / "x.nii.gz")
+    write_volume(t, GEOM, pred_dir / "x_lesions.nii.gz")
+    (truth_dir / "meta").mkdir()
+    (truth_dir / "meta" / "x.json").write_text(json.dumps({"lesions": [
+        {"id": 1, "mars_region": "deep", "mars_structure": "thalamus", "side": "left"},
+        {"id": 2, "mars_region": "lobar", "mars_structure": "frontal_cortex", "side": "right"},
+        {"id": 3, "mars_region": "lobar", "mars_structure": "parietal_cortex", "side": "left"},
+    ]}))  # fmt: skip
+    (pred_dir / "x_lesions.csv").write_text(
+        "id,mars_region,mars_structure,side\n1,deep,thalamus,left\n2,deep,deep_white_matter,right\n3,unknown,unknown,unknown\n"
+    )
+    summary = evaluate_folders(pred_dir, truth_dir, Settings(n_bootstrap=0), progress=False).summary()
+    regions = summary["regions"]
+    assert (regions["compared"], regions["region_agreement"], regions["side_agreement"]) == (2, 0.5, 1.0)
+    assert "region agreement 0.500, side 1.000 over 2" in summary_text(summary)
+    page = render_html(summary)
+    assert "MARS locations" in page and "Region agreement" in page and "0.500" in page

@@ -80,6 +80,8 @@ NOT_SHIPPED_IN_SLICER = {
         "CMBDetectLib/evaluation/pairs.py",
         "CMBDetectLib/training/int8.py",  # builds int8 ranges from synthetic heads (cmbdetect quantize)
         "CMBDetectLib/evaluation/report.py",
+        "CMBDetectLib/anatomy/build_atlas.py",
+        "CMBDetectLib/anatomy/structures.py",
         "CMBDetectLib/synth/",
     ),
 }

@@ -431,3 +431,27 @@ def test_slicer_compare_cancel_kills_the_worker_and_a_scan_is_never_its_own_base
     assert not (tmp_path / "work" / "out" / "followup_summary.json").exists()
     assert mrml.scene.GetNumberOfNodes() == before
     job.cleanup()
+
+
+def test_changes_carry_each_lesions_mars_location(tmp_path, detector):
+    """`mars_region`, `mars_structure`, `side` in the changes CSV: the follow-up's for what it
+    shows, the baseline's for a resolved lesion (read from each scan's lesion CSV)."""
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    follow = followup_of(OLD[:1], tmp_path / "f.nii.gz")
+    out = tmp_path / "out"
+    assert main(["longitudinal", str(base), str(follow), "-o", str(out), *detector]) == 0
+    # Distinct locations in the two scans' CSVs (the phantoms are not heads: their own are unknown).
+    for path, where in ((out / "baseline" / "b_lesions.csv", ("deep", "thalamus", "left")),
+                        (out / "followup" / "f_lesions.csv", ("lobar", "frontal_cortex", "right"))):  # fmt: skip
+        table = rows(path)
+        assert table and all(r["mars_region"] == "unknown" for r in table)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows({**r, "mars_region": where[0], "mars_structure": where[1], "side": where[2]} for r in table)
+    (out / "f_summary.json").unlink()  # the pair is redone; each scan's detection is not
+    assert main(["longitudinal", str(base), str(follow), "-o", str(out), *detector]) == 0
+    changes = {r["status"]: r for r in rows(out / "f_changes.csv")}
+    assert set(changes) == {"persisting", "resolved"}
+    assert [changes["persisting"][k] for k in ("mars_region", "mars_structure", "side")] == ["lobar", "frontal_cortex", "right"]
+    assert [changes["resolved"][k] for k in ("mars_region", "mars_structure", "side")] == ["deep", "thalamus", "left"]

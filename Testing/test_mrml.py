@@ -649,3 +649,41 @@ def test_the_rejected_candidates_can_be_hidden_and_stay_hidden_through_a_rethres
     assert not points.GetDisplayNode().GetVisibility()
     set_rejected_visibility(seg, True)
     assert points.GetDisplayNode().GetVisibility()
+
+
+def test_lesion_locations_reach_the_table_and_survive_a_rethreshold(mrml):
+    """The MARS columns of the results table, and the same columns after the live threshold
+    re-extracted the lesions (through the transform the run's summary keeps, no registration)."""
+    import SimpleITK as sitk
+
+    from CMBDetectLib.anatomy.locate import locate_lesions
+    from CMBDetectLib.anatomy.register import TemplateRegistration
+
+    node = swi_node(mrml)
+    probability = sphere_probability()
+    result = make_result(node, probability)
+    # A registration that takes the first lesion to MNI (-12, -18, 8), LPS (12, 18, 8): the left thalamus.
+    shift = sitk.AffineTransform(3)
+    shift.SetTranslation(tuple(float(v) for v in np.array([12.0, 18.0, 8.0]) - np.array(result.lesions[0].centroid_lps)))
+    registration = TemplateRegistration(shift, True, 0.9, -0.8, 0.0)
+    result.anatomy = locate_lesions(volume_from_node(node), [l.centroid_lps for l in result.lesions], registration)
+    for lesion, where in zip(result.lesions, result.anatomy.locations):
+        lesion.mars_region, lesion.mars_structure, lesion.side = where.mars_region, where.mars_structure, where.side
+    seg, table, _ = write_result(result, node)
+
+    def column(name: str) -> list[str]:
+        array = table.GetTable().GetColumnByName(name)
+        return [array.GetValue(r) for r in range(table.GetNumberOfRows())]
+
+    assert (column("mars_region")[0], column("mars_structure")[0], column("side")[0]) == ("deep", "thalamus", "left")
+    assert column("mars_region") == [l.mars_region for l in result.lesions]
+    assert table.GetColumnName(0) and table.GetTable().GetColumnByName("side").GetName() == "side"
+
+    again, *_ = rethreshold(seg, 0.67, 2.0, 10.0)  # drops the first two spheres; ids start again at 1
+    expected = locate_lesions(None, [l.centroid_lps for l in again.lesions], registration).locations
+    assert again.lesions and [(l.mars_region, l.mars_structure, l.side) for l in again.lesions] == [
+        (e.mars_region, e.mars_structure, e.side) for e in expected]
+    assert column("mars_structure") == [e.mars_structure for e in expected]
+    regions = summary_of(seg)["regions"]
+    assert regions["n_lobar"] + regions["n_deep"] + regions["n_infratentorial"] + regions["n_region_unknown"] == len(again.lesions)
+    assert regions["registration"]["passed"] is True

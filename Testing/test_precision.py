@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +79,6 @@ class Builds:
         self.calls, self.scale = 0, scale
 
     def __call__(self) -> bytes:
-        import onnx
         from onnx import TensorProto, helper
 
         self.calls += 1

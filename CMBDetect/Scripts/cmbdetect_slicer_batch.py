@@ -5,7 +5,7 @@ Recommended (no GUI, no event loop, exits by itself, --help works):
     PythonSlicer cmbdetect_slicer_batch.py --input IN [IN ...] --output OUT \\
         [--threshold 0.4] [--min-size 2] [--max-size 10] [--device auto|cpu|cuda] \\
         [--model ID_OR_FILE] [--batch-size N] [--phase FILE_OR_FOLDER] [--phase-sign auto|keep|flip] \\
-        [--operating-point review|count] [--precision auto|fp32|bf16|int8] [--preview] [--quiet]
+        [--operating-point review|count] [--precision auto|fp32|bf16|int8] [--no-regions] [--preview] [--quiet]
 
 Also possible, through the full application (slower to start; Slicer reads its own options
 first, so the script's --help needs `--` before it):
@@ -18,8 +18,8 @@ In an installed extension the script lies in
 CMBDetect/Scripts/. PythonSlicer sits beside the Slicer executable (bin/ on Linux/Windows).
 
 IN: volume files (NIfTI, NRRD, MHA), folders of them or of DICOM series, or a CSV with an
-`image` column. Per case: <case>.seg.nrrd, label map, probability map, lesion CSV and summary
-JSON, all on the input's grid (the same files and options as the project's command line,
+`image` column. Per case: <case>.seg.nrrd, label map, probability map, lesion CSV (with each
+lesion's MARS region, structure and side), the registration's QC picture and summary JSON, all on the input's grid (the same files and options as the project's command line,
 `cmbdetect detect`, whose help follows this text). --quiet is advised under Slicer: its
 Python console is not a terminal, so progress bars come out one line per refresh.
 
@@ -65,7 +65,7 @@ def to_detect_argv(argv: list[str]) -> list[str]:
     """Our options to `cmbdetect detect`'s: --input IN... becomes the positional inputs.
 
     Positional inputs, as `cmbdetect detect` takes them, work too. Everything else (--output, --threshold, --min-size, --max-size, --device, --model,
-    --batch-size, --phase, --phase-sign, --operating-point, --preview, --quiet) is passed through unchanged, so both commands stay one.
+    --batch-size, --phase, --phase-sign, --operating-point, --no-regions, --preview, --quiet) is passed through unchanged, so both commands stay one.
     """
     inputs: list[str] = []
     rest: list[str] = []

@@ -31,7 +31,7 @@ from ..detection.pipeline import DetectionParams
 from ..errors import BatchError
 from .names import printable, refuse_unsafe_and_duplicates
 from .resume import done_summary, fingerprint, fingerprint_fields, remove_case_outputs, remove_staging_debris
-from .workers import CaseOutcome, CaseTask, run_case, run_in_processes
+from .workers import REGION_COLUMNS, CaseOutcome, CaseTask, region_columns, run_case, run_in_processes
 
 __all__ = ["CaseInput", "CaseOutcome", "detect_batch", "exit_code", "expand_inputs", "write_batch_table"]
 
@@ -230,6 +230,7 @@ def detect_batch(
             finish(i, CaseOutcome(
                 case, str(path), True, int(summary.get("n_lesions", 0)), int(summary.get("n_small", 0)),
                 int(summary.get("n_large", 0)), model_trained=bool(summary.get("model_trained", True)), status="skipped",
+                regions=region_columns(summary.get("regions")),
             ))  # fmt: skip
             continue
         remove_case_outputs(out_dir, case, dicom_dir)  # failed, changed or interrupted: start clean
@@ -285,9 +286,9 @@ def exit_code(outcomes: list[CaseOutcome]) -> int:
 
 def write_batch_table(path: Path, outcomes: list[CaseOutcome]) -> None:
     """The batch table, replaced whole or not at all (a full disk leaves the previous one)."""
-    fields = ["case", "source", "status", "ok", "n_lesions", "n_small", "n_large", "seconds", "error"]
+    fields = ["case", "source", "status", "ok", "n_lesions", "n_small", "n_large", *REGION_COLUMNS, "registration_qc", "seconds", "error"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for o in outcomes:
-            writer.writerow({**o.__dict__, "seconds": round(o.seconds, 2)})
+            writer.writerow({**o.__dict__, **o.regions, "seconds": round(o.seconds, 2)})

@@ -52,6 +52,7 @@ class CaseOutcome:
     status: str = ""  # "done", "skipped" (done by an earlier run), "refused" or "failed"
     cpu_seconds: float = 0.0  # CPU time of the worker process for this case, all its threads
     threads: int = 0  # the network engine's intra-op threads in the process that ran the case
+    regions: dict = field(default_factory=dict)  # the batch table's MARS columns (region_columns)
 
     def __post_init__(self) -> None:
         self.status = self.status or ("done" if self.ok else "failed")
@@ -126,6 +127,7 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         return CaseOutcome(
             case, task.source, True, s["n_lesions"], s["n_small"], s["n_large"], time.perf_counter() - start,
             model_trained=result.model_trained, cpu_seconds=time.process_time() - cpu_start, threads=result.threads,
+            regions=region_columns(s.get("regions")),
         )  # fmt: skip
     except CaseError as exc:
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=str(exc))
@@ -134,6 +136,19 @@ def run_case(task: CaseTask, progress: Callable[[float, str], None] | None = Non
         # must not stop a cohort: report it in full and go on.
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return CaseOutcome(case, task.source, False, seconds=time.perf_counter() - start, error=f"{case}: {detail}")
+
+
+REGION_COLUMNS = ("n_lobar", "n_deep", "n_infratentorial", "n_region_unknown", "n_left", "n_right", "n_midline", "pattern")
+
+
+def region_columns(regions: object) -> dict[str, object]:
+    """A summary's "regions" block as the batch table's columns; none with --no-regions."""
+    if not isinstance(regions, dict):
+        return {}
+    qc = regions.get("registration")
+    passed = qc.get("passed") if isinstance(qc, dict) else None
+    return {**{k: regions.get(k, "") for k in REGION_COLUMNS},
+            "registration_qc": "" if passed is None else ("passed" if passed else "failed")}  # fmt: skip
 
 
 def _source_summary(series) -> dict[str, str]:

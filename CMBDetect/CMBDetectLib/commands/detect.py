@@ -34,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the network's numbers: auto (default) takes bf16 on a CPU with avx512_bf16/amx_bf16, else fp32, and fp16 on CUDA; "
                         "int8 (ONNX Runtime, the model's shipped calibration) only when asked. README: Precision")
     p.add_argument("--dense", action="store_true", help="run the network over the whole plane of every slice, not only the head's box (same lesions, slower)")
+    p.add_argument("--no-regions", action="store_true",
+                   help="skip each lesion's MARS location (the registration to the MNI template, a few seconds a case): "
+                        "the lesion CSV's mars_region, mars_structure and side stay empty, and no <case>_registration.png")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png: each detection outlined on its slice, for a quick look")
     p.add_argument("--single-stage", action="store_true",
                    help="the paper's pipeline: U-Net and --threshold only, no candidate stage (the default model has a candidate classifier; cmbdetect-synth-c16-v0.2.0 is the single-stage model of the paper's design)")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_THRESHOLD if args.threshold is None else args.threshold, args.min_size, args.max_size, args.device,
         args.batch_size, args.model, engine=args.engine, precision=args.precision, head_only=not args.dense, single_stage=args.single_stage,
         candidate_model=args.candidate_model, operating_point=args.operating_point, phase_sign=args.phase_sign,
-        candidate_threshold=None if args.single_stage else args.threshold,
+        candidate_threshold=None if args.single_stage else args.threshold, regions=not args.no_regions,
     )  # fmt: skip
     try:
         from ..detection.inference import select_device

@@ -42,6 +42,11 @@ class Lesion:
     centroid_ras: tuple[float, float, float]
     mean_probability: float
     max_probability: float
+    # MARS location (anatomy/locate.py): lobar | deep | infratentorial, or "unknown" when the
+    # registration failed QC; "" when regions were not asked for (--no-regions).
+    mars_region: str = ""
+    mars_structure: str = ""
+    side: str = ""
 
     @property
     def name(self) -> str:

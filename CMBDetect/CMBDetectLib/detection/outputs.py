@@ -2,7 +2,9 @@
 
 Per case: `<case>.seg.nrrd` (Slicer segmentation, one segment per lesion), `<case>_lesions.nii.gz`
 (label map), `<case>_prob.nii.gz` (probability map, stored compactly: see `write_probability`),
-`<case>_lesions.csv`, on request `<case>_preview.png` (preview.py), and `<case>_summary.json`.
+`<case>_lesions.csv` (with each lesion's MARS region, structure and side), `<case>_registration.png`
+(the registration's QC picture; not with --no-regions), on request `<case>_preview.png`
+(preview.py), and `<case>_summary.json`.
 With the candidate stage (candidates.py), `<case>_rejected.csv` lists the candidates it turned
 down and why, the lesion CSV gains P(microbleed) and certainty, and `<case>_prob` is
 P(microbleed). For a case read from a DICOM series, `--dicom-out DIR` adds `<case>_seg.dcm` and
@@ -28,6 +30,7 @@ import numpy as np
 from ..errors import BatchError, CaseError
 from ..io import Geometry, atomic_path, fsync_file, write_volume
 from .lesions import CLASS_COLORS, Lesion
+from ..anatomy.picture import write_registration_picture
 from .preview import write_preview
 from .records import (
     LESION_COLUMNS, REJECTED_COLUMNS, Candidate, dicom_output_paths, lesion_row, output_paths, rejected_row, segment_tags,
@@ -165,12 +168,13 @@ def write_case_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     two_stage = getattr(result, "candidate_stage", None) is not None
-    final = output_paths(out_dir, case, preview=image is not None, rejected=two_stage)
+    anatomy = getattr(result, "anatomy", None)
+    final = output_paths(out_dir, case, preview=image is not None, rejected=two_stage, registration=anatomy is not None)
     staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=out_dir))
     dicom_staging: Path | None = None
     moved: list[Path] = []
     try:
-        staged = output_paths(staging, case, preview=image is not None, rejected=two_stage)
+        staged = output_paths(staging, case, preview=image is not None, rejected=two_stage, registration=anatomy is not None)
         staged_dicom: dict[str, Path] = {}
         if dicom is not None:
             dicom_staging = Path(tempfile.mkdtemp(prefix=f".cmbdetect-{case}-", dir=dicom.folder))
@@ -196,6 +200,7 @@ def write_case_outputs(
                 image, result.labels, result.lesions, result.geometry, p, case,
                 rejected=result.rejected if two_stage else None, rejected_labels=result.rejected_labels,
             ),
+            "registration": lambda p: write_registration_picture(anatomy.registration, p, case),
             "summary": lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"),
         }  # fmt: skip
         for key, path in staged.items():  # the summary last

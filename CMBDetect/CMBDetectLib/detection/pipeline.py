@@ -17,6 +17,7 @@ from ..errors import CaseError
 from .engines import Engine, make_engine
 from .head import HALO_PX, head_boxes
 from .inference import Cancelled, predict_stack, select_device
+from ..anatomy.locate import AnatomyResult, locate_lesions, location_counts
 from ..io import Geometry, Volume
 from .lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM, Lesion, extract_lesions, lesion_counts
 from ..models import LoadedModel, load_model, resolve
@@ -51,6 +52,7 @@ class DetectionParams:
     operating_point: str | None = None
     candidate_threshold: float | None = None  # stage 1's threshold for candidates; None: the classifier card's
     phase_sign: str = "auto"  # "auto" | "keep" | "flip": how a phase image's sign is read (candidates.py)
+    regions: bool = True  # each lesion's MARS location through a registration to the template (anatomy/)
 
 
 @dataclass
@@ -72,6 +74,16 @@ class DetectionResult:
     rejected: list = field(default_factory=list)
     rejected_labels: np.ndarray | None = None
     candidate_stage: dict | None = None
+    anatomy: AnatomyResult | None = None  # None: regions were not asked for
+
+    def regions_summary(self) -> dict[str, object] | None:
+        """Counts per MARS category and side, the pattern, the registration's QC; None when off."""
+        if self.anatomy is None:
+            return None
+        registration = self.anatomy.registration
+        return {**location_counts(self.anatomy.locations), "registration": registration.qc(),
+                "to_template": registration.matrix() if registration.ok else None,
+                "atlas_version": self.anatomy.atlas_version}  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         return {
@@ -90,6 +102,7 @@ class DetectionResult:
             "cmbdetect_version": __version__,
             "stages": 1 if self.candidate_stage is None else 2,
             **({} if self.candidate_stage is None else {"candidate_stage": self.candidate_stage}),
+            "regions": self.regions_summary(),
         }
 
 
@@ -264,6 +277,16 @@ def detect_volume(
             "seconds": round(stage.seconds, 3),
         }
         lap("candidates")
+    anatomy = None
+    if params.regions:
+        report(0.98, "locating the lesions (registration to the MNI template)")
+        try:
+            anatomy = locate_lesions(volume, [lesion.centroid_lps for lesion in lesions])
+        except RuntimeError as exc:  # the shipped atlas cannot be read
+            raise CaseError(case, str(exc)) from None
+        for lesion, where in zip(lesions, anatomy.locations):
+            lesion.mars_region, lesion.mars_structure, lesion.side = where.mars_region, where.mars_structure, where.side
+        lap("regions")
     report(1.0, f"{len(lesions)} microbleeds")
     return DetectionResult(
         probability=probability,
@@ -282,4 +305,5 @@ def detect_volume(
         rejected=rejected,
         rejected_labels=rejected_labels,
         candidate_stage=stage_info,
+        anatomy=anatomy,
     )

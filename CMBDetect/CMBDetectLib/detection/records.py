@@ -39,6 +39,8 @@ LESION_COLUMNS = [
     "mean_probability", "max_probability",
     # Stage 2 (candidates.py); empty in the single-stage pipeline.
     "p_microbleed", "certainty",
+    # MARS location (anatomy/): "unknown" when the registration failed QC, empty with --no-regions.
+    "mars_region", "mars_structure", "side",
 ]  # fmt: skip
 
 # `<case>_rejected.csv`: the candidates stage 2 turned down, with the reason (the most likely mimic).
@@ -81,9 +83,10 @@ OUTPUT_FILES = {
     "lesions_csv": "{case}_lesions.csv",
     "rejected_csv": "{case}_rejected.csv",  # with the candidate stage only
     "preview": "{case}_preview.png",  # on request only
+    "registration": "{case}_registration.png",  # the registration's QC picture; not with --no-regions
     "summary": "{case}_summary.json",
 }
-OPTIONAL_FILES = ("rejected_csv", "preview")
+OPTIONAL_FILES = ("rejected_csv", "preview", "registration")
 # With `--dicom-out DIR`, for a case read from a DICOM series: the DICOM Segmentation (only when
 # there is a lesion: a SEG needs a segment) and the measurement report, written by export/.
 DICOM_FILES = {"dicom_seg": "{case}_seg.dcm", "dicom_sr": "{case}_sr.dcm"}
@@ -94,10 +97,10 @@ def every_output_path(out_dir: Path, case: str) -> dict[str, Path]:
     return {key: Path(out_dir) / name.format(case=case) for key, name in OUTPUT_FILES.items()}
 
 
-def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool = False) -> dict[str, Path]:
-    """The files one run writes for `case`: the fixed ones, plus the preview and the rejected
-    candidates' CSV when asked for."""
-    wanted = {"rejected_csv": rejected, "preview": preview}
+def output_paths(out_dir: Path, case: str, preview: bool = False, rejected: bool = False, registration: bool = False) -> dict[str, Path]:
+    """The files one run writes for `case`: the fixed ones, plus the preview, the rejected
+    candidates' CSV and the registration's QC picture when asked for."""
+    wanted = {"rejected_csv": rejected, "preview": preview, "registration": registration}
     return {key: path for key, path in every_output_path(out_dir, case).items() if wanted.get(key, True)}
 
 
@@ -114,9 +117,10 @@ def lesion_row(lesion: Lesion) -> dict[str, object]:
         lesion.id, lesion.size_class, lesion.diameter_mm, lesion.volume_mm3, lesion.n_voxels,
         i, j, k, r, a, s, l_, p, s2, lesion.mean_probability, lesion.max_probability,
         getattr(lesion, "p_microbleed", ""), getattr(lesion, "certainty", ""),
+        lesion.mars_region, lesion.mars_structure, lesion.side,
     ]  # fmt: skip
     if not isinstance(lesion, Candidate):
-        values[-2:] = ["", ""]
+        values[-5:-3] = ["", ""]
     return {c: (round(v, 4) if isinstance(v, float) else v) for c, v in zip(LESION_COLUMNS, values)}
 
 
@@ -146,6 +150,10 @@ def segment_tags(lesion: Lesion) -> str:
     if isinstance(lesion, Candidate):
         tags["CMBDetect.PMicrobleed"] = f"{lesion.p_microbleed:.3f}"
         tags["CMBDetect.Certainty"] = lesion.certainty
+    if lesion.mars_region:
+        tags["CMBDetect.MarsRegion"] = lesion.mars_region
+        tags["CMBDetect.MarsStructure"] = lesion.mars_structure
+        tags["CMBDetect.Side"] = lesion.side
     return "".join(f"{k}:{v}|" for k, v in tags.items())
 
 

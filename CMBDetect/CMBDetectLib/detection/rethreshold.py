@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..anatomy.atlas import Location
+from ..anatomy.locate import locations_from_summary, with_counts
 from ..io import Geometry
 from .lesions import Lesion, extract_lesions, lesion_counts
 from .records import Candidate
@@ -64,6 +66,8 @@ class LesionMap:
         }
         if self.candidates is not None and isinstance(self.run.get("candidate_stage"), dict):
             out["candidate_stage"] = {**self.run["candidate_stage"], "n_rejected": len(self.rejected)}
+        if isinstance(self.run.get("regions"), dict):
+            out["regions"] = with_counts(self.run["regions"], [Location(l.mars_region, l.mars_structure, l.side) for l in self.lesions])
         return out
 
 
@@ -91,6 +95,7 @@ def lesions_from_probability(
     run = dict(run or {})
     if candidates is None:
         labels, lesions = extract_lesions(probability, geometry, threshold, min_diameter_mm, max_diameter_mm)
+        _locate(lesions, run)
         return LesionMap(probability, labels, lesions, geometry, threshold, min_diameter_mm, max_diameter_mm, run)
     stage = run.get("candidate_stage") or {}
     # Below this the map holds the U-Net's capped probability, not P(microbleed): the candidate
@@ -103,6 +108,7 @@ def lesions_from_probability(
         )
     labels, found = extract_lesions(probability, geometry, threshold, min_diameter_mm, max_diameter_mm)
     kept = [_with_verdict(lesion, _record_of(lesion, candidates), stage) for lesion in found]
+    _locate(kept, run)
     below = [c for c in candidates if c.p_microbleed < threshold and min_diameter_mm <= c.diameter_mm <= max_diameter_mm]
     # The stage's own rejections first, in its order, so that at its cut the ids are the command line's.
     below.sort(key=lambda c: c.kept)
@@ -120,6 +126,14 @@ def _record_of(lesion: Lesion, candidates: list[Candidate]) -> Candidate:
         f"the lesion at voxel {tuple(round(v, 1) for v in lesion.centroid_ijk)} is none of the run's candidates: "
         "the kept probability map and the candidate list disagree"
     )
+
+
+def _locate(lesions: list[Lesion], run: dict) -> None:
+    """Each lesion's MARS location through the run's registration (kept in its summary), so a
+    lesion re-extracted here reads as the command line wrote it; nothing when the run had none."""
+    where = locations_from_summary(run.get("regions"), [lesion.centroid_lps for lesion in lesions])
+    for lesion, place in zip(lesions, where or []):
+        lesion.mars_region, lesion.mars_structure, lesion.side = place.mars_region, place.mars_structure, place.side
 
 
 def _lesion_fields(lesion: Lesion) -> dict:

@@ -72,6 +72,7 @@ def worker_arguments(
     operating_point: str | None = None,
     phase_sign: str = "auto",
     precision: str = "auto",
+    regions: bool = True,
 ) -> list[str]:
     args = ["--input", str(input_path), "--out", str(out_dir), "--case", case, "--threshold", repr(float(threshold)),
             "--min-size", repr(float(min_diameter_mm)), "--max-size", repr(float(max_diameter_mm)), "--device", device]  # fmt: skip
@@ -89,6 +90,8 @@ def worker_arguments(
         args += ["--phase-sign", phase_sign]
     if precision != "auto":
         args += ["--precision", precision]
+    if not regions:
+        args.append("--no-regions")
     return args
 
 

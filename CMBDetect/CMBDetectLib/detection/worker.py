@@ -67,6 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--operating-point", choices=["review", "count"], default=None, help="stage 2's operating point (default: the classifier card's)")
     p.add_argument("--phase-sign", choices=["auto", "keep", "flip"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8", "fp16"], default="auto", help="the network's precision (README: Precision)")
+    p.add_argument("--no-regions", action="store_true", help="skip each lesion's MARS location (no registration to the template)")
     p.add_argument("--for-slicer", action="store_true",
                    help="write only what the Slicer module reads (probability.nrrd, result.json), not the command line's file set")  # fmt: skip
     return p.parse_args(argv)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
 
     params = DetectionParams(
         args.threshold, args.min_size, args.max_size, args.device, args.batch_size, args.model,
-        operating_point=args.operating_point, phase_sign=args.phase_sign, precision=args.precision,
+        operating_point=args.operating_point, phase_sign=args.phase_sign, precision=args.precision, regions=not args.no_regions,
     )  # fmt: skip
     device = select_device(params.device)
     precision = resolved_precision(params, device)

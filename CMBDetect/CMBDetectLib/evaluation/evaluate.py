@@ -72,6 +72,8 @@ class CaseResult:
     class_detection: dict[str, dict[str, int]]
     notes: list[str] = field(default_factory=list)
     fp_places: dict[str, int] | None = None  # false positives by mimic (FP_PLACES), with a mimic map
+    # MARS location agreement over detected true lesions, when the truth and the prediction have it
+    regions: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_probability(self) -> bool:
@@ -115,6 +117,8 @@ class CaseResult:
                 c[f"{cls}_{key}"] = value
         for outcome in ("TP", "FN", "FP", "TN"):
             c[f"patient_{outcome.lower()}"] = int(self.patient == outcome)
+        for key in REGION_KEYS:
+            c[key] = self.regions.get(key, 0)
         c["cases_with_mimic_map"] = int(self.fp_places is not None)
         for place in FP_PLACES:
             c[f"fp_on_{place}"] = (self.fp_places or {}).get(place, 0)
@@ -248,6 +252,7 @@ class CasePair:
     prediction_kind: str = "lesions"
     control: bool | None = None
     mimics: Path | None = None  # the synthetic engine's mimic map, where the truth folder has one
+    meta: Path | None = None  # the synthetic engine's TRUTH/meta/<case>.json (MARS truth per lesion)
 
 
 def read_controls(path: Path) -> dict[str, bool]:
@@ -326,6 +331,8 @@ def discover(pred_dir: str | Path, truth_dir: str | Path) -> tuple[list[CasePair
             errors.append(CaseError(case, f"prediction found but no ground truth {case}.nii.gz / {case}.nrrd / {case}.seg.nrrd in {label_dir}"))
             continue
         pair = CasePair(case, truth=truths[case][0], control=controls.get(case), mimics=mimic_maps.get(case))
+        meta = truth_dir / "meta" / f"{case}.json"
+        pair.meta = meta if label_dir != truth_dir and meta.is_file() else None
         pair.probability = probs[case][0] if case in probs else None
         if case in lesions:
             pair.prediction, pair.prediction_kind = lesions[case][0], "lesions"
@@ -369,6 +376,41 @@ def _read_truth(path: Path, case: str, like: Volume | None) -> Volume:
         array, geometry = read_label_file(path, case)
         return Volume(array, geometry)
     return Volume(read_label(path, case, like), like.geometry)
+
+
+REGION_KEYS = ("region_compared", "region_agree", "side_agree")
+
+
+def region_agreement(pair: CasePair, truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
+    """For each true lesion with a MARS truth (TRUTH/meta) that a predicted lesion overlaps (the
+    one covering most of it) and whose lesion CSV row has a known region: does the region, and
+    the side, agree? Lesions whose region came out unknown are not compared (they are counted
+    in the summary's n_region_unknown); empty when either side has no locations."""
+    import csv
+    import json
+
+    rows_path = pair.prediction.with_name(f"{pair.case}_lesions.csv") if pair.prediction is not None else None
+    try:
+        lesions = json.loads(pair.meta.read_text()).get("lesions", [])  # type: ignore[union-attr]
+        with open(rows_path, newline="") as f:  # type: ignore[arg-type]
+            rows = {int(r["id"]): r for r in csv.DictReader(f) if r.get("mars_region")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    out = dict.fromkeys(REGION_KEYS, 0)
+    for lesion in lesions:
+        if "mars_region" not in lesion:
+            return {}  # a truth written before the generator recorded locations
+        inside = prediction[truth == int(lesion["id"])]
+        inside = inside[inside > 0]
+        if not inside.size:
+            continue
+        row = rows.get(int(np.bincount(inside.astype(np.int64)).argmax()))
+        if row is None or row["mars_region"] == "unknown":
+            continue
+        out["region_compared"] += 1
+        out["region_agree"] += int(row["mars_region"] == lesion["mars_region"])
+        out["side_agree"] += int(row["side"] == lesion["side"])
+    return out
 
 
 def evaluate_pair(pair: CasePair, settings: Settings = Settings()) -> CaseResult:
@@ -435,6 +477,8 @@ def score_pair(pair: CasePair, settings: Settings = Settings()) -> tuple[CaseRes
         mimics = mimic_volume.array
     result = evaluate_arrays(case, truth.array, prediction, truth.geometry, probability, settings, pair.control, pair.prediction_kind, mimics)
     result.notes[:0] = notes
+    if pair.meta is not None and pred is not None and settings.keep_p is None:
+        result.regions = region_agreement(pair, truth.array, prediction)
     histograms = M.probability_histograms(probability, truth.array) if probability is not None else None
     return result, histograms
 
@@ -555,6 +599,13 @@ def summarize(ev: Evaluation) -> dict:
             "bootstrap_seed": s.seed,
             "confidence": s.confidence,
             "pixel_roc_bins": M.PIXEL_ROC_BINS,
+        },
+        "regions": {
+            "compared": int(sums.get("region_compared", 0)),
+            "region_agreement": (sums["region_agree"] / sums["region_compared"]) if sums.get("region_compared") else None,
+            "side_agreement": (sums["side_agree"] / sums["region_compared"]) if sums.get("region_compared") else None,
+            "note": "detected true lesions whose MARS region is known on both sides; the generator's anatomy comes from "
+                    "the same template as the atlas, so agreement here is necessary, not sufficient",
         },
         "cases": {
             "evaluated": len(results),

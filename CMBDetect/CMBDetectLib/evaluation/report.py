@@ -168,6 +168,10 @@ def summary_text(summary: dict) -> str:
         by_mimic = les.get("false_positives_by_mimic")
         if by_mimic:
             lines.append("false positives (paper's rule) by mimic: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in by_mimic.items()))
+    regions = summary.get("regions") or {}
+    if regions.get("compared"):
+        lines.append(f"MARS locations: region agreement {fmt(regions['region_agreement'])}, side {fmt(regions['side_agreement'])} "
+                     f"over {regions['compared']} detected true lesions")  # fmt: skip
     for e in c["errors"]:
         lines.append(f"error: {e['case']}: {e['problem']}")
     return "\n".join(lines)
@@ -357,6 +361,13 @@ def render_html(summary: dict) -> str:
                           p["controls"], p["controls_with_false_positive"]]]))
     if p["controls_with_false_positive_cases"]:
         parts.append("<p class='note'>Controls with a false positive: " + html.escape(", ".join(p["controls_with_false_positive_cases"])) + "</p>")
+
+    regions = s.get("regions") or {}
+    if regions.get("compared"):
+        parts.append("<h2>MARS locations (detected true lesions with a known region)</h2>")
+        parts.append(_table(["Lesions compared", "Region agreement", "Side agreement"],
+                            [[regions["compared"], fmt(regions["region_agreement"]), fmt(regions["side_agreement"])]]))  # fmt: skip
+        parts.append("<p class='note'>" + html.escape(regions.get("note", "")) + "</p>")
 
     parts.append("<h2>ROC</h2>")
     pix, lroc = s["pixel"]["roc"], les["roc"]

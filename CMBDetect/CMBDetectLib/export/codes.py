@@ -7,7 +7,8 @@ no DICOM context group (CID 7150/7151 list what a segment may be). So a lesion i
 Slicer's terminology codes it (outputs.TERMINOLOGY_ENTRY): SCT 50960005 "Hemorrhage", a
 "Morphologically Abnormal Structure" (SCT 49755003), anatomic region SCT 12738006 "Brain";
 "microbleed" is in the segment label and the SR's tracking identifier. What DICOM has no
-code for (the probability, the certainty and size classes, the counts by class) uses our own
+code for (the probability, the certainty and size classes, the MARS category and structure, the
+counts by class and region) uses our own
 coding scheme 99CMBDETECT, declared in each object's Coding Scheme Identification Sequence.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+
+from ..anatomy.atlas import STRUCTURES
 
 LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # SCT 49755003
 LESION_TYPE = codes.SCT.Hemorrhage  # SCT 50960005, as in Slicer's terminology and the .seg.nrrd
@@ -42,6 +45,28 @@ CLASS_COUNTS = {
     "n_large": Code("CMB-NLARGE", SCHEME, "Number of large microbleeds"),
     "n_definite": Code("CMB-NDEFINITE", SCHEME, "Number of definite microbleeds"),
     "n_possible": Code("CMB-NPOSSIBLE", SCHEME, "Number of possible microbleeds"),
+}
+# MARS location (anatomy/): the category and structure as our codes, the side as the finding
+# site's laterality (SCT Left / Right) or, at the midline, its topographical modifier.
+MARS_REGION = Code("CMB-MARSREGION", SCHEME, "MARS microbleed location category")
+MARS_REGION_VALUES = {
+    "lobar": Code("CMB-LOBAR", SCHEME, "Lobar"),
+    "deep": Code("CMB-DEEP", SCHEME, "Deep"),
+    "infratentorial": Code("CMB-INFRATENT", SCHEME, "Infratentorial"),
+    "unknown": Code("CMB-REGIONUNK", SCHEME, "Location unknown: registration to the template failed QC"),
+}
+MARS_STRUCTURE = Code("CMB-MARSSTRUCT", SCHEME, "MARS structure")
+MARS_STRUCTURE_VALUES = {
+    **{name: Code(f"CMB-ST{n:02d}", SCHEME, name.replace("_", " ").capitalize()) for n, (name, _) in enumerate(STRUCTURES, start=1)},
+    "unknown": Code("CMB-ST00", SCHEME, "Structure unknown"),
+}
+LATERALITY = {"left": codes.SCT.Left, "right": codes.SCT.Right}
+MIDLINE = codes.SCT.Midline  # SCT 261129000
+REGION_COUNTS = {
+    "n_lobar": Code("CMB-NLOBAR", SCHEME, "Number of lobar microbleeds"),
+    "n_deep": Code("CMB-NDEEP", SCHEME, "Number of deep microbleeds"),
+    "n_infratentorial": Code("CMB-NINFRATENT", SCHEME, "Number of infratentorial microbleeds"),
+    "n_region_unknown": Code("CMB-NREGIONUNK", SCHEME, "Number of microbleeds of unknown location"),
 }
 LESIONS_UNIT = Code("{lesions}", "UCUM", "lesions")
 NO_UNITS = Code("1", "UCUM", "no units")

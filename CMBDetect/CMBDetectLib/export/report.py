@@ -1,5 +1,5 @@
-"""The TID 1500 measurement report: per lesion its size and the classifier's verdict, per
-case the counts by class."""
+"""The TID 1500 measurement report: per lesion its size, the classifier's verdict and its MARS
+location (category, structure, side), per case the counts by class and by MARS category."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def _lesion_group(lesion, number: int, seg, source: DicomSource, tracking_uid: s
     if getattr(lesion, "certainty", ""):  # the candidate stage's verdict; the single-stage pipeline has none
         measurements.append(_number(codes.P_MICROBLEED, lesion.p_microbleed, codes.NO_UNITS))
         evaluations.append(hd.sr.QualitativeEvaluation(dcm_codes.DCM.CertaintyOfFinding, codes.CERTAINTY_VALUES[lesion.certainty]))
+    if lesion.mars_region:  # with --no-regions, no location
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.MARS_REGION, codes.MARS_REGION_VALUES[lesion.mars_region]))
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.MARS_STRUCTURE, codes.MARS_STRUCTURE_VALUES[lesion.mars_structure]))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=lesion.name),
         referenced_segment=hd.sr.ReferencedSegment(
@@ -32,11 +35,18 @@ def _lesion_group(lesion, number: int, seg, source: DicomSource, tracking_uid: s
             source_series=hd.sr.SourceSeriesForSegmentation(source.series.uid),
         ),  # fmt: skip
         finding_type=codes.LESION_TYPE,
-        finding_sites=[hd.sr.FindingSite(codes.REGION)],
+        finding_sites=[_site(lesion.side)],
         algorithm_id=found,
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
+
+
+def _site(side: str) -> hd.sr.FindingSite:
+    """The brain, with the lesion's side: laterality left or right, or the midline modifier."""
+    if side == "midline":
+        return hd.sr.FindingSite(codes.REGION, topographical_modifier=codes.MIDLINE)
+    return hd.sr.FindingSite(codes.REGION, laterality=codes.LATERALITY.get(side))
 
 
 def _counts_group(result, found) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -48,6 +58,9 @@ def _counts_group(result, found) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     if getattr(result, "candidate_stage", None) is not None:
         counts["n_definite"] = sum(getattr(lesion, "certainty", "") == "definite" for lesion in lesions)
         counts["n_possible"] = sum(getattr(lesion, "certainty", "") == "possible" for lesion in lesions)
+    if getattr(result, "anatomy", None) is not None:  # regions were asked for
+        counts.update({key: sum(lesion.mars_region == key.removeprefix("n_").replace("region_", "") for lesion in lesions)
+                       for key in codes.REGION_COUNTS})  # fmt: skip
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Microbleed counts"),
         finding_type=codes.LESION_TYPE,
@@ -55,7 +68,7 @@ def _counts_group(result, found) -> hd.sr.MeasurementsAndQualitativeEvaluations:
         algorithm_id=found,
         measurements=[
             _number(codes.N_LESIONS, len(lesions), codes.LESIONS_UNIT),
-            *(_number(codes.CLASS_COUNTS[key], n, codes.LESIONS_UNIT) for key, n in counts.items()),
+            *(_number({**codes.CLASS_COUNTS, **codes.REGION_COUNTS}[key], n, codes.LESIONS_UNIT) for key, n in counts.items()),
         ],
     )
 

@@ -39,6 +39,8 @@ class Spot:
     lps: np.ndarray
     diameter_mm: float
     p_microbleed: float | None
+    # MARS region, structure and side from its scan's lesion CSV; "" where that scan had none.
+    location: tuple[str, str, str] = ("", "", "")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Change:
     lps: np.ndarray  # in the follow-up's space
     diameter_mm: float
     p_microbleed: float | None
+    location: tuple[str, str, str] = ("", "", "")  # the follow-up's; for a resolved lesion, the baseline's
 
 
 def match_radius(a: Spot, b: Spot) -> float:

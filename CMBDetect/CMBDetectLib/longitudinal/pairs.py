@@ -43,6 +43,8 @@ from .matching import (
 CHANGE_COLUMNS = [
     "status", "evidence", "centroid_r", "centroid_a", "centroid_s", "centroid_l", "centroid_p", "centroid_s_lps",
     "diameter_mm", "p_microbleed",
+    # MARS location from the follow-up's lesion CSV (a resolved lesion: the baseline's); empty when not located.
+    "mars_region", "mars_structure", "side",
 ]  # fmt: skip
 
 NOTES = [
@@ -136,7 +138,8 @@ def _spots(lesions_csv: Path) -> list[Spot]:
     with open(lesions_csv, newline="") as f:
         return [
             Spot(np.array([float(r["centroid_l"]), float(r["centroid_p"]), float(r["centroid_s_lps"])]), float(r["diameter_mm"]),
-                 float(r["p_microbleed"]) if r.get("p_microbleed") else None)
+                 float(r["p_microbleed"]) if r.get("p_microbleed") else None,
+                 (r.get("mars_region") or "", r.get("mars_structure") or "", r.get("side") or ""))
             for r in csv.DictReader(f)
         ]  # fmt: skip
 
@@ -267,19 +270,20 @@ def compare_pair(pair: Pair, out: Path, params: LongitudinalParams, detected: De
     followed = {j for _, j in matched}
     for j, f in enumerate(follow_spots):
         if j in followed:
-            changes.append(Change(PERSISTING, MATCHED, f.lps, f.diameter_mm, f.p_microbleed))
+            changes.append(Change(PERSISTING, MATCHED, f.lps, f.diameter_mm, f.p_microbleed, f.location))
             continue
         at_baseline = reg.to_fixed(f.lps)[0]
         if not in_view(baseline, at_baseline):
-            changes.append(Change(NOT_COMPARED, OUTSIDE_BASELINE, f.lps, f.diameter_mm, f.p_microbleed))
+            changes.append(Change(NOT_COMPARED, OUTSIDE_BASELINE, f.lps, f.diameter_mm, f.p_microbleed, f.location))
             continue
         evidence = baseline_evidence(baseline, probability, at_baseline, match_radius(f, f), review_cut)
-        changes.append(Change(PERSISTING if evidence else NEW, evidence, f.lps, f.diameter_mm, f.p_microbleed))
+        changes.append(Change(PERSISTING if evidence else NEW, evidence, f.lps, f.diameter_mm, f.p_microbleed, f.location))
     kept = {i for i, _ in matched}
     for i, s in enumerate(mapped):
         if i not in kept:
             seen = in_view(followup, s.lps)
-            changes.append(Change(RESOLVED if seen else NOT_COMPARED, MISSED if seen else OUTSIDE_FOLLOWUP, s.lps, s.diameter_mm, s.p_microbleed))
+            changes.append(Change(RESOLVED if seen else NOT_COMPARED, MISSED if seen else OUTSIDE_FOLLOWUP, s.lps, s.diameter_mm,
+                                  s.p_microbleed, s.location))  # fmt: skip
     counts = {status: sum(c.status == status for c in changes) for status in (NEW, PERSISTING, RESOLVED, NOT_COMPARED)}
     summary = {
         "case": pair.case, "baseline": str(pair.baseline), "followup": str(pair.followup),
@@ -311,6 +315,7 @@ def _row(change: Change) -> dict:
         "status": change.status, "evidence": change.evidence, "centroid_r": -l_, "centroid_a": -p, "centroid_s": s,
         "centroid_l": l_, "centroid_p": p, "centroid_s_lps": s, "diameter_mm": change.diameter_mm,
         "p_microbleed": "" if change.p_microbleed is None else change.p_microbleed,
+        **dict(zip(("mars_region", "mars_structure", "side"), change.location)),
     }  # fmt: skip
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..detection.worker import HOLD_ENV
-from .pairs import STAGES, LongitudinalParams, Pair, run_pairs  # torch comes only with the detection
+from .pairs import LongitudinalParams, Pair, run_pairs  # torch comes only with the detection
 
 CASE = "followup"
 

@@ -37,6 +37,9 @@ _COLUMN_INFO: dict[str, tuple[str, str, str]] = {
     "p_microbleed": ("P(CMB)", "", "candidate stage: the classifier's probability that this is a microbleed"),
     "certainty": ("Certainty", "", "candidate stage: definite (P >= 0.8) or possible"),
     "reason": ("Reason", "", "rejected as: the mimic it most resembles, or below the threshold"),
+    "mars_region": ("MARS region", "", "lobar, deep or infratentorial (MARS); unknown when the registration to the template failed QC"),
+    "mars_structure": ("Structure", "", "the atlas structure at the centroid (e.g. frontal_cortex, thalamus)"),
+    "side": ("Side", "", "left, right or midline"),
     **{f"p_{c}": (f"P({c})", "", f"candidate stage: the classifier's probability that this is {c.replace('_', '-')}") for c in CLASSES[1:]},
     **{f"centroid_{a}": (a.upper(), "", f"centroid, voxel index (0-based) along {a}") for a in "ijk"},
     **{f"centroid_{a}": (f"{a.upper()} (mm)", "mm", f"centroid, RAS (Slicer's patient coordinates) {a.upper()}") for a in "ras"},
@@ -113,7 +116,7 @@ def fill_table(table_node: Any, lesions: list[Lesion]) -> None:
 
 
 # Columns of text and of integers; every other column holds numbers.
-_TEXT_COLUMNS = ("size_class", "certainty", "reason")
+_TEXT_COLUMNS = ("size_class", "certainty", "reason", "mars_region", "mars_structure", "side")
 _INT_COLUMNS = ("id", "n_voxels")
 
 

@@ -31,6 +31,9 @@ EDGE_SIGMA_MM = 1.0
 
 SHRINK = (4, 2, 1)
 SAMPLES = 50_000  # metric samples per level
+# The metric's random sample set is drawn from this seed, so that a case registers the same way
+# every run. Never 0: SimpleITK reads a seed of 0 as "from the wall clock" (sitkWallClock).
+SEED = 1
 
 
 @dataclass
@@ -64,50 +67,97 @@ class RigidResult:
 WORKING_MM = 1.0  # finer voxels are binned to about this size first: a rigid fit needs no more detail
 
 
-def _float_image(volume: Volume) -> sitk.Image:
-    """The volume as a float image with voxels of at least WORKING_MM: ITK's pyramid and sample
-    set cost seconds per level on a 0.5 mm scan, whatever the number of iterations."""
+def float_image(volume: Volume, working_mm: float = WORKING_MM) -> sitk.Image:
+    """The volume as a float image with voxels of at least `working_mm`: ITK's pyramid and
+    sample set cost seconds per level on a 0.5 mm scan, whatever the number of iterations."""
     image = sitk.Cast(to_sitk(volume.array.astype(np.float32), volume.geometry), sitk.sitkFloat32)
-    factors = [max(1, int(WORKING_MM / s + 1e-6)) for s in image.GetSpacing()]
+    factors = [max(1, int(working_mm / s + 1e-6)) for s in image.GetSpacing()]
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
-def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: int = 0) -> RigidResult:
-    """Euler 3D transform from `fixed` to `moving`: centred on the moments, Mattes mutual
-    information, three resolutions (4-2-1), then the pose check (PROBE_MM); when a neighbour
-    fits better, the optimiser starts once more from there. Raises RuntimeError when SimpleITK
-    cannot proceed (no overlap at all)."""
-    f, m = _float_image(fixed), _float_image(moving)
-    initial = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    transform, metric, iterations_used = _optimise(f, m, initial, iterations, seed)
-    pose, better = _pose_check(f, m, transform)
-    if not pose["pose_ok"] and better is not None:
-        # The optimiser stopped short (a small step, a flat stretch of the metric): once more from the better neighbour.
-        transform, metric, more = _optimise(f, m, _as_euler(better, f), iterations, seed)
-        iterations_used += more
-        pose, _ = _pose_check(f, m, transform)
-        pose["restarted"] = True
-    return RigidResult(transform, _correlation(f, m, transform), metric, iterations_used, pose)
+SMOOTHING_MM = {4: 2.0, 2: 1.0, 1: 0.0}  # Gaussian sigma (mm) per shrink factor of the pyramid
 
 
-def _optimise(f: sitk.Image, m: sitk.Image, initial: sitk.Transform, iterations: int, seed: int) -> tuple[sitk.Transform, float, int]:
+def optimise(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, shrink: tuple[int, ...] = SHRINK,
+    iterations: int = 40, seed: int = SEED, samples: int = SAMPLES, moving_mask: sitk.Image | None = None,
+) -> tuple[float, int]:
+    """Fit `transform` (fixed points -> moving points, changed in place): Mattes mutual
+    information on random samples, regular-step gradient descent, coarse to fine over `shrink`.
+    Returns the final metric (negative: lower is better) and the iterations of the last level.
+    Raises RuntimeError when SimpleITK cannot proceed (no overlap at all)."""
+    if seed == 0:
+        raise ValueError("seed 0 means 'from the wall clock' to SimpleITK: runs would differ")
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    # About SAMPLES points per level, whatever the scan's size: a 512 x 512 x 100 SWI at 20 %
+    # About `samples` points per level, whatever the scan's size: a 512 x 512 x 100 SWI at 20 %
     # would cost five million points an iteration at full resolution.
-    voxels = float(np.prod(f.GetSize()))
-    reg.SetMetricSamplingPercentagePerLevel([min(0.2, SAMPLES * shrink**3 / voxels) for shrink in SHRINK], seed)
+    voxels = float(np.prod(fixed.GetSize()))
+    reg.SetMetricSamplingPercentagePerLevel([min(0.2, samples * s**3 / voxels) for s in shrink], seed)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
     # Coarse to fine, so that a motion of several millimetres is found before the detail is.
-    reg.SetShrinkFactorsPerLevel(list(SHRINK))
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([SMOOTHING_MM.get(s, s / 2.0) for s in shrink])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(initial, inPlace=False)
-    transform = reg.Execute(f, m)
-    return transform, float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
+    reg.SetInitialTransform(transform, inPlace=True)
+    # One thread: the metric's threads add their partial sums in the order they finish, which
+    # made two runs of one case differ in the last digits (and, rarely, in a rounded output).
+    # The metric takes ITK's global default (the method's own setting does not reach it); at
+    # 1-2 mm working voxels a single thread costs no measurable time (docs/regions.md).
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        reg.Execute(fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    return float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
+
+
+def centre_of_mass(image: sitk.Image) -> np.ndarray:
+    """The intensity-weighted centre of an image (LPS mm)."""
+    array = sitk.GetArrayViewFromImage(image).astype(np.float64)
+    weights = [array.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]  # k, j, i
+    total = float(array.sum())
+    if total <= 0:
+        return np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
+    kji = [float(np.dot(w, np.arange(len(w)))) / total for w in weights]
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(kji[::-1]))
+
+
+def moments_start(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
+    """Rotation about the fixed image's centre of mass, translated onto the moving image's: what
+    SimpleITK's CenteredTransformInitializer (MOMENTS) gives an Euler transform, computed here
+    because that initialiser's translation depended on the images of earlier calls in the same
+    process (up to 10 mm), so a case's registration depended on the cases run before it."""
+    centre, target = centre_of_mass(fixed), centre_of_mass(moving)
+    start = sitk.Euler3DTransform()
+    start.SetCenter(tuple(map(float, centre)))
+    start.SetTranslation(tuple(map(float, target - centre)))
+    return start
+
+
+def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: int = SEED) -> RigidResult:
+    """Euler 3D transform from `fixed` to `moving`: centred on the moments, Mattes mutual
+    information, three resolutions (4-2-1), then the pose check (PROBE_MM); when a neighbour
+    fits better, the optimiser starts once more from there. Raises RuntimeError when SimpleITK
+    cannot proceed (no overlap at all)."""
+    f, m = float_image(fixed), float_image(moving)
+    transform = moments_start(f, m)
+    metric, done = optimise(f, m, transform, SHRINK, iterations, seed)
+    pose, better = _pose_check(f, m, transform)
+    if not pose["pose_ok"] and better is not None:
+        # The optimiser stopped short (a small step, a flat stretch of the metric): once more from the better neighbour.
+        transform = _as_euler(better, f)
+        metric, more = optimise(f, m, transform, SHRINK, iterations, seed)
+        done += more
+        pose, _ = _pose_check(f, m, transform)
+        pose["restarted"] = True
+    return RigidResult(transform, _correlation(f, m, transform), metric, done, pose)
 
 
 def _centre(image: sitk.Image) -> tuple[float, float, float]:
@@ -145,7 +195,7 @@ def pose_check(fixed: Volume, moving: Volume, transform: sitk.Transform) -> dict
     """Whether `transform` (fixed -> moving) is where the two scans' edges fit best among its
     neighbours: PROBE_MM away along each axis of the fixed space, PROBE_DEG about each axis
     through the fixed scan's centre (see PROBE_MM)."""
-    return _pose_check(_float_image(fixed), _float_image(moving), transform)[0]
+    return _pose_check(float_image(fixed), float_image(moving), transform)[0]
 
 
 def _edges(image: sitk.Image) -> sitk.Image:

@@ -529,7 +529,7 @@ def _r(v: float, n: int = 4) -> float:
     return round(float(v), n)
 
 
-def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
+def _lesion_entry(bleed: Microbleed, geometry: Geometry, truth: dict[str, str]) -> dict[str, object]:
     ijk = bleed.centre_kji[::-1]
     lps = geometry.index_to_lps(ijk)
     d_app = float(equivalent_diameter_mm(bleed.n_voxels, geometry.spacing))
@@ -542,7 +542,9 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
         "apparent_diameter_mm": _r(d_app),
         "size_class": size_class(d_app),
         "target_class": bleed.target_class,
-        "region": bleed.region,
+        "region": bleed.region,  # where it was drawn (the region map); the MARS truth follows
+        # The MARS truth at the bleed's centre from the shipped structure map (anatomy/atlas.py).
+        **truth,
         "shape": bleed.shape,
         "semi_axes_mm": [_r(v) for v in bleed.source.semi_axes_mm],
         "susceptibility_ppm": _r(bleed.source.chi_ppm),
@@ -552,6 +554,14 @@ def _lesion_entry(bleed: Microbleed, geometry: Geometry) -> dict[str, object]:
         "lobes_mm": [[_r(v, 3) for v in lobe] for lobe in bleed.source.lobes],  # x, y, z offset, radius
         "placement": bleed.placement,
     }
+
+
+def _mars_truth(bleeds: list[Microbleed]) -> list[dict[str, str]]:
+    if not bleeds:
+        return []
+    from ..anatomy.atlas import truth_at
+
+    return truth_at(np.array([b.centre_mni for b in bleeds]))
 
 
 def _meta(
@@ -609,7 +619,7 @@ def _meta(
         "label_level_default": LABEL_LEVEL,
         "n_lesions": len(bleeds),
         "n_lesions_requested": n_wanted,
-        "lesions": [_lesion_entry(b, geometry) for b in bleeds],
+        "lesions": [_lesion_entry(b, geometry, t) for b, t in zip(bleeds, _mars_truth(bleeds))],
         "mimics": {
             "veins": summarise(veins),
             "vein_voxels_over_half_blood": int((raster.fraction > 0.5).sum()),
