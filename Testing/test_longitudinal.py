@@ -124,6 +124,20 @@ def test_identical_scans_give_no_new_bleed(tmp_path, detector):
     assert (summary["new_microbleeds"], summary["persisting"], summary["resolved"], summary["aria_h"]) == (0, len(OLD), 0, "none")
 
 
+def test_no_regions_skips_each_scans_registration_to_the_template_and_redoes_a_pair_done_with_them(tmp_path, detector):
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    out = tmp_path / "out"
+    assert main(["longitudinal", str(base), str(base), "-o", str(out), "--case", "same", "--no-regions", *detector]) == 0
+    summary = json.loads((out / "same_summary.json").read_text())
+    scan = json.loads((out / "baseline" / "b_summary.json").read_text())
+    assert scan["regions"] is None and summary["parameters"]["regions"] is False
+    assert summary["new_microbleeds"] == 0 and summary["persisting"] == len(OLD)
+    # With regions (the default) the pair's parameters differ: it is redone, its scan registered.
+    assert main(["longitudinal", str(base), str(base), "-o", str(out), "--case", "same", *detector]) == 0
+    scan = json.loads((out / "baseline" / "b_summary.json").read_text())
+    assert scan["regions"] is not None and json.loads((out / "same_summary.json").read_text())["parameters"]["regions"] is True
+
+
 def test_a_bleed_seen_at_baseline_below_the_count_point_is_persisting(tmp_path, detector):
     # At baseline the spot is too small to be a lesion (under 2 mm): not counted, but dark there.
     base = baseline_scan(tmp_path / "b.nii.gz", OLD + [(NEW[0][0], 1.6)])
@@ -329,7 +343,7 @@ def test_slicer_compare_with_baseline_runs_in_a_child_process_and_shows_grade_an
     the scene is untouched until finish(), which shows the grade text, one row per change, and a
     click on a new bleed's row jumps to where that lesion lies in the follow-up."""
     from CMBDetectLib.detection.runner import SUCCEEDED
-    from CMBDetectLib.longitudinal.worker import STAGES
+    from CMBDetectLib.longitudinal.pairs import STAGES
     from CMBDetectLib.mrml.job import ComparisonJob, InputGone
     from CMBDetectLib.mrml.longitudinal import (
         change_position_world,

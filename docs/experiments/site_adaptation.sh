@@ -30,6 +30,7 @@ N_TEST=${N_TEST:-20}
 MAX_MINUTES=${MAX_MINUTES:-20}
 BOOTSTRAP=${BOOTSTRAP:-1000}
 SYNTH_EXTRA=${SYNTH_EXTRA:-}
+DETECT_EXTRA=${DETECT_EXTRA:-}  # e.g. --no-regions: the MARS locations play no part here
 SITE=(--contrast-curve knee --field-strength 3.0 --te 38 --thickness 2.5 --vendor GE)
 
 if [ -e "$OUT" ]; then echo "error: $OUT exists; choose another OUT (nothing is overwritten)" >&2; exit 2; fi
@@ -61,8 +62,9 @@ for part, chosen in (("review", names[:n_review]), ("test", names[n_review:])):
 PY
 
 echo "== the shipped model, at review, on every case"
-"$CMBDETECT" detect "$OUT/review/images" -o "$OUT/base/review" --operating-point review -q
-"$CMBDETECT" detect "$OUT/test/images" -o "$OUT/base/test" --operating-point review -q
+# shellcheck disable=SC2086  # DETECT_EXTRA is a list of options
+"$CMBDETECT" detect "$OUT/review/images" -o "$OUT/base/review" --operating-point review -q $DETECT_EXTRA
+"$CMBDETECT" detect "$OUT/test/images" -o "$OUT/base/test" --operating-point review -q $DETECT_EXTRA
 
 echo "== the scripted reader reviews the $N_REVIEW review cases"
 "$CMBDETECT" review create "$OUT/study.db" --images "$OUT/review/images" --detections "$OUT/base/review"
@@ -74,7 +76,8 @@ echo "== adapt --study (at most $MAX_MINUTES min)"
 "$CMBDETECT" adapt --study "$OUT/study.db" -o "$OUT/model" --max-minutes "$MAX_MINUTES"
 
 echo "== the adapted model, at review, on the $N_TEST test cases"
-"$CMBDETECT" detect "$OUT/test/images" -o "$OUT/adapted/test" --model "$OUT/model" --operating-point review -q
+# shellcheck disable=SC2086
+"$CMBDETECT" detect "$OUT/test/images" -o "$OUT/adapted/test" --model "$OUT/model" --operating-point review -q $DETECT_EXTRA
 
 echo "== evaluation on the test cases, both models, both operating points"
 count_threshold() {  # the count point of a classifier card (no phase: the site has none)

@@ -23,6 +23,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="detector: registry id or .safetensors with its card (default: the registry's)")
     p.add_argument("--candidate-model", default=None, metavar="ID_OR_FILE", help="candidate classifier (default: the one the detector's card names)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the network runs (default: CUDA if present)")
+    p.add_argument("--no-regions", action="store_true", help="skip each scan's registration to the template (no MARS locations; faster)")
     p.add_argument("--force", action="store_true", help="redo every pair, even those done in OUT with the same parameters")
 
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    params = LongitudinalParams(model=args.model, candidate_model=args.candidate_model, device=args.device)
+    params = LongitudinalParams(model=args.model, candidate_model=args.candidate_model, device=args.device, regions=not args.no_regions)
 
     def report(outcome) -> None:
         if not outcome.ok:

@@ -92,6 +92,7 @@ class LongitudinalParams:
     operating_point: str = "count"  # what is counted; the review point's cut is the evidence of "seen at baseline"
     min_correlation: float = MIN_CORRELATION
     device: str = "auto"
+    regions: bool = True  # each scan's MARS locations (anatomy/); off for speed runs
 
 
 def read_pairs_csv(path: Path) -> list[Pair]:
@@ -170,7 +171,7 @@ class Detected:
 
         self.out = out
         self.detection = DetectionParams(model=params.model, candidate_model=params.candidate_model,
-                                         operating_point=params.operating_point, device=params.device)  # fmt: skip
+                                         operating_point=params.operating_point, device=params.device, regions=params.regions)  # fmt: skip
         self.claims_path = out / "scans.json"
         try:
             self.claims: dict[str, dict[str, str]] = json.loads(self.claims_path.read_text())
