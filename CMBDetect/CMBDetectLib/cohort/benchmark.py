@@ -81,14 +81,16 @@ def _noop(x: int) -> int:
 
 def cohort_benchmark(
     n_cases: int = 6, shape: tuple[int, int, int] = (24, 256, 256), repeats: int = 2, model: str | None = None,
-    workers: int = 2, log=None,
+    workers: int = 2, log=None, regions: bool = False,
 ) -> dict:  # fmt: skip
-    """Figures for serial, `workers` local processes and a `workers`-worker LocalCluster."""
+    """Figures for serial, `workers` local processes and a `workers`-worker LocalCluster. Without
+    `regions` the cases skip the registration to the template (detect's `--no-regions`): its
+    metric runs on one thread, so it would flatter the workers against the serial run."""
     from .distributed import import_distributed
 
     distributed = import_distributed()
     say = log or (lambda message: None)
-    params = DetectionParams(device="cpu", model=model)
+    params = DetectionParams(device="cpu", model=model, regions=regions)
     figures: dict[str, Figure] = {}
     with tempfile.TemporaryDirectory(prefix="cmbdetect-cohort-bench-") as tmp:
         root = Path(tmp)
@@ -126,13 +128,13 @@ def cohort_benchmark(
     lc = figures[f"LocalCluster {workers} workers"]
     beyond = statistics.median(lc.wall_s) * workers / n_cases - lc.case_s
     return {
-        "shape": list(shape), "cases": n_cases, "repeats": repeats, "cluster_start_s": cluster_start,
+        "shape": list(shape), "cases": n_cases, "repeats": repeats, "regions": regions, "cluster_start_s": cluster_start,
         "figures": figures, "noop_task_ms": 1000 * statistics.median(roundtrips),
         "cluster_overhead_s_per_case": beyond,
     }  # fmt: skip
 
 
-def profile_case(path: Path, model: str | None = None, threads: int = 1, repeats: int = 2) -> dict:
+def profile_case(path: Path, model: str | None = None, threads: int = 1, repeats: int = 2, regions: bool = False) -> dict:
     """One real case, step by step on `threads` torch threads: read, detect, write; time and bytes.
 
     The steps a cohort repeats 50,000 times, apart, so that a cost estimate can say which one
@@ -148,7 +150,7 @@ def profile_case(path: Path, model: str | None = None, threads: int = 1, repeats
     from ..io import read_volume
 
     torch.set_num_threads(threads)
-    params = DetectionParams(device="cpu", model=model)
+    params = DetectionParams(device="cpu", model=model, regions=regions)
     steps: dict[str, list[tuple[float, float]]] = {"read": [], "detect": [], "write": []}
 
     def timed(step: str, fn):

@@ -17,12 +17,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-case", default=None, metavar="FILE", help="instead: time one real case step by step (read, detect, write) on --threads threads, with file sizes")
     p.add_argument("--threads", type=int, default=1, help="torch threads for --profile-case (default 1, as a worker of a full node)")
     p.add_argument("--model", default=None, help="registry id or .safetensors file (default: the registry's default)")
+    p.add_argument("--regions", action="store_true",
+                   help="include each case's registration to the template (MARS locations); off by default: the throughput of detection")
 
 
 def profile(args: argparse.Namespace) -> int:
     from ..cohort.benchmark import profile_case
 
-    res = profile_case(args.profile_case, args.model, args.threads, args.repeats)
+    res = profile_case(args.profile_case, args.model, args.threads, args.repeats, regions=args.regions)
     k, r, c = res["shape"]
     print(f"{args.profile_case}: {k} x {r} x {c} voxels, {res['input_bytes'] / 1e6:.1f} MB on disk; "
           f"{res['threads']} torch thread(s), median of {args.repeats}")
@@ -45,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
         print("error: need --cases >= --workers >= 1 and --repeats >= 1", file=sys.stderr)
         return 2
     try:
-        res = cohort_benchmark(args.cases, tuple(args.shape), args.repeats, args.model, args.workers, log=lambda m: print(m, file=sys.stderr))
+        res = cohort_benchmark(args.cases, tuple(args.shape), args.repeats, args.model, args.workers, log=lambda m: print(m, file=sys.stderr),
+                               regions=args.regions)  # fmt: skip
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     k, r, c = res["shape"]
-    print(f"{res['cases']} cases of {k} x {r} x {c}, median of {res['repeats']} runs per variant (wall time includes starting worker processes)")
+    print(f"{res['cases']} cases of {k} x {r} x {c}, median of {res['repeats']} runs per variant (wall time includes starting worker processes); "
+          f"regions {'on' if res['regions'] else 'off (--regions to include them)'}")
     print(f"{'variant':<26}{'workers':>8}{'wall s':>9}{'s/case':>9}{'cases/h':>9}{'speed-up':>10}{'case s':>8}{'cpu s':>7}{'steady cases/h':>16}  runs")
     base = None
     for fig in res["figures"].values():
