@@ -158,6 +158,21 @@ def test_an_oblique_followup_on_another_grid_is_handled(tmp_path, detector):
     assert (summary["new_microbleeds"], summary["persisting"], summary["resolved"]) == (2, len(OLD), 0)
 
 
+def test_a_partial_slab_followup_of_a_whole_head_is_compared_not_refused(tmp_path, detector):
+    """A follow-up that covers a third of the baseline's head (another protocol's slab): the QC
+    judges the overlap on the slab's grid, where the baseline covers all of it. (It was refused
+    before, as if it were another head: the slab covered under half of the baseline's head.)"""
+    base = baseline_scan(tmp_path / "b.nii.gz")
+    slab = Geometry(GRID.spacing, (GRID.origin[0], GRID.origin[1], GRID.origin[2] + 5 * GRID.spacing[2]))
+    follow = followup_of(OLD + NEW[:1], tmp_path / "f.nii.gz", grid=slab, shape=(7, *SHAPE[1:]))
+    assert main(["longitudinal", str(base), str(follow), "-o", str(tmp_path / "out"), *detector]) == 0
+    summary = json.loads((tmp_path / "out" / "f_summary.json").read_text())
+    assert summary["registration"]["correlation"] >= summary["registration"]["min_correlation"]
+    assert (summary["new_microbleeds"], summary["persisting"], summary["resolved"], summary["aria_h"]) == (1, len(OLD), 0, "mild")
+    new = [r for r in rows(tmp_path / "out" / "f_changes.csv") if r["status"] == "new"]
+    assert len(new) == 1 and nearest(expected_in_followup(NEW[:1]), new[0]) < 1.5
+
+
 def test_a_followup_that_does_not_register_is_refused_not_graded(tmp_path, detector, capsys):
     baseline_scan(tmp_path / "b.nii.gz")
     noise = np.abs(np.random.default_rng(3).normal(200, 120, SHAPE)).astype(np.float32)

@@ -248,20 +248,26 @@ def _pose_check(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform
     }, (None if ok else better)
 
 
-def _correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
-    """Pearson correlation of the fixed scan and the moving scan resampled onto it, where the
-    moving scan has data; 0 when that covers less than half the fixed scan's head (above
-    Otsu's threshold)."""
-    a = sitk.GetArrayViewFromImage(fixed)
-    resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, np.nan, sitk.sitkFloat32)
-    b = sitk.GetArrayViewFromImage(resampled)
-    head = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(fixed, 0, 1)).astype(bool)
-    inside = head & np.isfinite(b)
-    if inside.sum() < 100 or inside.sum() < 0.5 * head.sum():
-        return 0.0  # the moving scan covers too little of the fixed head to compare
+def _overlap(onto: sitk.Image, other: sitk.Image, transform: sitk.Transform) -> tuple[float, np.ndarray, np.ndarray]:
+    """`other` resampled onto `onto` (`transform` maps `onto`'s points into `other`): the share
+    of `onto`'s head (above Otsu's threshold) that `other` covers, and the two scans' values
+    where `other` has data."""
+    a = sitk.GetArrayViewFromImage(onto)
+    b = sitk.GetArrayFromImage(sitk.Resample(other, onto, transform, sitk.sitkLinear, np.nan, sitk.sitkFloat32))
+    head = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(onto, 0, 1)).astype(bool)
+    inside = int((head & np.isfinite(b)).sum())
+    covered = inside / max(int(head.sum()), 1) if inside >= 100 else 0.0
     # The whole overlap, not only the head: the head's outline carries much of the alignment.
     both = np.isfinite(b)
-    x, y = a[both].astype(np.float64), b[both].astype(np.float64)
-    if x.std() == 0 or y.std() == 0:
-        return 0.0
+    return covered, a[both].astype(np.float64), b[both].astype(np.float64)
+
+
+def _correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """Pearson correlation of the two scans where they overlap after registration, seen from the
+    scan that the other covers the more of: a partial slab lies within a whole head, so a slab
+    follow-up is judged on its own grid (its head inside the baseline's), not by the share of
+    the baseline's head it covers. 0 when the overlap holds less than half of either scan's head."""
+    covered, x, y = max(_overlap(fixed, moving, transform), _overlap(moving, fixed, transform.GetInverse()), key=lambda o: o[0])
+    if covered < 0.5 or x.std() == 0 or y.std() == 0:
+        return 0.0  # too little overlap to compare
     return float(np.corrcoef(x, y)[0, 1])
