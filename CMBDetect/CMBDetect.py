@@ -777,6 +777,11 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             operating_point=operatingPoint,
         )
         logging.info(f"CMBDetect: detecting in {inputVolume.GetName()} on {'cuda' if useGpu else 'cpu'}")
+        return self._started(job)
+
+    @staticmethod
+    def _started(job):
+        """The job with its child process started; its temporary folder removed if it cannot start."""
         try:
             job.start()
         except Exception:
@@ -817,12 +822,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             operating_point=operatingPoint,
         )
         logging.info(f"CMBDetect: comparing {followupVolume.GetName()} with the baseline {baselineVolume.GetName()}")
-        try:
-            job.start()
-        except Exception:
-            job.cleanup()
-            raise
-        return job
+        return self._started(job)
 
     def finishComparison(self, job):
         """The comparison in the scene (CMBDetectLib.mrml.longitudinal.Comparison: transform, changes

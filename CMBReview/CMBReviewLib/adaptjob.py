@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from CMBDetectLib.detection.runner import WorkerRun, library_root
+from CMBDetectLib.detection.runner import WorkerJob, WorkerRun, library_root
 
 DONE_FILE = "unet.json"  # adapt writes the U-Net's card last
 
@@ -25,7 +25,7 @@ def adapt_arguments(study: str | os.PathLike, out: str | os.PathLike, max_minute
     return args
 
 
-class AdaptJob:
+class AdaptJob(WorkerJob):
     """One `adapt --study` run: `start()`, `poll()` (never blocks), `cancel()`, then `out` holds
     the model when `run.state` is runner.SUCCEEDED (else `run.error` says why)."""
 
@@ -42,14 +42,3 @@ class AdaptJob:
         self.run = WorkerRun(adapt_arguments(study, self.out, max_minutes, model), self.out, python=python, env=env,
                              module="CMBDetectLib.commands.adapt", result_file=DONE_FILE)  # fmt: skip
 
-    def start(self) -> None:
-        self.run.start()
-
-    def poll(self) -> list:
-        return self.run.poll()
-
-    def wait(self, timeout: float | None = None) -> str:
-        return self.run.wait(timeout)
-
-    def cancel(self) -> None:
-        self.run.cancel()

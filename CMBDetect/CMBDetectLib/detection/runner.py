@@ -246,6 +246,25 @@ class WorkerRun:
         return WorkerOutput(probability, summary, self.out_dir)
 
 
+class WorkerJob:
+    """A module's job that is one child process (`self.run`, set by the subclass): what the
+    module's timer and buttons call, the same for a detection, a comparison and an adaptation."""
+
+    run: WorkerRun
+
+    def start(self) -> None:
+        self.run.start()
+
+    def poll(self) -> list:
+        return self.run.poll()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.run.wait(timeout)
+
+    def cancel(self) -> None:
+        self.run.cancel()
+
+
 def _kill_tree(process: subprocess.Popen) -> None:
     """Kill the child and everything under it, now.
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..detection.lesions import DEFAULT_THRESHOLD, MAX_DIAMETER_MM, MIN_DIAMETER_MM
 from ..detection.phase import check_phase
 from ..detection.records import candidate_from_record
+from ..detection.runner import WorkerJob
 from ..detection.rethreshold import LesionMap, lesions_from_probability, stage_cut
 from ..io import write_volume
 from .nodes import geometry_of_node, volume_from_node
@@ -50,7 +51,7 @@ class InputGone(Exception):
     """The input volume left the scene (deleted, or the scene closed) while its detection ran."""
 
 
-class DetectionJob:
+class DetectionJob(WorkerJob):
     """One detection of a volume node in a child process: the MRML side of runner.WorkerRun.
 
     `__init__` copies the node's voxels and grid to `work_dir/input.nrrd` (the child never sees
@@ -116,18 +117,6 @@ class DetectionJob:
         )
         self.run = WorkerRun(arguments, self.work_dir / "out", python=python, env=env)
 
-    def start(self) -> None:
-        self.run.start()
-
-    def poll(self) -> list:
-        return self.run.poll()
-
-    def wait(self, timeout: float | None = None) -> str:
-        return self.run.wait(timeout)
-
-    def cancel(self) -> None:
-        self.run.cancel()
-
     def uses(self, node: Any) -> bool:
         return node is self.input_volume_node
 
@@ -170,7 +159,7 @@ class DetectionJob:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-class ComparisonJob:
+class ComparisonJob(WorkerJob):
     """"Compare with baseline": `cmbdetect longitudinal` on two volume nodes in a child process
     (longitudinal/worker.py, the same library call as the command line), then its outputs into
     the scene through longitudinal.show_comparison.
@@ -221,18 +210,6 @@ class ComparisonJob:
             arguments += ["--model", str(model)]
         self.run = WorkerRun(arguments, self.out_dir, python=python, env=env, module="CMBDetectLib.longitudinal.worker",
                              result_file=summary_file(self.case))  # fmt: skip
-
-    def start(self) -> None:
-        self.run.start()
-
-    def poll(self) -> list:
-        return self.run.poll()
-
-    def wait(self, timeout: float | None = None) -> str:
-        return self.run.wait(timeout)
-
-    def cancel(self) -> None:
-        self.run.cancel()
 
     def uses(self, node: Any) -> bool:
         return node is self.input_volume_node or node is self.baseline_volume_node
