@@ -254,7 +254,8 @@ def _overlap(onto: sitk.Image, other: sitk.Image, transform: sitk.Transform) -> 
     where `other` has data."""
     a = sitk.GetArrayViewFromImage(onto)
     b = sitk.GetArrayFromImage(sitk.Resample(other, onto, transform, sitk.sitkLinear, np.nan, sitk.sitkFloat32))
-    head = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(onto, 0, 1)).astype(bool)
+    # A copy: a view of the temporary mask would read freed memory (a wrong mask, or a crash).
+    head = sitk.GetArrayFromImage(sitk.OtsuThreshold(onto, 0, 1)).astype(bool)
     inside = int((head & np.isfinite(b)).sum())
     covered = inside / max(int(head.sum()), 1) if inside >= 100 else 0.0
     # The whole overlap, not only the head: the head's outline carries much of the alignment.
