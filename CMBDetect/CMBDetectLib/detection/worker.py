@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 STAGES = ("model-load", "preprocessing", "inference", "lesion-extraction", "writing")
@@ -128,17 +129,26 @@ def run(args: argparse.Namespace) -> None:
     _say(f"DONE {args.out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run_reporting(run: Callable[[argparse.Namespace], None], args: argparse.Namespace, plain: tuple[type[Exception], ...] = ()) -> int:
+    """`run(args)` in this protocol: an exception ends as one ERROR line and exit status 1, its
+    traceback in the log first, unless its type is in `plain` (its message is the whole story).
+    The comparison worker (longitudinal/worker.py) ends the same way."""
     try:
         run(args)
     except Exception as exc:  # noqa: BLE001 - the parent shows this line; the traceback goes to the log
-        import traceback
+        if isinstance(exc, plain):
+            _say(f"ERROR {exc}")
+        else:
+            import traceback
 
-        traceback.print_exc(file=sys.stdout)
-        _say(f"ERROR {type(exc).__name__}: {exc}")
+            traceback.print_exc(file=sys.stdout)
+            _say(f"ERROR {type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_reporting(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..longitudinal.grade import GRADES
+from ..longitudinal.matching import nearest_first
 from .metrics import bootstrap_weights, percentile_interval
 
 DISTANCE_MM = 5.0
@@ -52,17 +53,8 @@ def _lps(row: dict) -> np.ndarray:
 
 
 def _match(calls: list[np.ndarray], truth: list[np.ndarray], max_mm: float) -> list[tuple[int, int]]:
-    candidates = sorted((float(np.linalg.norm(c - t)), i, j) for i, c in enumerate(calls) for j, t in enumerate(truth)
-                        if np.linalg.norm(c - t) <= max_mm)  # fmt: skip
-    used_c: set[int] = set()
-    used_t: set[int] = set()
-    out = []
-    for _, i, j in candidates:
-        if i not in used_c and j not in used_t:
-            used_c.add(i)
-            used_t.add(j)
-            out.append((i, j))
-    return out
+    return nearest_first((float(np.linalg.norm(c - t)), i, j) for i, c in enumerate(calls) for j, t in enumerate(truth)
+                         if np.linalg.norm(c - t) <= max_mm)  # fmt: skip
 
 
 def head_points(baseline_image: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ resolved; microbleeds rarely resolve, so that is usually a miss at one of the tw
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,18 +61,22 @@ def match_radius(a: Spot, b: Spot) -> float:
 def pair_lesions(baseline: list[Spot], followup: list[Spot]) -> list[tuple[int, int]]:
     """(baseline index, follow-up index) pairs, nearest first, each lesion used once, each pair
     within its match radius. `baseline` positions must already be in the follow-up's space."""
-    candidates = sorted(
+    return nearest_first(
         (float(np.linalg.norm(b.lps - f.lps)), i, j)
         for i, b in enumerate(baseline) for j, f in enumerate(followup)
         if np.linalg.norm(b.lps - f.lps) <= match_radius(b, f)
     )  # fmt: skip
-    used_b: set[int] = set()
-    used_f: set[int] = set()
+
+
+def nearest_first(candidates: Iterable[tuple[float, int, int]]) -> list[tuple[int, int]]:
+    """(i, j) pairs from (distance, i, j) candidates, nearest first, each i and each j used once."""
+    used_i: set[int] = set()
+    used_j: set[int] = set()
     pairs = []
-    for _, i, j in candidates:
-        if i not in used_b and j not in used_f:
-            used_b.add(i)
-            used_f.add(j)
+    for _, i, j in sorted(candidates):
+        if i not in used_i and j not in used_j:
+            used_i.add(i)
+            used_j.add(j)
             pairs.append((i, j))
     return pairs
 

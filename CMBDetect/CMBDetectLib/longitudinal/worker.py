@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..detection.worker import HOLD_ENV
+from ..detection.worker import HOLD_ENV, run_reporting
 from .pairs import LongitudinalParams, Pair, run_pairs  # torch comes only with the detection
 
 CASE = "followup"
@@ -73,17 +73,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except Exception as exc:  # noqa: BLE001 - the parent shows this line; the traceback goes to the log
-        import traceback
-
-        if not isinstance(exc, PairFailed):
-            traceback.print_exc(file=sys.stdout)
-        _say(f"ERROR {exc}" if isinstance(exc, PairFailed) else f"ERROR {type(exc).__name__}: {exc}")
-        return 1
-    return 0
+    return run_reporting(run, parse_args(sys.argv[1:] if argv is None else argv), plain=(PairFailed,))
 
 
 if __name__ == "__main__":
