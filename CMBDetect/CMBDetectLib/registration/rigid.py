@@ -157,7 +157,7 @@ def register_rigid(fixed: Volume, moving: Volume, iterations: int = 40, seed: in
         done += more
         pose, _ = _pose_check(f, m, transform)
         pose["restarted"] = True
-    return RigidResult(transform, _correlation(f, m, transform), metric, done, pose)
+    return RigidResult(transform, pose["correlation"], metric, done, pose)  # the pose check measured it at this pose
 
 
 def _centre(image: sitk.Image) -> tuple[float, float, float]:
