@@ -27,22 +27,51 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", default="cmbdetect-candidates", help="id of the calibrated classifier (default cmbdetect-candidates)")
     p.add_argument("--version", required=True, help="version of the calibrated classifier, e.g. 0.6.0")
     p.add_argument("--default-point", choices=["review", "count"], default="count", help="the operating point detect uses unless told (default count)")
+    p.add_argument(
+        "--context", nargs="*", type=Path, default=None, metavar="SET",
+        help="also fit a context model (vessel continuity, shape, position: detection/context.py) on the tuning set "
+        "and these labelled sets (of another domain, laid out like TUNE); the calibration is fitted on its out-of-fold P",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+def score_set(folder: Path, model_spec: str | None, classifier, quiet: bool) -> tuple[dict[str, list], set, int]:
+    """Every candidate of a labelled set, per phase mode, with the seeds its meta/ records."""
     from tqdm import tqdm
 
+    from ..detection.pipeline import DetectionParams, detect_volume
+    from ..io import case_name, is_volume_file
+    from ..training.calibration import MODES, read_case_files, score_case
+
+    images, labels, phases = folder / "images", folder / "labels", folder / "phase"
+    if not images.is_dir() or not labels.is_dir():
+        raise ValueError(f"{folder} must hold images/ and labels/")
+    files = sorted(p for p in images.iterdir() if is_volume_file(p))
+    scored: dict[str, list] = {mode: [] for mode in MODES}
+    seeds: set = set()
+    for image in tqdm(files, desc=f"scoring candidates of {folder.name}", disable=quiet):
+        case = case_name(image)
+        truth = next((p for p in labels.iterdir() if is_volume_file(p) and case_name(p) == case), None)
+        if truth is None:
+            raise ValueError(f"{case}: no label map in {labels}")
+        phase = next((p for p in phases.iterdir() if is_volume_file(p) and case_name(p) == case), None) if phases.is_dir() else None
+        volume, truth_array, phase_array = read_case_files(image, truth, phase)
+        meta = folder / "meta" / f"{case}.json"
+        if meta.is_file():
+            seeds.add(json.loads(meta.read_text()).get("seed"))
+        unet = detect_volume(volume, DetectionParams(model=model_spec, single_stage=True, device="cpu"), case=case)
+        scored["no_phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier))
+        if phase_array is not None:
+            scored["phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier, phase_array))
+    return scored, seeds, len(files)
+
+
+def run(args: argparse.Namespace) -> int:
     from ..detection.candidates import save_classifier
     from ..detection.inference import select_device
-    from ..detection.pipeline import DetectionParams, card_classifier, detect_volume, get_classifier, get_model
-    from ..io import case_name, is_volume_file
-    from ..training.calibration import MODES, calibrated_card, describe_fits, fit_mode, read_case_files, score_case
+    from ..detection.pipeline import card_classifier, get_classifier, get_model
+    from ..training.calibration import calibrated_card, describe_fits, fit_mode
 
-    images, labels, phases = args.tune / "images", args.tune / "labels", args.tune / "phase"
-    if not images.is_dir() or not labels.is_dir():
-        print(f"error: {args.tune} must hold images/ and labels/", file=sys.stderr)
-        return 2
     model = get_model(args.model, select_device("cpu"))
     spec = args.classifier or card_classifier(model)
     if not spec:
@@ -50,32 +79,30 @@ def run(args: argparse.Namespace) -> int:
         return 2
     classifier = get_classifier(str(spec))
     classifier.card = {**classifier.card, "stage": {**classifier.card.get("stage", {}), "bridge_slices": 1}}
-    files = sorted(p for p in images.iterdir() if is_volume_file(p))
-    scored: dict[str, list] = {mode: [] for mode in MODES}
-    seeds: set = set()
-    for image in tqdm(files, desc="scoring candidates", disable=args.quiet):
-        case = case_name(image)
-        truth = next((p for p in labels.iterdir() if is_volume_file(p) and case_name(p) == case), None)
-        if truth is None:
-            print(f"error: {case}: no label map in {labels}", file=sys.stderr)
-            return 2
-        phase = next((p for p in phases.iterdir() if is_volume_file(p) and case_name(p) == case), None) if phases.is_dir() else None
-        volume, truth_array, phase_array = read_case_files(image, truth, phase)
-        meta = args.tune / "meta" / f"{case}.json"
-        if meta.is_file():
-            seeds.add(json.loads(meta.read_text()).get("seed"))
-        unet = detect_volume(volume, DetectionParams(model=args.model, single_stage=True, device="cpu"), case=case)
-        scored["no_phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier))
-        if phase_array is not None:
-            scored["phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier, phase_array))
-    fits = {mode: fit_mode(cases) for mode, cases in scored.items() if cases}
+    try:
+        scored, seeds, n_files = score_set(args.tune, args.model, classifier, args.quiet)
+        extra = {mode: [] for mode in scored}
+        extra_seeds: set = set()
+        for folder in args.context or []:
+            more, more_seeds, _ = score_set(folder, args.model, classifier, args.quiet)
+            extra_seeds |= more_seeds
+            for mode in extra:
+                extra[mode] += more[mode] or (more["no_phase"] if mode == "phase" else [])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    context = args.context is not None
+    fits = {mode: fit_mode(cases, extra[mode] if context else None) for mode, cases in scored.items() if cases}
     if "phase" not in fits:
         print("warning: the tuning set has no phase/ folder: scans with phase use the no-phase calibration", file=sys.stderr)
         fits["phase"] = fits["no_phase"]
     provenance = {
-        "tuning_set": str(args.tune), "n_cases": len(files), "seeds": sorted(s for s in seeds if s is not None),
+        "tuning_set": str(args.tune), "n_cases": n_files, "seeds": sorted(s for s in seeds if s is not None),
         "base_classifier": f"{classifier.id} {classifier.version}", "proposer": f"{model.id} {model.version}",
     }  # fmt: skip
+    if context:
+        provenance["context_sets"] = [str(f) for f in args.context]
+        provenance["context_seeds"] = sorted(s for s in extra_seeds if s is not None)
     card = calibrated_card(classifier.card, fits, provenance, args.default_point)
     card["id"], card["version"] = args.id, args.version
     out = args.output / f"{args.id}-v{args.version}.safetensors"

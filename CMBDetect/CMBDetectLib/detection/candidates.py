@@ -41,6 +41,7 @@ from .records import CALCIFICATION, CLASSES, MICROBLEED, Candidate
 
 if TYPE_CHECKING:  # torch only where the classifier is trained or has no ONNX Runtime to run on
     from .classifier import CandidateNet
+    from .context import ContextModel
 
 CANDIDATE_THRESHOLD = 0.15  # the U-Net threshold for candidates (the paper's 0.4 is stage 1 alone)
 CANDIDATE_MIN_MM = 2.0
@@ -135,6 +136,13 @@ class LoadedClassifier(LazyNetwork, CardIdentity):
     def settings(self) -> StageSettings:
         return StageSettings.from_card(self.card)
 
+    def context_model(self, phase_used: bool) -> "ContextModel | None":
+        """The card's logistic model on context features (context.py), None for cards without."""
+        from .context import ContextModel
+
+        data = self.card.get("context", {}).get(phase_mode(phase_used))
+        return ContextModel.from_dict(data) if data else None
+
     def calibration(self, phase_used: bool) -> Calibration | None:
         data = self.card.get("calibration", {}).get(phase_mode(phase_used))
         return Calibration.from_dict(data) if data else None
@@ -171,6 +179,7 @@ class StageResult:
     candidate_threshold: float = CANDIDATE_THRESHOLD
     operating_point: str | None = None
     calibrated: bool = False
+    context_model: bool = False  # P(microbleed) from the card's context model (context.py)
     phase_used: bool = False
     phase_sign: "PhaseSign | None" = None
 
@@ -363,9 +372,10 @@ def run_candidate_stage(
         settings = replace(settings, candidate_threshold=float(candidate_threshold))
     cand_labels, cands = find_candidates(probability, geometry, settings)
     sign = None
+    magnitude = scaled_magnitude(image) if cands else None
     if cands:
         centres = np.array([c.centroid_lps for c in cands])
-        patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.config)
+        patches = sample_patches(magnitude, phase, geometry, centres, classifier.config)
         if phase is not None:
             raw, sign = choose_phase_sign(classifier.classify, patches, phase_sign)
             if sign.used == "ignored":  # read as if there were no phase at all
@@ -381,6 +391,11 @@ def run_candidate_stage(
     probs = raw if phase_used else without_phase(raw)
     calibration = classifier.calibration(phase_used)
     p_stage = probs[:, MICROBLEED]
+    context = classifier.context_model(phase_used)
+    if context is not None and cands:
+        from .context import context_features
+
+        p_stage = context(context_features(magnitude, geometry, cand_labels, cands, probs))
     p_final = calibration(p_stage) if calibration is not None else p_stage
     keep_at = classifier.keep_at(operating_point, phase_used)
     kept: list[Candidate] = []
@@ -421,6 +436,7 @@ def run_candidate_stage(
         candidate_threshold=settings.candidate_threshold,
         operating_point=operating_point or classifier.default_operating_point,
         calibrated=calibration is not None,
+        context_model=context is not None,
         phase_used=phase_used,
         phase_sign=sign,
     )

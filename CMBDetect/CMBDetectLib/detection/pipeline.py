@@ -269,6 +269,7 @@ def detect_volume(
             "p_map_floor": round(stage.p_map_floor, 6),
             "operating_point": stage.operating_point,
             "calibrated": stage.calibrated,
+            "context_model": stage.context_model,
             "phase_given": phase is not None,
             "phase_used": stage.phase_used,
             **(stage.phase_sign.as_dict() if stage.phase_sign is not None else {}),

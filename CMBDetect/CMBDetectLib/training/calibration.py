@@ -17,7 +17,7 @@ optimistic by construction; the card's held-out figures come from other seeds.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from ..detection.candidates import (
     scaled_magnitude,
     without_phase,
 )
+from ..detection.context import FEATURES, ContextModel, context_features
 from ..detection.lesions import SMALL_LARGE_BOUNDARY_MM, equivalent_diameter_mm
 from ..io import Geometry
 
@@ -52,6 +53,7 @@ class CaseCandidates:
     is_true: np.ndarray  # (n_candidates,) bool: overlaps a true microbleed
     coverage: np.ndarray  # (n_candidates, n_truth) fraction of each true lesion it covers
     truth_large: np.ndarray  # (n_truth,) bool: 5-10 mm
+    features: np.ndarray | None = None  # (n_candidates, len(context.FEATURES))
 
 
 @dataclass
@@ -90,9 +92,10 @@ def score_case(
     truth_large = equivalent_diameter_mm(truth_sizes, geometry.spacing) >= SMALL_LARGE_BOUNDARY_MM if len(truth_ids) else np.zeros(0, bool)
     if not cands:
         z = np.zeros(0, np.float32)
-        return CaseCandidates(case, z, z.astype(bool), np.zeros((0, len(truth_ids))), truth_large)
+        return CaseCandidates(case, z, z.astype(bool), np.zeros((0, len(truth_ids))), truth_large, np.zeros((0, len(FEATURES)), np.float32))
     centres = np.array([c.centroid_lps for c in cands])
-    patches = sample_patches(scaled_magnitude(image), phase, geometry, centres, classifier.network.config)
+    magnitude = scaled_magnitude(image)
+    patches = sample_patches(magnitude, phase, geometry, centres, classifier.network.config)
     if phase is None:
         probs = without_phase(classify_patches(classifier.network, patches))
     else:
@@ -105,7 +108,8 @@ def score_case(
     for (c, t), n in zip(pairs.T, counts):
         overlap[int(c) - 1, index[int(t)]] += n
     coverage = overlap / np.maximum(truth_sizes, 1)[None, :]
-    return CaseCandidates(case, probs[:, MICROBLEED].astype(np.float32), overlap.sum(axis=1) > 0, coverage, truth_large)
+    features = context_features(magnitude, geometry, labels, cands, probs)
+    return CaseCandidates(case, probs[:, MICROBLEED].astype(np.float32), overlap.sum(axis=1) > 0, coverage, truth_large, features)
 
 
 def fit_calibration(cases: Sequence[CaseCandidates]) -> Calibration:
@@ -201,9 +205,12 @@ class ModeFit:
     reliability_after: list = field(default_factory=list)
     n_candidates: int = 0
     n_true: int = 0
+    context: ContextModel | None = None
+    context_report: dict = field(default_factory=dict)
 
     def card_figures(self) -> dict:
         return {
+            **({"context_model": self.context_report} if self.context is not None else {}),
             "n_candidates": self.n_candidates, "n_true": self.n_true,
             "ece_before": round(self.ece_before, 4), "ece_after": round(self.ece_after, 4),
             "reliability_after": self.reliability_after,
@@ -211,13 +218,94 @@ class ModeFit:
         }  # fmt: skip
 
 
-def fit_mode(cases: Sequence[CaseCandidates]) -> ModeFit:
+CONTEXT_C = (0.01, 0.03, 0.1, 0.3, 1.0)  # inverse L2 strengths tried for the context model
+CONTEXT_FOLDS = 5
+
+
+def _stack(cases: Sequence[CaseCandidates]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with_any = [c for c in cases if len(c.p_stage)]
+    if any(c.features is None for c in with_any):
+        raise ValueError("the context model needs every case scored with its context features")
+    x = np.concatenate([c.features for c in with_any]).astype(np.float64) if with_any else np.zeros((0, len(FEATURES)))
+    y = np.concatenate([c.is_true for c in with_any]) if with_any else np.zeros(0, bool)
+    groups = np.concatenate([[n] * len(c.p_stage) for n, c in enumerate(with_any)]) if with_any else np.zeros(0, int)
+    return x, y, groups
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, c: float) -> ContextModel:
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 1e-6, scale, 1.0)
+    fit = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / scale, y)
+    return ContextModel(FEATURES, tuple(np.round(mean, 6)), tuple(np.round(scale, 6)), tuple(np.round(fit.coef_[0], 6)), round(float(fit.intercept_[0]), 6))
+
+
+def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return float(-np.mean(np.where(y, np.log(p), np.log(1 - p))))
+
+
+def fit_context(tune: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] = ()) -> tuple[ContextModel, list[CaseCandidates], dict]:
+    """A logistic model of "is a microbleed" on the context features (detection/context.py) of
+    the tuning cases and of `extra` labelled cases (another domain: what the model learns should
+    hold on both). Its L2 strength is chosen by case-grouped cross-validated log loss. Returns the
+    model fitted on all cases, the tuning cases with P replaced by *out-of-fold* P (each case
+    scored by a model fitted without it, so that the calibration and the operating points fitted
+    next are not fitted on in-sample P), and what was measured."""
+    from sklearn.model_selection import GroupKFold
+
+    x_t, y_t, g_t = _stack(tune)
+    x_e, y_e, _ = _stack(extra)
+    folds = min(CONTEXT_FOLDS, len(np.unique(g_t)))
+    if folds < 2 or y_t.all() or not y_t.any():
+        raise ValueError(f"the context model needs two or more tuning cases with true and false candidates ({int(y_t.sum())} true of {len(y_t)})")
+    splits = list(GroupKFold(n_splits=folds).split(x_t, y_t, g_t))
+
+    def out_of_fold(c: float) -> np.ndarray:
+        p = np.zeros(len(y_t), np.float32)
+        for train, test in splits:
+            model = _logistic(np.r_[x_t[train], x_e], np.r_[y_t[train], y_e], c)
+            p[test] = model(x_t[test])
+        return p
+
+    losses = {c: _log_loss(out_of_fold(c), y_t) for c in CONTEXT_C}
+    best = min(losses, key=losses.get)
+    p_oof = out_of_fold(best)
+    model = _logistic(np.r_[x_t, x_e], np.r_[y_t, y_e], best)
+    scored, start = [], 0
+    for case in tune:
+        n = len(case.p_stage)
+        scored.append(replace(case, p_stage=p_oof[start : start + n] if n else case.p_stage))
+        start += n
+    report = {
+        "n_tuning_candidates": len(y_t), "n_extra_candidates": len(y_e), "l2_c": best,
+        "oof_log_loss": {str(c): round(v, 4) for c, v in losses.items()},
+        "oof_auc": round(_auc(p_oof, y_t), 4),
+        "stage_auc": round(_auc(np.concatenate([c.p_stage for c in tune if len(c.p_stage)]), y_t), 4),
+    }  # fmt: skip
+    return model, scored, report
+
+
+def _auc(p: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def fit_mode(cases: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] | None = None) -> ModeFit:
+    """Calibration and operating points on the tuning cases; with `extra` (a sequence, possibly
+    empty) a context model first (fit_context), and the calibration fitted on its out-of-fold P."""
+    context, report = None, {}
+    if extra is not None:
+        context, cases, report = fit_context(cases, extra)
     calibration = fit_calibration(cases)
     p = np.concatenate([c.p_stage for c in cases])
     y = np.concatenate([c.is_true for c in cases])
     return ModeFit(
         calibration, choose_operating_points(cases, calibration), expected_calibration_error(p, y),
         expected_calibration_error(calibration(p), y), reliability(calibration(p), y), len(p), int(y.sum()),
+        context, report,
     )  # fmt: skip
 
 
@@ -246,6 +334,16 @@ def calibrated_card(card: dict, fits: dict[str, ModeFit], provenance: dict, defa
         **{name: {mode: round(fit.points[name].threshold, 6) for mode, fit in fits.items()} for name in ("review", "count")},
     }
     out["calibration_fit"] = {**provenance, **{mode: fit.card_figures() for mode, fit in fits.items()}}
+    # A context model belongs to the classifier whose verdicts it was fitted on: one fitted here
+    # replaces the card's, and a calibration fitted without one drops it.
+    out.pop("context", None)
+    if any(fit.context is not None for fit in fits.values()):
+        out["context"] = {mode: fit.context.as_dict() for mode, fit in fits.items() if fit.context is not None}
+        out["context"]["method"] = (
+            "logistic regression (scikit-learn, L2) of 'overlaps a true microbleed' on the standardised context "
+            "features of detection/context.py; the calibration is fitted on its out-of-fold P"
+        )
+        out["calibration"]["method"] += ", after the context model (out-of-fold P)"
     out["stage"] = {**out.get("stage", {}), "bridge_slices": 1}
     return out
 
