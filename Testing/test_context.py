@@ -115,6 +115,12 @@ def test_the_context_model_learns_what_the_stage_p_misses_out_of_fold():
     assert 0.4 < report["stage_auc"] < 0.65 and report["oof_auc"] > 0.95
     assert with_context.context.coef[FEATURES.index("tube_reach_mm")] < 0  # far-reaching: not a bleed
     assert with_context.points["count"].sensitivity_small > plain.points["count"].sensitivity_small + 0.3
+    # Platt scaling of the out-of-fold P: a smooth, rising map (an isotonic staircase would leave
+    # the operating points a few cuts to choose from), calibrated on those P.
+    calibration = with_context.calibration
+    assert len(calibration.x) > 100 and len(set(calibration.y)) > 30
+    assert all(b >= a for a, b in zip(calibration.y, calibration.y[1:]))
+    assert with_context.ece_after < 0.05
     # In the card: the model per mode, the calibration after it, and a later calibration without
     # a context model (adapt) drops it rather than keep one fitted on another classifier's P.
     card = calibrated_card({"stage": {}}, {"no_phase": with_context, "phase": with_context}, {"tuning_set": "t"})

@@ -112,14 +112,42 @@ def score_case(
     return CaseCandidates(case, probs[:, MICROBLEED].astype(np.float32), overlap.sum(axis=1) > 0, coverage, truth_large, features)
 
 
-def fit_calibration(cases: Sequence[CaseCandidates]) -> Calibration:
-    """Isotonic regression of truth on the stage's P(microbleed), as piecewise-linear knots."""
-    from sklearn.isotonic import IsotonicRegression
+PLATT_KNOTS = 121  # knots of a Platt map, evenly spaced in logit from -12 to 12
 
+
+def fit_platt(cases: Sequence[CaseCandidates]) -> Calibration:
+    """Platt scaling: a logistic regression of truth on logit(P), as dense piecewise-linear knots.
+
+    For the context model's out-of-fold P: it is a logistic model's output already, and two
+    parameters fitted on a few hundred candidates give a smooth map, where an isotonic one is a
+    staircase whose few steps leave the operating points only a few cuts to choose from."""
+    from sklearn.linear_model import LogisticRegression
+
+    p, y = _labelled_p(cases)
+    logit = lambda v: np.log(np.clip(v, 1e-6, 1 - 1e-6) / (1 - np.clip(v, 1e-6, 1 - 1e-6)))  # noqa: E731
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(logit(p)[:, None], y.astype(int))
+    a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if a <= 0:
+        raise ValueError("P does not rise with the share of true candidates: nothing to calibrate")
+    x = np.r_[0.0, 1.0 / (1.0 + np.exp(-np.linspace(-12.0, 12.0, PLATT_KNOTS))), 1.0]
+    v = 1.0 / (1.0 + np.exp(-(a * logit(x) + b)))
+    keep = np.r_[True, np.diff(x) > 1e-9]
+    return Calibration.from_dict({"x": np.round(x[keep], 9).tolist(), "y": np.round(np.maximum.accumulate(v[keep]), 6).tolist()})
+
+
+def _labelled_p(cases: Sequence[CaseCandidates]) -> tuple[np.ndarray, np.ndarray]:
     p = np.concatenate([c.p_stage for c in cases]).astype(np.float64)
     y = np.concatenate([c.is_true for c in cases]).astype(np.float64)
     if len(p) < 10 or y.min() == y.max():
         raise ValueError(f"calibration needs true and false candidates ({int(y.sum())} true of {len(p)})")
+    return p, y
+
+
+def fit_calibration(cases: Sequence[CaseCandidates]) -> Calibration:
+    """Isotonic regression of truth on the stage's P(microbleed), as piecewise-linear knots."""
+    from sklearn.isotonic import IsotonicRegression
+
+    p, y = _labelled_p(cases)
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
     x, v = np.asarray(iso.X_thresholds_, float), np.asarray(iso.y_thresholds_, float)
     # Pin the ends so every P in 0..1 maps inside the fitted range.
@@ -218,7 +246,7 @@ class ModeFit:
         }  # fmt: skip
 
 
-CONTEXT_C = (0.01, 0.03, 0.1, 0.3, 1.0)  # inverse L2 strengths tried for the context model
+CONTEXT_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # inverse L2 strengths tried for the context model
 CONTEXT_FOLDS = 5
 
 
@@ -238,7 +266,8 @@ def _logistic(x: np.ndarray, y: np.ndarray, c: float) -> ContextModel:
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 1e-6, scale, 1.0)
     fit = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / scale, y)
-    return ContextModel(FEATURES, tuple(np.round(mean, 6)), tuple(np.round(scale, 6)), tuple(np.round(fit.coef_[0], 6)), round(float(fit.intercept_[0]), 6))
+    rounded = lambda v: tuple(round(float(x), 6) for x in v)  # noqa: E731
+    return ContextModel(FEATURES, rounded(mean), rounded(scale), rounded(fit.coef_[0]), round(float(fit.intercept_[0]), 6))
 
 
 def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
@@ -299,7 +328,7 @@ def fit_mode(cases: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] | 
     context, report = None, {}
     if extra is not None:
         context, cases, report = fit_context(cases, extra)
-    calibration = fit_calibration(cases)
+    calibration = fit_platt(cases) if context is not None else fit_calibration(cases)
     p = np.concatenate([c.p_stage for c in cases])
     y = np.concatenate([c.is_true for c in cases])
     return ModeFit(
@@ -343,7 +372,7 @@ def calibrated_card(card: dict, fits: dict[str, ModeFit], provenance: dict, defa
             "logistic regression (scikit-learn, L2) of 'overlaps a true microbleed' on the standardised context "
             "features of detection/context.py; the calibration is fitted on its out-of-fold P"
         )
-        out["calibration"]["method"] += ", after the context model (out-of-fold P)"
+        out["calibration"]["method"] = "Platt scaling (logistic regression on logit P) of the context model's out-of-fold P(microbleed)"
     out["stage"] = {**out.get("stage", {}), "bridge_slices": 1}
     return out
 
