@@ -578,6 +578,7 @@ def restage(
     classifier: str,
     phase: Path | None = None,
     model_card: dict | None = None,
+    operating_point: str | None = None,
 ) -> list[dict[str, object]]:
     """Stage 2 on saved stage-1 probability maps (`<case>_prob.nii.gz` of a single-stage run),
     writing the same files `cmbdetect detect` writes. The U-Net's probabilities are what
@@ -597,7 +598,7 @@ def restage(
         ph = None
         if phase is not None:
             ph = read_volume(_volumes(Path(phase))[name], name).array.astype(np.float32)
-        stage = run_candidate_stage(volume.array, prob, volume.geometry, loaded, ph)
+        stage = run_candidate_stage(volume.array, prob, volume.geometry, loaded, ph, operating_point)
         info = {
             "classifier_id": loaded.id, "classifier_version": loaded.version, **loaded.settings.as_dict(),
             "phase_used": ph is not None, "n_candidates": stage.n_candidates, "n_rejected": len(stage.rejected),
