@@ -35,8 +35,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def score_set(folder: Path, model_spec: str | None, classifier, quiet: bool) -> tuple[dict[str, list], set, int]:
-    """Every candidate of a labelled set, per phase mode, with the seeds its meta/ records."""
+def score_set(folder: Path, model_spec: str | None, classifier, quiet: bool, context: bool) -> tuple[dict[str, list], set, int]:
+    """Every candidate of a labelled set, per phase mode (with its context features when a
+    context model is to be fitted), and the seeds its meta/ records."""
     from tqdm import tqdm
 
     from ..detection.pipeline import DetectionParams, detect_volume
@@ -60,9 +61,9 @@ def score_set(folder: Path, model_spec: str | None, classifier, quiet: bool) -> 
         if meta.is_file():
             seeds.add(json.loads(meta.read_text()).get("seed"))
         unet = detect_volume(volume, DetectionParams(model=model_spec, single_stage=True, device="cpu"), case=case)
-        scored["no_phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier))
+        scored["no_phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier, context=context))
         if phase_array is not None:
-            scored["phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier, phase_array))
+            scored["phase"].append(score_case(case, volume.array, unet.probability, volume.geometry, truth_array, classifier, phase_array, context))
     return scored, seeds, len(files)
 
 
@@ -79,19 +80,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     classifier = get_classifier(str(spec))
     classifier.card = {**classifier.card, "stage": {**classifier.card.get("stage", {}), "bridge_slices": 1}}
+    context = args.context is not None
     try:
-        scored, seeds, n_files = score_set(args.tune, args.model, classifier, args.quiet)
+        scored, seeds, n_files = score_set(args.tune, args.model, classifier, args.quiet, context)
         extra = {mode: [] for mode in scored}
         extra_seeds: set = set()
         for folder in args.context or []:
-            more, more_seeds, _ = score_set(folder, args.model, classifier, args.quiet)
+            more, more_seeds, _ = score_set(folder, args.model, classifier, args.quiet, context)
             extra_seeds |= more_seeds
-            for mode in extra:
-                extra[mode] += more[mode] or (more["no_phase"] if mode == "phase" else [])
+            for mode in extra:  # a set without phase/ adds nothing to the fit with phase
+                extra[mode] += more[mode]
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    context = args.context is not None
     fits = {mode: fit_mode(cases, extra[mode] if context else None) for mode, cases in scored.items() if cases}
     if "phase" not in fits:
         print("warning: the tuning set has no phase/ folder: scans with phase use the no-phase calibration", file=sys.stderr)

@@ -82,9 +82,11 @@ def score_case(
     truth: np.ndarray,
     classifier: LoadedClassifier,
     phase: np.ndarray | None = None,
+    context: bool = False,
 ) -> CaseCandidates:
     """Every candidate of one case with the stage's P(microbleed) (no-phase rule without phase)
-    and its overlap with the true lesions (`truth`: a label map, one id per microbleed)."""
+    and its overlap with the true lesions (`truth`: a label map, one id per microbleed); with
+    `context`, its context features too (for fit_context)."""
     labels, cands = find_candidates(unet_probability, geometry, classifier.settings)
     truth = np.asarray(truth).astype(np.int64, copy=False)
     truth_ids = np.unique(truth[truth > 0])
@@ -108,7 +110,7 @@ def score_case(
     for (c, t), n in zip(pairs.T, counts):
         overlap[int(c) - 1, index[int(t)]] += n
     coverage = overlap / np.maximum(truth_sizes, 1)[None, :]
-    features = context_features(magnitude, geometry, labels, cands, probs)
+    features = context_features(magnitude, geometry, labels, cands, probs) if context else None
     return CaseCandidates(case, probs[:, MICROBLEED].astype(np.float32), overlap.sum(axis=1) > 0, coverage, truth_large, features)
 
 
@@ -123,14 +125,15 @@ def fit_platt(cases: Sequence[CaseCandidates]) -> Calibration:
     staircase whose few steps leave the operating points only a few cuts to choose from."""
     from sklearn.linear_model import LogisticRegression
 
+    from scipy.special import expit, logit
+
     p, y = _labelled_p(cases)
-    logit = lambda v: np.log(np.clip(v, 1e-6, 1 - 1e-6) / (1 - np.clip(v, 1e-6, 1 - 1e-6)))  # noqa: E731
-    fit = LogisticRegression(C=1e6, max_iter=1000).fit(logit(p)[:, None], y.astype(int))
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(logit(np.clip(p, 1e-6, 1 - 1e-6))[:, None], y.astype(int))
     a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
     if a <= 0:
         raise ValueError("P does not rise with the share of true candidates: nothing to calibrate")
-    x = np.r_[0.0, 1.0 / (1.0 + np.exp(-np.linspace(-12.0, 12.0, PLATT_KNOTS))), 1.0]
-    v = 1.0 / (1.0 + np.exp(-(a * logit(x) + b)))
+    x = np.r_[0.0, expit(np.linspace(-12.0, 12.0, PLATT_KNOTS)), 1.0]
+    v = expit(a * logit(x) + b)  # logit(0) and logit(1) are -inf and inf: v is 0 and 1 there
     keep = np.r_[True, np.diff(x) > 1e-9]
     return Calibration.from_dict({"x": np.round(x[keep], 9).tolist(), "y": np.round(np.maximum.accumulate(v[keep]), 6).tolist()})
 
@@ -262,17 +265,12 @@ def _stack(cases: Sequence[CaseCandidates]) -> tuple[np.ndarray, np.ndarray, np.
 
 def _logistic(x: np.ndarray, y: np.ndarray, c: float) -> ContextModel:
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale = np.where(scale > 1e-6, scale, 1.0)
-    fit = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / scale, y)
+    scaler = StandardScaler().fit(x)  # a constant feature gets scale 1
+    fit = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(x), y)
     rounded = lambda v: tuple(round(float(x), 6) for x in v)  # noqa: E731
-    return ContextModel(FEATURES, rounded(mean), rounded(scale), rounded(fit.coef_[0]), round(float(fit.intercept_[0]), 6))
-
-
-def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
-    return float(-np.mean(np.where(y, np.log(p), np.log(1 - p))))
+    return ContextModel(FEATURES, rounded(scaler.mean_), rounded(scaler.scale_), rounded(fit.coef_[0]), round(float(fit.intercept_[0]), 6))
 
 
 def fit_context(tune: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] = ()) -> tuple[ContextModel, list[CaseCandidates], dict]:
@@ -282,6 +280,7 @@ def fit_context(tune: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] 
     model fitted on all cases, the tuning cases with P replaced by *out-of-fold* P (each case
     scored by a model fitted without it, so that the calibration and the operating points fitted
     next are not fitted on in-sample P), and what was measured."""
+    from sklearn.metrics import log_loss
     from sklearn.model_selection import GroupKFold
 
     x_t, y_t, g_t = _stack(tune)
@@ -298,7 +297,7 @@ def fit_context(tune: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] 
             p[test] = model(x_t[test])
         return p
 
-    losses = {c: _log_loss(out_of_fold(c), y_t) for c in CONTEXT_C}
+    losses = {c: float(log_loss(y_t, out_of_fold(c), labels=[False, True])) for c in CONTEXT_C}
     best = min(losses, key=losses.get)
     p_oof = out_of_fold(best)
     model = _logistic(np.r_[x_t, x_e], np.r_[y_t, y_e], best)
