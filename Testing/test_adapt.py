@@ -165,7 +165,22 @@ def test_adapt_writes_a_model_folder_that_detect_loads_with_its_own_classifier(a
     assert set(a["calibration_cases_figures"]) == {"no_phase", "phase"}
     classifier_card = json.loads((out / "classifier.json").read_text())
     assert set(classifier_card["operating_points"]) >= {"default", "count", "review"}
-    assert classifier_card["calibration_fit"]["calibration_cases"] == a["cases"]["calibration"]
+    # The shipped base has a context model: its classifier is kept, byte for byte in its tensors,
+    # and the context model is refitted towards the site on every case, out of fold.
+    assert a["classifier"]["kept"] == "base" and a["classifier"]["context_refitted"] is True
+    fit = classifier_card["calibration_fit"]
+    assert fit["out_of_fold"] is True and sorted(fit["calibration_cases"]) == sorted(a["cases"]["stage_2"]) == sorted(a["cases"]["fit"] + a["cases"]["calibration"])
+    assert "refitted_towards" in fit["no_phase"]["context_model"]
+    from CMBDetectLib.detection.context import ContextModel
+    from CMBDetectLib.detection.pipeline import card_classifier, get_classifier
+    import torch
+    from safetensors.torch import load_file
+
+    shipped = get_classifier(str(card_classifier(models.load_model(default["id"]))))
+    refitted = ContextModel.from_dict(classifier_card["context"]["no_phase"])
+    assert refitted.features == shipped.context_model(False).features and refitted != shipped.context_model(False)
+    own, base = load_file(str(out / "classifier.safetensors")), load_file(str(shipped.path))
+    assert own.keys() == base.keys() and all(torch.equal(own[k], base[k]) for k in base)
 
     image = sorted((site / "images").iterdir())[0]
     assert detect_main([str(image), "-o", str(tmp_path / "det"), "--model", str(out), "-q"]) == 0
@@ -174,6 +189,7 @@ def test_adapt_writes_a_model_folder_that_detect_loads_with_its_own_classifier(a
     assert used["classifier_sha256"] == models.sha256_of(out / "classifier.safetensors") == classifier_card["sha256"]
     assert used["model_sha256"] == models.sha256_of(out / "unet.safetensors")
     assert summary["candidate_stage"]["classifier_id"] == classifier_card["id"] == "cmbdetect-adapted-candidates"
+    assert summary["candidate_stage"]["context_model"] is True
 
 
 def test_adapt_refuses_to_write_over_a_model_folder(adapted, site, capsys):
@@ -439,7 +455,9 @@ def adapted_from_study(site, tmp_path_factory):
     assert main(["review", "import", str(study), str(root / "ana.csv")]) == 0
     before = _shipped_hashes()
     out = root / "site-model"
-    code = main(["adapt", "--study", str(study), "-o", str(out), "--max-minutes", "0.3", "--calibration-fraction", "0.5", "-q"])
+    # The other stage 2: the classifier fine-tuned on the fit cases, calibrated on the others.
+    code = main(["adapt", "--study", str(study), "-o", str(out), "--max-minutes", "0.3", "--calibration-fraction", "0.5",
+                 "--fine-tune-classifier", "-q"])  # fmt: skip
     return code, out, before, study
 
 
@@ -457,6 +475,9 @@ def test_adapt_study_writes_a_model_folder_with_the_study_in_its_card_that_detec
     names = sorted(p.name[: -len(".nii.gz")] for p in (site / "images").iterdir())
     assert sorted(c["case"] for c in source["cases"]) == names
     assert sorted(card["adaptation"]["cases"]["fit"] + card["adaptation"]["cases"]["calibration"]) == names
+    classifier_card = json.loads((out / "classifier.json").read_text())
+    assert card["adaptation"]["classifier"]["context_refitted"] is False and "context" not in classifier_card
+    assert classifier_card["calibration_fit"]["calibration_cases"] == card["adaptation"]["cases"]["calibration"]
     # The truth the U-Net was fine-tuned on is the study's consensus, kept in the folder.
     assert all(Path(i["truth"]).name.endswith(".seg.nrrd") and Path(i["truth"]).is_relative_to(out) for i in card["adaptation"]["inputs"])
 

@@ -129,6 +129,47 @@ def test_the_context_model_learns_what_the_stage_p_misses_out_of_fold():
     assert "context" not in calibrated_card(card, {"no_phase": plain, "phase": plain}, {"tuning_set": "t"})
 
 
+SHARED = {"tube_reach_mm": -0.8, "blob_2mm": 0.7, "line_2mm": -0.6, "depth_mm": 0.5, "log_p_vein": -0.7, "elongation": -0.5}
+
+
+def _site_cases(rng: np.random.Generator, n_cases: int, contrast_shift: float) -> list[CaseCandidates]:
+    """Cases whose bleeds differ from the rest a little in six features, as the base learned them,
+    and, at a site, also in contrast; the stage's P carries nothing."""
+    cases = []
+    for c in range(n_cases):
+        n = 30
+        is_true = rng.random(n) < 0.3
+        features = rng.normal(0.0, 1.0, (n, len(FEATURES)))
+        for name, shift in SHARED.items():
+            features[:, FEATURES.index(name)] += np.where(is_true, shift, 0.0)
+        features[:, FEATURES.index("contrast")] += np.where(is_true, contrast_shift, 0.0)
+        coverage = np.diag(is_true.astype(float))[:, is_true] * 0.9
+        cases.append(CaseCandidates(f"c{c}", np.full(n, 0.5, np.float32), is_true, coverage, np.zeros(int(is_true.sum()), bool), features.astype(np.float32)))
+    return cases
+
+
+def test_refitting_towards_the_base_learns_what_a_site_shows_and_keeps_what_it_does_not():
+    from sklearn.metrics import roc_auc_score
+
+    base = fit_mode(_site_cases(np.random.default_rng(100), 40, 0.0), extra=[]).context
+    site = fit_mode(_site_cases(np.random.default_rng(200), 6, 2.0), prior=base)  # a few cases of a site
+    held = _site_cases(np.random.default_rng(300), 30, 2.0)
+    x, y = np.concatenate([c.features for c in held]), np.concatenate([c.is_true for c in held])
+    assert roc_auc_score(y, site.context(x)) > roc_auc_score(y, base(x)) + 0.04
+    contrast = FEATURES.index("contrast")
+    assert site.context.coef[contrast] > base.coef[contrast] + 0.7
+    assert all(np.sign(site.context.coef[FEATURES.index(f)]) == np.sign(base.coef[FEATURES.index(f)]) for f in SHARED)
+    assert site.context.features == base.features and site.context.mean == base.mean  # the base's standardisation
+    report = site.context_report
+    assert set(report) >= {"ridge_alpha", "oof_auc", "prior_auc", "largest_corrections"} and "contrast" in report["largest_corrections"]
+    # A site like the base's data: strong shrinkage, corrections small.
+    same = fit_mode(_site_cases(np.random.default_rng(400), 6, 0.0), prior=base)
+    assert same.context_report["ridge_alpha"] >= 10
+    assert np.abs(np.array(same.context.coef) - np.array(base.coef)).max() < 0.4
+    with pytest.raises(ValueError, match="two or more cases"):
+        fit_mode(_site_cases(np.random.default_rng(5), 1, 2.0), prior=base)
+
+
 def test_stage_two_decides_by_the_card_s_context_model(tmp_path):
     """Same classifier, same candidates: a context model that rejects what reaches far keeps the
     bleed and rejects the vein the classifier alone would keep."""

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "adapt the two-stage model to a site: fine-tune both stages on its labelled cases, calibrate on held-back ones, write a model folder"
+HELP = ("adapt the two-stage model to a site: fine-tune the U-Net on its labelled cases, refit stage 2's context model towards the site "
+        "(or fine-tune the classifier), calibrate, write a model folder")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help=f"bound on the whole run, both trainings included (default {d.max_minutes:g})")
     p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                    help=f"share of the cases held back to calibrate stage 2 and choose its operating points (default {d.calibration_fraction:g}; at least one case)")
+    p.add_argument("--fine-tune-classifier", action="store_true",
+                   help="fine-tune the candidate classifier on the fit cases and calibrate on the calibration cases, instead of keeping the "
+                        "base classifier and refitting its context model on every case (the default where the base has one: it measured better)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the case split and the training (default 0)")
     p.add_argument("--id", default=d.model_id, help=f"id of the adapted model (default {d.model_id})")
     p.add_argument("--version", default=None, help="version of the adapted model (default: today's date)")
@@ -75,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.calibration_fraction < 1:
         print(f"error: --calibration-fraction must lie strictly between 0 and 1, not {args.calibration_fraction}", file=sys.stderr)
         return 2
-    config = AdaptConfig(max_minutes=args.max_minutes, calibration_fraction=args.calibration_fraction, seed=args.seed, model_id=args.id)
+    config = AdaptConfig(max_minutes=args.max_minutes, calibration_fraction=args.calibration_fraction, seed=args.seed, model_id=args.id,
+                         fine_tune_classifier=args.fine_tune_classifier)  # fmt: skip
     if args.version:
         config.version = args.version
     say = _progress_lines(args.max_minutes) if args.progress_lines else (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -91,11 +96,13 @@ def run(args: argparse.Namespace) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    refit = result.classifier_card.get("calibration_fit", {}).get("out_of_fold", False)
     print(f"fit cases: {', '.join(result.fit_cases)}; calibration cases: {', '.join(result.calibration_cases)}")
-    print(f"stage 1: {result.unet_kept} U-Net kept; stage 2 samples {result.n_samples}")
+    print(f"stage 1: {result.unet_kept} U-Net kept; stage 2 " + ("context model refitted on " if refit else "samples ") + str(result.n_samples))
     from ..training.calibration import describe_fits
 
-    print("\n".join(describe_fits(result.fits, "the site's own calibration cases, few")))
+    where = "out-of-fold on the site's own cases, few" if refit else "the site's own calibration cases, few"
+    print("\n".join(describe_fits(result.fits, where)))
     print(f"wrote {result.out} in {result.minutes:.1f} min; use it with: cmbdetect detect ... --model {result.out}")
     if args.progress_lines:
         print(f"DONE {result.out}", flush=True)

@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if not spec:
         print(f"error: model {model.id} names no candidate classifier; pass --classifier", file=sys.stderr)
         return 2
-    classifier = get_classifier(str(spec))
-    classifier.card = {**classifier.card, "stage": {**classifier.card.get("stage", {}), "bridge_slices": 1}}
+    classifier = get_classifier(str(spec)).with_current_stage()
     context = args.context is not None
     try:
         scored, seeds, n_files = score_set(args.tune, args.model, classifier, args.quiet, context)

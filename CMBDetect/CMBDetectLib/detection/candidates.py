@@ -52,6 +52,9 @@ DEFINITE_AT = 0.8
 # two halves would be two candidates (two "microbleeds"). Candidates are found on the map
 # closed by this many slices along the slice axis, so such a dip is bridged.
 BRIDGE_SLICES = 1
+# What a card calibrated now is decided with; a card without a setting keeps the old behaviour,
+# so that the figures it holds stand.
+CURRENT_STAGE = {"bridge_slices": BRIDGE_SLICES, "grow_outlines": 1}
 OPERATING_POINTS = ("review", "count")
 PHASE_SIGNS = ("auto", "keep", "flip")
 # Phase sign evidence (auto): the mean P(calcification) of the candidates read with the phase as
@@ -72,6 +75,7 @@ class StageSettings:
     keep_at: float = KEEP_AT
     definite_at: float = DEFINITE_AT
     bridge_slices: float = 0  # cards written before bridging have none: their figures stand
+    grow_outlines: float = 0  # 1: each candidate grown into its dark spot (outline.py); older cards: off
 
     @classmethod
     def from_card(cls, card: dict) -> "StageSettings":
@@ -118,6 +122,13 @@ class LoadedClassifier(LazyNetwork, CardIdentity):
     @property
     def config(self) -> ClassifierConfig:
         return ClassifierConfig.from_dict(self.card["network"])
+
+    def with_current_stage(self) -> "LoadedClassifier":
+        """A copy deciding as a card calibrated now does (CURRENT_STAGE), the same network: for
+        calibrate and adapt, which score candidates as the card they write will decide. The
+        loaded (cached) classifier itself is left as its card says."""
+        card = {**self.card, "stage": {**self.card.get("stage", {}), **CURRENT_STAGE}}
+        return LoadedClassifier(self._network, card, self.path, self.sha256, self._build)
 
     def classify(self, patches: np.ndarray) -> np.ndarray:
         """(N, n_classes) softmax verdicts, by ONNX Runtime from the model cache when it is
@@ -397,6 +408,13 @@ def run_candidate_stage(
 
         p_stage = context(context_features(magnitude, geometry, cand_labels, cands, probs))
     p_final = calibration(p_stage) if calibration is not None else p_stage
+    if settings.grow_outlines and cands:
+        from .outline import grow_outlines, redescribe
+
+        # After the decision, so that it changes outlines and sizes, never what is kept.
+        order = [cands[n].id for n in np.argsort(-np.asarray(p_final), kind="stable")]
+        cand_labels = grow_outlines(image, geometry, cand_labels, order, settings.max_diameter_mm)
+        cands = redescribe(cands, cand_labels, geometry, probability)
     keep_at = classifier.keep_at(operating_point, phase_used)
     kept: list[Candidate] = []
     rejected: list[Candidate] = []

@@ -9,14 +9,19 @@ CMBReviewLib; the command layer picks the source.
    cases (the rest, at least one each way).
 2. Stage 1: the base U-Net is fine-tuned on the fit cases (training/loop.py, a small learning
    rate); the best validation Dice is kept, and that includes the base itself (epoch 0).
-3. Stage 2: the adapted U-Net's candidates on the fit cases are the samples: a candidate that
-   overlaps a true lesion is a microbleed, any other is "other" (or the mimic a `mimics/` map
-   names, where the site has one), and a true lesion that no candidate reached is a microbleed
-   sample at its centre; from a study, a detection the readers judged incorrect that no
-   candidate reached is a sample of its mimic at its centre. A copy of the base classifier is fine-tuned on them
-   (training/candidates.py).
-4. The new classifier's P(microbleed) is calibrated, and its operating points chosen, on the
-   calibration cases (training/calibration.py), which neither training step saw.
+3. Stage 2, for a base whose classifier card has a context model (0.7.0 on): the base
+   classifier is kept, and its context model (detection/context.py) is refitted towards the
+   site on the adapted U-Net's candidates of every case (a candidate that overlaps a true lesion
+   is a microbleed): the base's coefficients stay a fixed offset and only ridge-penalised
+   corrections are fitted (training/calibration.py, fit_context_towards). Its out-of-fold P is
+   calibrated and the operating points are chosen on it.
+4. Stage 2, for a base without one: the adapted U-Net's candidates on the fit cases are the
+   samples: a candidate that overlaps a true lesion is a microbleed, any other is "other" (or the
+   mimic a `mimics/` map names, where the site has one), and a true lesion that no candidate
+   reached is a microbleed sample at its centre; from a study, a detection the readers judged
+   incorrect that no candidate reached is a sample of its mimic at its centre. A copy of the
+   base classifier is fine-tuned on them (training/candidates.py), then calibrated and its
+   operating points chosen on the calibration cases, which neither training step saw.
 5. OUT holds unet.safetensors + unet.json (its card names classifier.safetensors, relative to
    the folder) and classifier.safetensors + classifier.json, with provenance; OUT/work holds the
    training logs and checkpoints. The shipped models are read, never written.
@@ -90,6 +95,7 @@ class AdaptConfig:
     classifier_learning_rate: float = 1e-4
     classifier_samples_per_epoch: int = 512
     classifier_epochs: int = 60
+    fine_tune_classifier: bool = False  # even where the base has a context model to refit (module docstring, 3 and 4)
     model_id: str = "cmbdetect-adapted"
     version: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
@@ -275,7 +281,8 @@ def adapt(
     classifier_spec = card_classifier(base_model)
     if not classifier_spec:
         raise InputError(f"model {base_model.id} {base_model.version} has no candidate classifier: adapt needs a two-stage model")
-    base_classifier: LoadedClassifier = get_classifier(classifier_spec)
+    # Scored as the card written here will decide (calibrated_card writes the current stage).
+    base_classifier: LoadedClassifier = get_classifier(classifier_spec).with_current_stage()
     work = out / WORK
     made = out if not out.exists() else (work if not work.exists() else None)
     try:
@@ -311,71 +318,93 @@ def adapt(
     unet_path = work / "unet" / "best.safetensors" if unet_kept == "adapted" else base_model.path
     say(f"stage 1: validation Dice {t['initial_val_dice']} (base) -> {t['best_val_dice']} (best epoch {t['best_epoch']}): {unet_kept} U-Net kept")
 
-    # Stage 1 on every case, once: the fit cases' candidates become stage 2's samples (and their
-    # volumes are let go), the calibration cases' probability maps are kept for the calibration.
+    # Stage 2. A base with a context model (0.7.0 on) keeps its classifier and has its context
+    # model refitted towards the site on every case's candidates, out of fold by case: measured
+    # on a simulated site, fine-tuning the classifier on 7 cases ranked worse than the base's
+    # verdicts in context, and left 3 cases to calibrate on. A base without one gets its
+    # classifier fine-tuned on the fit cases and calibrated on the calibration cases.
+    priors = {mode: base_classifier.context_model(mode == "phase") for mode in MODES}
+    refit = priors["no_phase"] is not None and not config.fine_tune_classifier
+    stage2_names = fit_names + cal_names if refit else cal_names
     net_config = base_classifier.network.config
     settings = base_classifier.settings
     params = DetectionParams(model=str(unet_path), single_stage=True, device="cpu")
     samples: dict[str, dict[str, np.ndarray]] = {}
     probabilities: dict[str, np.ndarray] = {}
+    scored: dict[str, list] = {mode: [] for mode in MODES}
+
+    def score(name: str, a: CaseArrays, probability: np.ndarray, classifier: LoadedClassifier) -> None:
+        scored["no_phase"].append(score_case(name, a.volume.array, probability, a.volume.geometry, a.truth, classifier, context=refit))
+        if a.phase is not None:
+            scored["phase"].append(score_case(name, a.volume.array, probability, a.volume.geometry, a.truth, classifier, a.phase, context=refit))
+
+    # Stage 1 on every case, once: with a refit each case is scored at once (and its volumes let
+    # go); otherwise the fit cases' candidates become the classifier's samples and the
+    # calibration cases' probability maps are kept for the calibration after its training.
     for name in fit_names + cal_names:
         arrays = read_case(by_name[name])
         probability = detect_volume(arrays.volume, params, case=name).probability
-        if name in fit_names:
+        if refit:
+            score(name, arrays, probability, base_classifier)
+        elif name in fit_names:
             samples[name] = site_samples(arrays, probability, settings, net_config)
         else:
             probabilities[name] = probability
         say(f"stage 1: {name} done ({budget.elapsed():.1f} min)")
 
-    # Stage 2: a copy of the base classifier fine-tuned on the site's samples.
-    data = _candidate_set(samples, net_config)
-    n_samples = {
-        "microbleed_candidates": int(((data.labels == MICROBLEED) & (data.sources == "unet")).sum()),
-        "missed_microbleeds": int((data.sources == "missed").sum()),
-        "other_candidates": int(((data.labels != MICROBLEED) & (data.sources == "unet")).sum()),
-        "reviewed_mimics": int((data.sources == "reviewed").sum()),
-        "by_class": {c: int((data.labels == i).sum()) for i, c in enumerate(CLASSES)},
-    }
-    say(f"stage 2: samples from the fit cases: {n_samples}")
-    classifier_minutes = max(budget.left() - config.classifier_reserve * config.max_minutes, 0.01)
-    train_config = CandidateTrainConfig(
-        epochs=config.classifier_epochs, samples_per_epoch=config.classifier_samples_per_epoch, learning_rate=config.classifier_learning_rate,
-        max_minutes=classifier_minutes, seed=config.seed, width=net_config.width, patch_size=net_config.patch_size,
-        patch_spacing_mm=net_config.patch_spacing_mm,
-    )  # fmt: skip
-    base_card = {k: v for k, v in base_classifier.card.items() if k not in ("calibration", "operating_points", "calibration_fit", "reproduce", "training_curve")}
+    base_card = {k: v for k, v in base_classifier.card.items() if k not in ("calibration", "operating_points", "calibration_fit", "reproduce", "training_curve", "context")}
     base_card.update(id=f"{config.model_id}-candidates", version=config.version, title="Candidate classifier adapted with cmbdetect adapt",
                      training_data={"source": source.description, "cases": fit_names})  # fmt: skip
-    if (data.labels != MICROBLEED).any():
-        say(f"stage 2: fine-tuning {base_classifier.id} {base_classifier.version} for up to {classifier_minutes:.1f} min")
-        train_classifier(data, work / "classifier", train_config, settings, base_card, say, init=base_classifier.network)
-        adapted = get_classifier(str((work / "classifier" / "best.safetensors").absolute()))
-        classifier_kept, classifier_card = "adapted", adapted.card
+    kept_base = {**base_card, "stage": settings.as_dict(), "training": {"best_epoch": 0, "epochs_run": 0, "minutes": 0.0}}
+    if refit:
+        cands = [c for c in scored["no_phase"]]
+        n_samples = {"microbleed_candidates": int(sum(c.is_true.sum() for c in cands)),
+                     "other_candidates": int(sum((~c.is_true).sum() for c in cands)), "cases": len(cands)}  # fmt: skip
+        say(f"stage 2: {base_classifier.id} {base_classifier.version} kept; its context model refitted on {n_samples}")
+        adapted, classifier_kept, classifier_card = base_classifier, "base", kept_base
     else:
-        # Nothing to learn to reject: the base classifier's weights, calibrated on the site's cases below.
-        say("stage 2: stage 1 proposes no false candidate on the fit cases: the base classifier is kept, and calibrated")
-        adapted, classifier_kept = base_classifier, "base"
-        classifier_card = {**base_card, "stage": settings.as_dict(), "training": {"best_epoch": 0, "epochs_run": 0, "minutes": 0.0}}
+        # Stage 2: a copy of the base classifier fine-tuned on the site's samples.
+        data = _candidate_set(samples, net_config)
+        n_samples = {
+            "microbleed_candidates": int(((data.labels == MICROBLEED) & (data.sources == "unet")).sum()),
+            "missed_microbleeds": int((data.sources == "missed").sum()),
+            "other_candidates": int(((data.labels != MICROBLEED) & (data.sources == "unet")).sum()),
+            "reviewed_mimics": int((data.sources == "reviewed").sum()),
+            "by_class": {c: int((data.labels == i).sum()) for i, c in enumerate(CLASSES)},
+        }
+        say(f"stage 2: samples from the fit cases: {n_samples}")
+        classifier_minutes = max(budget.left() - config.classifier_reserve * config.max_minutes, 0.01)
+        train_config = CandidateTrainConfig(
+            epochs=config.classifier_epochs, samples_per_epoch=config.classifier_samples_per_epoch, learning_rate=config.classifier_learning_rate,
+            max_minutes=classifier_minutes, seed=config.seed, width=net_config.width, patch_size=net_config.patch_size,
+            patch_spacing_mm=net_config.patch_spacing_mm,
+        )  # fmt: skip
+        if (data.labels != MICROBLEED).any():
+            say(f"stage 2: fine-tuning {base_classifier.id} {base_classifier.version} for up to {classifier_minutes:.1f} min")
+            train_classifier(data, work / "classifier", train_config, settings, base_card, say, init=base_classifier.network)
+            adapted = get_classifier(str((work / "classifier" / "best.safetensors").absolute()))
+            classifier_kept, classifier_card = "adapted", adapted.card
+        else:
+            # Nothing to learn to reject: the base classifier's weights, calibrated on the site's cases below.
+            say("stage 2: stage 1 proposes no false candidate on the fit cases: the base classifier is kept, and calibrated")
+            adapted, classifier_kept, classifier_card = base_classifier, "base", kept_base
+        for name in cal_names:
+            score(name, read_case(by_name[name]), probabilities.pop(name), adapted)
 
-    # Calibration and operating points on the calibration cases, with the adapted U-Net's candidates.
-    scored: dict[str, list] = {mode: [] for mode in MODES}
-    for name in cal_names:
-        a = read_case(by_name[name])
-        scored["no_phase"].append(score_case(name, a.volume.array, probabilities[name], a.volume.geometry, a.truth, adapted))
-        if a.phase is not None:
-            scored["phase"].append(score_case(name, a.volume.array, probabilities[name], a.volume.geometry, a.truth, adapted, a.phase))
+    # Calibration and operating points: on every case's out-of-fold P after a refit, otherwise
+    # on the calibration cases, which no training step saw.
     fits: dict[str, ModeFit] = {}
     for mode, scored_cases in scored.items():
         if not scored_cases:
             continue
         try:
-            fits[mode] = fit_mode(scored_cases)
+            fits[mode] = fit_mode(scored_cases, prior=priors[mode] if refit else None)
         except ValueError as exc:
-            raise InputError(f"the calibration cases ({', '.join(cal_names)}) cannot calibrate stage 2 ({mode}): {exc}; "
-                             "add labelled cases or raise --calibration-fraction") from None  # fmt: skip
+            raise InputError(f"the cases ({', '.join(stage2_names)}) cannot calibrate stage 2 ({mode}): {exc}; "
+                             "add labelled cases" + ("" if refit else " or raise --calibration-fraction")) from None  # fmt: skip
     if "phase" not in fits:
         fits["phase"] = fits["no_phase"]  # as `cmbdetect calibrate`: scans with phase use the no-phase calibration
-    provenance = {"calibration_cases": cal_names, "base_classifier": f"{base_classifier.id} {base_classifier.version}",
+    provenance = {"calibration_cases": stage2_names, "out_of_fold": refit, "base_classifier": f"{base_classifier.id} {base_classifier.version}",
                   "proposer": f"{config.model_id} {config.version}", "phase_calibrated": bool(scored["phase"])}  # fmt: skip
     trained_classifier = classifier_card["training"]
     classifier_card = calibrated_card(classifier_card, fits, provenance, "count")
@@ -393,18 +422,23 @@ def adapt(
         intended_use="Research only. Synthetic-trained base model adapted on a few labelled cases; not validated on patients; not for clinical use.",
     )  # fmt: skip
     unet_card["adaptation"] = {
-        "description": "Both stages fine-tuned on the fit cases; stage 2 calibrated and its operating points chosen on the "
-                       "calibration cases, which no training step saw. The figures below are on those calibration cases: few, "
-                       "and from the same site, so optimistic for another site.",
+        "description": ("The U-Net fine-tuned on the fit cases; the base classifier kept and its context model refitted "
+                        "towards the site on the candidates of every case, calibrated and its operating points chosen on "
+                        "out-of-fold P (each case scored by a model fitted without it; the fit cases' candidates come from a "
+                        "U-Net trained on them). The figures below are on those cases: few, and from the same site, so "
+                        "optimistic for another site." if refit else
+                        "Both stages fine-tuned on the fit cases; stage 2 calibrated and its operating points chosen on the "
+                        "calibration cases, which no training step saw. The figures below are on those calibration cases: few, "
+                        "and from the same site, so optimistic for another site."),
         "adapted_from": {"model": base_model.id, "version": base_model.version, "sha256": base_model.sha256,
                          "classifier": base_classifier.id, "classifier_version": base_classifier.version,
                          "classifier_sha256": base_classifier.sha256},
-        "cases": {"fit": fit_names, "calibration": cal_names},
+        "cases": {"fit": fit_names, "calibration": cal_names, "stage_2": stage2_names},
         "source": source.provenance(),
         "inputs": [by_name[n].inputs() for n in sorted(by_name)],
         "u_net": {"kept": unet_kept, "initial_val_dice": t["initial_val_dice"], "best_val_dice": t["best_val_dice"],
                   "best_epoch": t["best_epoch"], "minutes": t["minutes"]},
-        "classifier": {"kept": classifier_kept, "samples": n_samples, **{k: trained_classifier[k] for k in ("best_epoch", "epochs_run", "minutes")}},
+        "classifier": {"kept": classifier_kept, "context_refitted": refit, "samples": n_samples, **{k: trained_classifier[k] for k in ("best_epoch", "epochs_run", "minutes")}},
         "calibration_cases_figures": {mode: fit.card_figures()["operating_points"] for mode, fit in fits.items()},
         "max_minutes": config.max_minutes,
         "seed": config.seed,

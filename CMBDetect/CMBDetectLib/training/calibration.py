@@ -21,8 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit, logit
 
 from ..detection.candidates import (
+    CURRENT_STAGE,
     MICROBLEED,
     Calibration,
     LoadedClassifier,
@@ -102,6 +104,12 @@ def score_case(
         probs = without_phase(classify_patches(classifier.network, patches))
     else:
         probs, _ = choose_phase_sign(classifier.network, patches, "keep")
+    features = context_features(magnitude, geometry, labels, cands, probs) if context else None
+    if classifier.settings.grow_outlines:  # as stage 2 outlines them, after the features are read
+        from ..detection.outline import grow_outlines
+
+        order = [cands[n].id for n in np.argsort(-probs[:, MICROBLEED], kind="stable")]
+        labels = grow_outlines(np.asarray(image), geometry, labels, order, classifier.settings.max_diameter_mm)
     # Overlap of every candidate with every true lesion, from the pairs of labels voxel by voxel.
     both = (labels > 0) & (truth > 0)
     index = {int(t): n for n, t in enumerate(truth_ids)}
@@ -110,7 +118,6 @@ def score_case(
     for (c, t), n in zip(pairs.T, counts):
         overlap[int(c) - 1, index[int(t)]] += n
     coverage = overlap / np.maximum(truth_sizes, 1)[None, :]
-    features = context_features(magnitude, geometry, labels, cands, probs) if context else None
     return CaseCandidates(case, probs[:, MICROBLEED].astype(np.float32), overlap.sum(axis=1) > 0, coverage, truth_large, features)
 
 
@@ -124,8 +131,6 @@ def fit_platt(cases: Sequence[CaseCandidates]) -> Calibration:
     parameters fitted on a few hundred candidates give a smooth map, where an isotonic one is a
     staircase whose few steps leave the operating points only a few cuts to choose from."""
     from sklearn.linear_model import LogisticRegression
-
-    from scipy.special import expit, logit
 
     p, y = _labelled_p(cases)
     fit = LogisticRegression(C=1e6, max_iter=1000).fit(logit(np.clip(p, 1e-6, 1 - 1e-6))[:, None], y.astype(int))
@@ -315,17 +320,78 @@ def fit_context(tune: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] 
     return model, scored, report
 
 
+PRIOR_ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)  # ridge strengths tried when refitting towards a model
+
+
+def fit_context_towards(prior: ContextModel, cases: Sequence[CaseCandidates]) -> tuple[ContextModel, list[CaseCandidates], dict]:
+    """A context model refitted from `prior` (the base model's) on a few labelled cases of a site.
+
+    The prior's logit is a fixed offset and only corrections to its standardised coefficients and
+    intercept are fitted, with a ridge penalty towards zero (statsmodels' penalised GLM), its
+    strength chosen by case-grouped cross-validated log loss: a handful of cases can move what the
+    site shows clearly and leave the rest as the base learned it from many. Returns the model, the
+    cases with P replaced by out-of-fold P (for the calibration fitted next) and what was measured."""
+    import statsmodels.api as sm
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import GroupKFold
+
+    x, y, groups = _stack(cases)
+    folds = min(CONTEXT_FOLDS, len(np.unique(groups)))
+    if folds < 2 or y.all() or not y.any():
+        raise ValueError(f"refitting the context model needs two or more cases with true and false candidates ({int(y.sum())} true of {len(y)})")
+    z = (x[:, [FEATURES.index(f) for f in prior.features]] - np.array(prior.mean)) / np.array(prior.scale)
+    design = np.c_[np.ones(len(z)), z]
+    offset = z @ np.array(prior.coef) + prior.intercept
+    splits = list(GroupKFold(n_splits=folds).split(design, y, groups))
+
+    def corrections(rows: np.ndarray, alpha: float) -> np.ndarray:
+        # statsmodels divides the log-likelihood by n: alpha / n is a penalty of alpha on the sum.
+        penalty = np.r_[0.0, np.full(z.shape[1], alpha / len(rows))]  # the intercept moves freely
+        glm = sm.GLM(y[rows].astype(float), design[rows], family=sm.families.Binomial(), offset=offset[rows])
+        return np.asarray(glm.fit_regularized(alpha=penalty, L1_wt=0.0, maxiter=300).params)
+
+    def out_of_fold(alpha: float) -> np.ndarray:
+        p = np.zeros(len(y))
+        for train, test in splits:
+            p[test] = expit(design[test] @ corrections(train, alpha) + offset[test])
+        return p
+
+    losses = {a: float(log_loss(y, out_of_fold(a), labels=[False, True])) for a in PRIOR_ALPHAS}
+    best = min(losses, key=losses.get)
+    p_oof = out_of_fold(best).astype(np.float32)
+    d = corrections(np.arange(len(y)), best)
+    rounded = lambda v: tuple(round(float(x), 6) for x in v)  # noqa: E731
+    model = ContextModel(prior.features, prior.mean, prior.scale, rounded(np.array(prior.coef) + d[1:]), round(prior.intercept + float(d[0]), 6))
+    scored, start = [], 0
+    for case in cases:
+        n = len(case.p_stage)
+        scored.append(replace(case, p_stage=p_oof[start : start + n] if n else case.p_stage))
+        start += n
+    report = {
+        "refitted_towards": "the base model's context model (its coefficients a fixed offset; ridge-penalised corrections)",
+        "n_candidates": len(y), "ridge_alpha": best, "oof_log_loss": {str(a): round(v, 4) for a, v in losses.items()},
+        "prior_auc": round(_auc(expit(offset), y), 4), "oof_auc": round(_auc(p_oof, y), 4),
+        "largest_corrections": dict(sorted(((f, round(float(v), 3)) for f, v in zip(prior.features, d[1:])), key=lambda kv: -abs(kv[1]))[:5]),
+    }  # fmt: skip
+    return model, scored, report
+
+
 def _auc(p: np.ndarray, y: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def fit_mode(cases: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] | None = None) -> ModeFit:
+def fit_mode(
+    cases: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] | None = None, prior: ContextModel | None = None
+) -> ModeFit:
     """Calibration and operating points on the tuning cases; with `extra` (a sequence, possibly
-    empty) a context model first (fit_context), and the calibration fitted on its out-of-fold P."""
+    empty) a context model first (fit_context), or with `prior` one refitted from it
+    (fit_context_towards), and the calibration fitted on its out-of-fold P."""
     context, report = None, {}
-    if extra is not None:
+    if prior is not None:
+        context, cases, report = fit_context_towards(prior, cases)
+    elif extra is not None:
         context, cases, report = fit_context(cases, extra)
     calibration = fit_platt(cases) if context is not None else fit_calibration(cases)
     p = np.concatenate([c.p_stage for c in cases])
@@ -372,7 +438,7 @@ def calibrated_card(card: dict, fits: dict[str, ModeFit], provenance: dict, defa
             "features of detection/context.py; the calibration is fitted on its out-of-fold P"
         )
         out["calibration"]["method"] = "Platt scaling (logistic regression on logit P) of the context model's out-of-fold P(microbleed)"
-    out["stage"] = {**out.get("stage", {}), "bridge_slices": 1}
+    out["stage"] = {**out.get("stage", {}), **CURRENT_STAGE}
     return out
 
 
