@@ -357,7 +357,7 @@ def adapt(
                      training_data={"source": source.description, "cases": fit_names})  # fmt: skip
     kept_base = {**base_card, "stage": settings.as_dict(), "training": {"best_epoch": 0, "epochs_run": 0, "minutes": 0.0}}
     if refit:
-        cands = [c for c in scored["no_phase"]]
+        cands = scored["no_phase"]
         n_samples = {"microbleed_candidates": int(sum(c.is_true.sum() for c in cands)),
                      "other_candidates": int(sum((~c.is_true).sum() for c in cands)), "cases": len(cands)}  # fmt: skip
         say(f"stage 2: {base_classifier.id} {base_classifier.version} kept; its context model refitted on {n_samples}")
