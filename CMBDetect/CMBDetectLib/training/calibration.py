@@ -254,6 +254,16 @@ class ModeFit:
         }  # fmt: skip
 
 
+def _with_p(cases: Sequence[CaseCandidates], p: np.ndarray) -> list[CaseCandidates]:
+    """The cases with their candidates' P replaced by `p` (all candidates, in case order)."""
+    out, start = [], 0
+    for case in cases:
+        n = len(case.p_stage)
+        out.append(replace(case, p_stage=p[start : start + n] if n else case.p_stage))
+        start += n
+    return out
+
+
 CONTEXT_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # inverse L2 strengths tried for the context model
 CONTEXT_FOLDS = 5
 
@@ -306,11 +316,7 @@ def fit_context(tune: Sequence[CaseCandidates], extra: Sequence[CaseCandidates] 
     best = min(losses, key=losses.get)
     p_oof = out_of_fold(best)
     model = _logistic(np.r_[x_t, x_e], np.r_[y_t, y_e], best)
-    scored, start = [], 0
-    for case in tune:
-        n = len(case.p_stage)
-        scored.append(replace(case, p_stage=p_oof[start : start + n] if n else case.p_stage))
-        start += n
+    scored = _with_p(tune, p_oof)
     report = {
         "n_tuning_candidates": len(y_t), "n_extra_candidates": len(y_e), "l2_c": best,
         "oof_log_loss": {str(c): round(v, 4) for c, v in losses.items()},
@@ -362,11 +368,7 @@ def fit_context_towards(prior: ContextModel, cases: Sequence[CaseCandidates]) ->
     d = corrections(np.arange(len(y)), best)
     rounded = lambda v: tuple(round(float(x), 6) for x in v)  # noqa: E731
     model = ContextModel(prior.features, prior.mean, prior.scale, rounded(np.array(prior.coef) + d[1:]), round(prior.intercept + float(d[0]), 6))
-    scored, start = [], 0
-    for case in cases:
-        n = len(case.p_stage)
-        scored.append(replace(case, p_stage=p_oof[start : start + n] if n else case.p_stage))
-        start += n
+    scored = _with_p(cases, p_oof)
     report = {
         "refitted_towards": "the base model's context model (its coefficients a fixed offset; ridge-penalised corrections)",
         "n_candidates": len(y), "ridge_alpha": best, "oof_log_loss": {str(a): round(v, 4) for a, v in losses.items()},
